@@ -1,0 +1,194 @@
+//! Map names, keys and values.
+
+use core::mem::size_of;
+
+/// Per-client counters: `PERCPU_HASH<ClientKey, ClientCounters>`.
+pub const MAP_CLIENTS: &str = "CLIENT_COUNTERS";
+/// Which addresses are clients, per interface: `LPM_TRIE<LpmKey<SubnetKey>, SubnetValue>`.
+pub const MAP_SUBNETS: &str = "CLIENT_SUBNETS";
+/// Outcome and reason counters: `PERCPU_ARRAY<OutcomeCounter>` indexed by [`stats_index`].
+pub const MAP_STATS: &str = "OUTCOME_STATS";
+/// Load-time global: where the IP header starts (0 on tun/wg, 14 on Ethernet).
+pub const GLOBAL_L3_OFFSET: &str = "L3_OFFSET";
+
+/// Default capacity of [`MAP_CLIENTS`].
+pub const DEFAULT_MAX_CLIENTS: u32 = 65_536;
+/// Capacity of [`MAP_SUBNETS`] (subnet entries over all interfaces).
+pub const MAX_SUBNETS: u32 = 1_024;
+
+/// Ethernet header length, the L3 offset on L2 devices.
+pub const ETH_HLEN: u32 = 14;
+
+/// A client address: IPv6, or IPv4 as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+/// Network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientKey {
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<ClientKey>() == 16);
+
+impl ClientKey {
+    /// The bucket for IP traffic whose client-side address is outside every configured subnet.
+    pub const OTHER: ClientKey = ClientKey { addr: [0; 16] };
+    /// The bucket for client traffic that could not get its own entry because the map was full.
+    pub const OVERFLOW: ClientKey = ClientKey { addr: [0xff; 16] };
+
+    /// Key for an IPv4 address given as its 4 network-order bytes.
+    #[inline(always)]
+    pub const fn v4(a: [u8; 4]) -> Self {
+        ClientKey { addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]] }
+    }
+
+    #[inline(always)]
+    pub const fn v6(addr: [u8; 16]) -> Self {
+        ClientKey { addr }
+    }
+
+    /// The IPv4 address if this is an IPv4-mapped key.
+    pub fn as_v4(&self) -> Option<[u8; 4]> {
+        let a = &self.addr;
+        if a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff { Some([a[12], a[13], a[14], a[15]]) } else { None }
+    }
+
+    /// True for the two reserved buckets.
+    pub fn is_reserved(&self) -> bool {
+        *self == Self::OTHER || *self == Self::OVERFLOW
+    }
+}
+
+/// Per-client, per-CPU counters. Bytes are L3 bytes (IP header and payload, no L2 header), so
+/// figures agree between tun and Ethernet devices. Upload = packets from the client (ingress on
+/// the client-facing device), download = packets to the client (egress).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientCounters {
+    pub up_bytes: u64,
+    pub up_packets: u64,
+    pub down_bytes: u64,
+    pub down_packets: u64,
+    /// Kernel `jiffies` at the last packet seen on this CPU (0 = never). Converted to wall-clock
+    /// time in userspace with the `tunmeter_clock` program.
+    pub last_seen_jiffies: u64,
+}
+const _: () = assert!(size_of::<ClientCounters>() == 40);
+
+/// Key data of [`MAP_SUBNETS`]: interface index then address (IPv4 mapped as in [`ClientKey`]).
+/// The LPM prefix length covers the 32 interface bits plus the address prefix, so a lookup
+/// with `prefix_len = 160` matches the longest configured subnet of that interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubnetKey {
+    /// Interface index in network byte order (LPM tries match bytes from the front).
+    pub ifindex_be: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<SubnetKey>() == 20);
+
+/// Bits of a full [`SubnetKey`]: the LPM lookup prefix length.
+pub const SUBNET_KEY_BITS: u32 = 160;
+
+impl SubnetKey {
+    /// LPM prefix length of an IPv4 subnet `/len` (within the mapped address).
+    pub const fn v4_prefix_len(len: u8) -> u32 {
+        32 + 96 + len as u32
+    }
+    /// LPM prefix length of an IPv6 subnet `/len`.
+    pub const fn v6_prefix_len(len: u8) -> u32 {
+        32 + len as u32
+    }
+}
+
+/// Value of [`MAP_SUBNETS`]: 1 = addresses in this subnet are clients. Reserved for flags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubnetValue {
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<SubnetValue>() == 4);
+pub const SUBNET_FLAG_CLIENTS: u32 = 1;
+
+/// Direction of a packet on the client-facing device.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// TC ingress: from the client, counted as upload, keyed by source address.
+    Upload = 0,
+    /// TC egress: to the client, counted as download, keyed by destination address.
+    Download = 1,
+}
+pub const DIRECTIONS: u32 = 2;
+
+/// What happened to a packet. Every packet seen gets exactly one outcome per direction.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Counted to a client's own entry.
+    Client = 0,
+    /// IP packet whose client-side address is outside every subnet of its interface:
+    /// counted to the [`ClientKey::OTHER`] bucket.
+    OutsideSubnets = 1,
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed, counted here only.
+    NotIp = 2,
+    /// Shorter than its fixed IP header: passed, counted here only.
+    Truncated = 3,
+    /// IP version field disagrees with the EtherType, or IPv4 IHL < 5: passed, counted here only.
+    Malformed = 4,
+    /// A new client could not be inserted (map full): counted to [`ClientKey::OVERFLOW`].
+    MapFull = 5,
+    /// A map update failed for another reason (should never happen): passed, counted here only.
+    MapError = 6,
+}
+pub const OUTCOMES: u32 = 7;
+pub const STATS_ENTRIES: u32 = OUTCOMES * DIRECTIONS;
+
+impl Outcome {
+    pub const ALL: [Outcome; OUTCOMES as usize] = [
+        Outcome::Client,
+        Outcome::OutsideSubnets,
+        Outcome::NotIp,
+        Outcome::Truncated,
+        Outcome::Malformed,
+        Outcome::MapFull,
+        Outcome::MapError,
+    ];
+
+    /// Stable snake_case name used in CLI and JSON output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Client => "client",
+            Outcome::OutsideSubnets => "outside_subnets",
+            Outcome::NotIp => "not_ip",
+            Outcome::Truncated => "truncated",
+            Outcome::Malformed => "malformed",
+            Outcome::MapFull => "map_full",
+            Outcome::MapError => "map_error",
+        }
+    }
+}
+
+/// Index of an (direction, outcome) pair in [`MAP_STATS`].
+#[inline(always)]
+pub const fn stats_index(dir: Direction, outcome: Outcome) -> u32 {
+    dir as u32 * OUTCOMES + outcome as u32
+}
+
+/// Per-CPU packets and L3 bytes of one outcome.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutcomeCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<OutcomeCounter>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers, with no padding
+    // (checked by the size assertions above).
+    unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::ClientCounters {}
+    unsafe impl aya::Pod for super::SubnetKey {}
+    unsafe impl aya::Pod for super::SubnetValue {}
+    unsafe impl aya::Pod for super::OutcomeCounter {}
+}

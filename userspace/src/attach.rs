@@ -1,0 +1,275 @@
+//! Attaching the counting programs to interfaces, keeping them attached across daemon
+//! restarts, and removing them.
+//!
+//! TCX (kernel >= 6.6): each attachment is a BPF link pinned at
+//! `<pin_dir>/links/<ingress|egress>:<ifname>`. The pinned link keeps counting while no daemon
+//! runs (even after `kill -9`). A restarted daemon finds the pin, checks that the link is still
+//! attached to the same device, and swaps its program atomically (`bpf_link_update`): no packet
+//! is missed and none is counted twice, because there is exactly one attachment at every instant.
+//!
+//! Netlink (older kernels, or `attach_mode = "netlink"`): a cls_bpf filter on a clsact qdisc.
+//! Filters outlive the daemon too; a restart replaces them by name (a short gap is possible).
+
+use std::{
+    io,
+    mem::ManuallyDrop,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttach, TcError},
+    },
+    util::KernelVersion,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::AttachMode,
+    loader::{Instance, PROG_EGRESS, PROG_INGRESS},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("attaching {prog} to {iface} ({dir}): {source}")]
+    Program { prog: &'static str, iface: String, dir: &'static str, source: Box<ProgramError> },
+    #[error("link of {iface} ({dir}): {source}")]
+    Link { iface: String, dir: &'static str, source: LinkError },
+    #[error("pinning the link of {iface} ({dir}) at {path}: {reason}")]
+    Pin { iface: String, dir: &'static str, path: PathBuf, reason: String },
+    #[error("clsact qdisc on {iface}: {source}")]
+    Qdisc { iface: String, source: TcError },
+    #[error("TCX attachment needs kernel >= 6.6 (this is {0}); use attach_mode = \"netlink\" or \"auto\"")]
+    NoTcx(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// The two hook points of a device, with the program and pin name of each.
+pub const HOOKS: [(TcAttachType, &str, &str); 2] =
+    [(TcAttachType::Ingress, PROG_INGRESS, "ingress"), (TcAttachType::Egress, PROG_EGRESS, "egress")];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Tcx,
+    Netlink,
+}
+
+impl Mode {
+    pub fn resolve(wanted: AttachMode) -> Result<Mode, AttachError> {
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        match wanted {
+            AttachMode::Auto if tcx => Ok(Mode::Tcx),
+            AttachMode::Auto | AttachMode::Netlink => Ok(Mode::Netlink),
+            AttachMode::Tcx if tcx => Ok(Mode::Tcx),
+            AttachMode::Tcx => Err(AttachError::NoTcx(
+                KernelVersion::current().map(|v| v.to_string()).unwrap_or_else(|e| e.to_string()),
+            )),
+        }
+    }
+}
+
+/// What keeps one hook attached.
+enum Held {
+    /// A TCX link; the bpffs pin keeps it alive, the fd is ours while we run.
+    Tcx(#[allow(dead_code)] SchedClassifierLink),
+    /// A netlink filter. Never dropped by us: dropping would remove the filter, and the filter
+    /// must outlive the daemon. `detach` removes it by name.
+    Netlink(#[allow(dead_code)] ManuallyDrop<SchedClassifierLink>),
+}
+
+/// One interface with both hooks attached.
+pub struct Attached {
+    pub name: String,
+    pub ifindex: u32,
+    /// True if at least one hook was adopted from a previous daemon run.
+    pub adopted: bool,
+    _held: Vec<Held>,
+}
+
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+/// Pin path of one hook's link: `links/<dir>:<ifname>`. bpffs refuses names with a dot, and
+/// interface names may have one (VLANs: `eth0.100`), so dots become `:`, which interface names
+/// cannot contain.
+fn link_pin(pin_dir: &Path, iface: &str, dir: &str) -> PathBuf {
+    links_dir(pin_dir).join(format!("{dir}:{}", iface.replace('.', ":")))
+}
+
+/// Attach (or adopt) both hooks of `iface`.
+pub fn attach_interface(
+    inst: &mut Instance,
+    iface: &str,
+    ifindex: u32,
+    pin_dir: &Path,
+    mode: Mode,
+) -> Result<Attached, AttachError> {
+    let mut held = Vec::new();
+    let mut adopted = false;
+    for (attach_type, prog_name, dir) in HOOKS {
+        let prog = inst.program_mut(prog_name);
+        let h = match mode {
+            Mode::Tcx => {
+                let path = link_pin(pin_dir, iface, dir);
+                match adopt_tcx(prog, &path, ifindex, attach_type, iface, dir)? {
+                    Some(link) => {
+                        adopted = true;
+                        link
+                    }
+                    None => attach_tcx(prog, &path, ifindex, attach_type, iface, dir)?,
+                }
+            }
+            Mode::Netlink => attach_netlink(prog, prog_name, ifindex, attach_type, iface, dir)?,
+        };
+        held.push(h);
+    }
+    Ok(Attached { name: iface.to_owned(), ifindex, adopted, _held: held })
+}
+
+/// If a pinned link for this hook is still attached to `ifindex`, give it our program.
+/// A stale pin (device gone or re-created) is removed.
+fn adopt_tcx(
+    prog: &mut SchedClassifier,
+    path: &Path,
+    ifindex: u32,
+    attach_type: TcAttachType,
+    iface: &str,
+    dir: &'static str,
+) -> Result<Option<Held>, AttachError> {
+    let pinned = match PinnedLink::from_pin(path) {
+        Ok(p) => p,
+        Err(_) if !path.exists() => return Ok(None),
+        Err(source) => return Err(AttachError::Link { iface: iface.into(), dir, source }),
+    };
+    let fd = FdLink::from(pinned);
+    let prog_id = fd.info().map_err(|source| AttachError::Link { iface: iface.into(), dir, source })?.program_id();
+    let live = SchedClassifier::query_tcx(ifindex, attach_type)
+        .map(|(_, progs)| progs.iter().any(|p| p.id() == prog_id))
+        .unwrap_or(false);
+    if !live {
+        drop(fd);
+        remove_pin(path)?;
+        debug!(iface, dir, "removed stale link pin");
+        return Ok(None);
+    }
+    let link =
+        SchedClassifierLink::try_from(fd).map_err(|source| AttachError::Link { iface: iface.into(), dir, source })?;
+    let prog_err =
+        |source| AttachError::Program { prog: "link update", iface: iface.into(), dir, source: Box::new(source) };
+    let id = prog.attach_to_link(link).map_err(prog_err)?;
+    let link = prog.take_link(id).map_err(prog_err)?;
+    info!(iface, dir, old_prog = prog_id, "adopted pinned link; program replaced atomically");
+    Ok(Some(Held::Tcx(link)))
+}
+
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    path: &Path,
+    ifindex: u32,
+    attach_type: TcAttachType,
+    iface: &str,
+    dir: &'static str,
+) -> Result<Held, AttachError> {
+    let prog_err = |source| AttachError::Program { prog: "tcx", iface: iface.into(), dir, source: Box::new(source) };
+    let id = prog.attach(ifindex, TcAttach::Tcx { attach_type, order: LinkOrder::default() }).map_err(prog_err)?;
+    let link = prog.take_link(id).map_err(prog_err)?;
+    let fd: FdLink = link.try_into().map_err(|source| AttachError::Link { iface: iface.into(), dir, source })?;
+    let parent = path.parent().expect("pin path has a parent");
+    std::fs::create_dir_all(parent).map_err(|source| AttachError::Io { path: parent.into(), source })?;
+    let pinned = fd.pin(path).map_err(|e| AttachError::Pin {
+        iface: iface.into(),
+        dir,
+        path: path.into(),
+        reason: format!("{e:?}"),
+    })?;
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| AttachError::Link {
+        iface: iface.into(),
+        dir,
+        source,
+    })?;
+    info!(iface, ifindex, dir, "attached (tcx, link pinned)");
+    Ok(Held::Tcx(link))
+}
+
+fn attach_netlink(
+    prog: &mut SchedClassifier,
+    prog_name: &str,
+    ifindex: u32,
+    attach_type: TcAttachType,
+    iface: &str,
+    dir: &'static str,
+) -> Result<Held, AttachError> {
+    match tc::qdisc_add_clsact(ifindex) {
+        Ok(()) => debug!(iface, "clsact qdisc added"),
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(source) => return Err(AttachError::Qdisc { iface: iface.into(), source }),
+    }
+    // A filter left by a previous run would count every packet twice: replace it.
+    match tc::qdisc_detach_program(ifindex, attach_type.into(), prog_name) {
+        Ok(()) => info!(iface, dir, "replacing filter of a previous run"),
+        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => return Err(AttachError::Qdisc { iface: iface.into(), source }),
+    }
+    let prog_err =
+        |source| AttachError::Program { prog: "netlink", iface: iface.into(), dir, source: Box::new(source) };
+    let id = prog
+        .attach(ifindex, TcAttach::Netlink { parent: attach_type.into(), options: NlOptions::default() })
+        .map_err(prog_err)?;
+    let link = prog.take_link(id).map_err(prog_err)?;
+    info!(iface, ifindex, dir, "attached (netlink filter)");
+    Ok(Held::Netlink(ManuallyDrop::new(link)))
+}
+
+fn remove_pin(path: &Path) -> Result<(), AttachError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(AttachError::Io { path: path.into(), source }),
+    }
+}
+
+/// Detach one interface's hooks (rollback of a failed start, or a device that went away).
+pub fn detach_interface(pin_dir: &Path, iface: &str, ifindex: Option<u32>, mode: Mode) -> Result<(), AttachError> {
+    for (attach_type, prog_name, dir) in HOOKS {
+        match mode {
+            Mode::Tcx => remove_pin(&link_pin(pin_dir, iface, dir))?,
+            Mode::Netlink => {
+                if let Some(ifindex) = ifindex {
+                    match tc::qdisc_detach_program(ifindex, attach_type.into(), prog_name) {
+                        Ok(()) => {}
+                        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(source) => warn!(iface, dir, %source, "could not remove filter"),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Remove every attachment tunmeter made: link pins under `pin_dir` and, on every interface of
+/// this network namespace, netlink filters named like our programs.
+pub fn detach_all(pin_dir: &Path) -> Result<usize, AttachError> {
+    let mut removed = 0;
+    let dir = links_dir(pin_dir);
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            remove_pin(&e.path())?;
+            removed += 1;
+        }
+    }
+    if let Ok(ifaces) = nix::net::if_::if_nameindex() {
+        for i in ifaces.iter() {
+            for (attach_type, prog_name, _) in HOOKS {
+                if tc::qdisc_detach_program(i.index(), attach_type.into(), prog_name).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,207 @@
+//! `tunmeter run`: load, attach, and keep every configured interface attached until stopped.
+//!
+//! Stopping the daemon leaves the programs attached and the maps pinned, so counting goes on
+//! while it is down; `tunmeter detach` removes everything.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    attach::{self, AttachError, Attached, Mode},
+    clock::{self, ClockError},
+    config::{Config, Layer},
+    links::{LinkTable, Links, LinksError},
+    loader::{Instance, LoadError, PinnedMaps, effective_max_clients},
+    system::{self, SystemError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    System(#[from] SystemError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    Links(#[from] LinksError),
+    #[error(transparent)]
+    Clock(#[from] ClockError),
+    #[error("interface {0} does not exist (check the name, and that the daemon runs in the right network namespace)")]
+    MissingInterface(String),
+    #[error(
+        "interface {name} is configured as {configured:?} but its link type is {actual}: use --tun for tun/wg devices and --egress for Ethernet ones"
+    )]
+    WrongLayer { name: String, configured: Layer, actual: String },
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Everything the running daemon owns.
+pub struct Dataplane {
+    cfg: Config,
+    mode: Mode,
+    maps: PinnedMaps,
+    instances: BTreeMap<Layer, Instance>,
+    attached: BTreeMap<String, Attached>,
+    /// What the subnet map holds now (ifindex -> subnets).
+    synced_subnets: BTreeMap<u32, Vec<ipnet::IpNet>>,
+}
+
+impl Dataplane {
+    /// Load programs and attach every configured interface. On error, everything this call
+    /// created is removed again (pins of a fresh pin directory included).
+    pub fn start(cfg: Config, links: &LinkTable) -> Result<Dataplane, DaemonError> {
+        for i in &cfg.interfaces {
+            let link = links.get(&i.name).ok_or_else(|| DaemonError::MissingInterface(i.name.clone()))?;
+            if link.layer != Some(i.layer) {
+                return Err(DaemonError::WrongLayer {
+                    name: i.name.clone(),
+                    configured: i.layer,
+                    actual: link
+                        .layer
+                        .map(|l| format!("{l:?}"))
+                        .unwrap_or_else(|| "neither Ethernet nor raw IP".into()),
+                });
+            }
+        }
+        let mode = Mode::resolve(cfg.attach_mode)?;
+        let fresh = !cfg.pin_dir.exists();
+        if fresh {
+            std::fs::create_dir_all(&cfg.pin_dir).map_err(|e| system::io_err(&cfg.pin_dir, e))?;
+        }
+        let mut dp = Dataplane {
+            maps: PinnedMaps::new(&cfg.pin_dir),
+            cfg,
+            mode,
+            instances: BTreeMap::new(),
+            attached: BTreeMap::new(),
+            synced_subnets: BTreeMap::new(),
+        };
+        match dp.bring_up(links) {
+            Ok(()) => Ok(dp),
+            Err(e) => {
+                dp.roll_back(fresh);
+                Err(e)
+            }
+        }
+    }
+
+    fn bring_up(&mut self, links: &LinkTable) -> Result<(), DaemonError> {
+        let max = effective_max_clients(&self.cfg.pin_dir, self.cfg.max_clients);
+        for layer in self.cfg.interfaces.iter().map(|i| i.layer).collect::<std::collections::BTreeSet<_>>() {
+            self.instances.insert(layer, Instance::load(layer, &self.cfg.pin_dir, max)?);
+        }
+        self.maps.ensure_reserved_buckets()?;
+        let first = self.instances.values_mut().next().expect("at least one interface");
+        clock::pin(first, &self.cfg.pin_dir)?;
+        self.reconcile(links)?;
+        Ok(())
+    }
+
+    /// Remove what this run attached (adopted links stay: they were there before), and the
+    /// whole pin directory if this run created it.
+    fn roll_back(&mut self, fresh_pin_dir: bool) {
+        for (name, a) in std::mem::take(&mut self.attached) {
+            if !a.adopted
+                && let Err(e) = attach::detach_interface(&self.cfg.pin_dir, &name, Some(a.ifindex), self.mode)
+            {
+                error!(iface = name, %e, "rollback: detaching failed");
+            }
+        }
+        self.instances.clear();
+        if fresh_pin_dir && let Err(e) = remove_pins(&self.cfg.pin_dir) {
+            error!(path = %self.cfg.pin_dir.display(), %e, "rollback: removing pins failed");
+        }
+    }
+
+    /// Make attachments match the devices that exist now: point the subnet map at the current
+    /// interface indexes (before attaching, so a device's first packets already find its
+    /// subnets), attach new or re-created devices, and forget vanished ones.
+    pub fn reconcile(&mut self, links: &LinkTable) -> Result<(), DaemonError> {
+        let present = |i: &crate::config::InterfaceConfig| {
+            links.get(&i.name).filter(|l| l.layer == Some(i.layer)).map(|l| l.ifindex)
+        };
+        let wanted: BTreeMap<u32, Vec<ipnet::IpNet>> =
+            self.cfg.interfaces.iter().filter_map(|i| present(i).map(|idx| (idx, i.subnets.clone()))).collect();
+        if wanted != self.synced_subnets {
+            self.maps.sync_subnets(&wanted)?;
+            self.synced_subnets = wanted;
+        }
+        for i in &self.cfg.interfaces {
+            let now = present(i);
+            let had = self.attached.get(&i.name).map(|a| a.ifindex);
+            if now == had {
+                continue;
+            }
+            if let Some(old) = self.attached.remove(&i.name) {
+                warn!(iface = i.name, old_ifindex = old.ifindex, "interface went away; will re-attach when it returns");
+                attach::detach_interface(&self.cfg.pin_dir, &i.name, None, self.mode)?;
+            }
+            if let Some(ifindex) = now {
+                let started = Instant::now();
+                let inst = self.instances.get_mut(&i.layer).expect("instance loaded for every configured layer");
+                let a = attach::attach_interface(inst, &i.name, ifindex, &self.cfg.pin_dir, self.mode)?;
+                info!(
+                    iface = i.name,
+                    ifindex,
+                    adopted = a.adopted,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "interface attached"
+                );
+                self.attached.insert(i.name.clone(), a);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Run until SIGINT/SIGTERM.
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    system::check_kernel()?;
+    system::check_bpffs(&cfg.pin_dir)?;
+    let _lock = system::lock_state_dir(&cfg.state_dir)?;
+    let (links, mut events) = Links::open()?;
+    let interval = Duration::from_millis(cfg.reconcile_interval_ms);
+    let mut dp = Dataplane::start(cfg, &links.dump().await?)?;
+    info!(pin_dir = %dp.cfg.pin_dir.display(), mode = ?dp.mode, interfaces = dp.attached.len(), "counting");
+
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = events.next() => {}
+            _ = tick.tick() => {}
+        }
+        // Link events come in bursts (a new tun gets several): one dump per wake-up is enough.
+        while let Ok(()) = events.try_recv() {}
+        match links.dump().await {
+            Ok(table) => {
+                if let Err(e) = dp.reconcile(&table) {
+                    error!(%e, "reconcile failed; retrying on the next event or tick");
+                }
+            }
+            Err(e) => error!(%e, "listing devices failed"),
+        }
+    }
+    info!("stopping; programs stay attached and keep counting (`tunmeter detach` removes them)");
+    Ok(())
+}
+
+/// Remove map pins, link pins and the pin directory.
+pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(pin_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}

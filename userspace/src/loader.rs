@@ -1,0 +1,202 @@
+//! Loading the embedded eBPF object, once per device layer, with maps pinned by name so that
+//! both instances and every daemon run share the same counters.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{LpmTrie, MapData, MapError, MapInfo, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
+    programs::{ProgramError, SchedClassifier},
+    util::nr_cpus,
+};
+use ipnet::IpNet;
+use tracing::{debug, info, warn};
+use tunmeter_common::{
+    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, MAP_CLIENTS, MAP_SUBNETS, SUBNET_FLAG_CLIENTS, SubnetKey, SubnetValue,
+};
+
+use crate::config::Layer;
+
+/// The eBPF object built by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunmeter"));
+
+pub const PROG_INGRESS: &str = "tunmeter_in";
+pub const PROG_EGRESS: &str = "tunmeter_out";
+/// Reads jiffies for userspace (see `clock`); never attached.
+pub const PROG_CLOCK: &str = "tunmeter_clock";
+/// `BPF_NOEXIST` map update flag: create only.
+const BPF_NOEXIST: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading BPF programs is not permitted: run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON): {0}")]
+    Permission(String),
+    #[error("loading the eBPF object failed: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("cannot determine the number of CPUs: {0}")]
+    Cpus(String),
+}
+
+fn is_eperm(text: &str) -> bool {
+    text.contains("Operation not permitted") || text.contains("os error 1)") || text.contains("EPERM")
+}
+
+/// One loaded instance of the object (programs loaded into the kernel, not yet attached).
+pub struct Instance {
+    pub layer: Layer,
+    pub ebpf: Ebpf,
+}
+
+impl Instance {
+    /// Load the object for `layer` with its maps under `pin_dir`.
+    pub fn load(layer: Layer, pin_dir: &Path, max_clients: u32) -> Result<Instance, LoadError> {
+        let offset = layer.l3_offset();
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(GLOBAL_L3_OFFSET, &offset, true)
+            .map_max_entries(MAP_CLIENTS, max_clients)
+            .default_map_pin_directory(pin_dir);
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
+            let text = format!("{e:?}");
+            if is_eperm(&text) { LoadError::Permission(e.to_string()) } else { LoadError::Ebpf(e) }
+        })?;
+        for name in [PROG_INGRESS, PROG_EGRESS, PROG_CLOCK] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("program in embedded object")
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            prog.load().map_err(|source| {
+                let text = format!("{source:?}");
+                if is_eperm(&text) {
+                    LoadError::Permission(source.to_string())
+                } else {
+                    LoadError::Program { name, source }
+                }
+            })?;
+        }
+        debug!(?layer, offset, "programs loaded");
+        Ok(Instance { layer, ebpf })
+    }
+
+    pub fn program_mut(&mut self, name: &'static str) -> &mut SchedClassifier {
+        self.ebpf.program_mut(name).expect("program in embedded object").try_into().expect("programs are classifiers")
+    }
+}
+
+/// The capacity to load with: an existing pinned map keeps its capacity (changing it would
+/// mean a new, empty map and lost counts), with a warning if the config asks for another.
+pub fn effective_max_clients(pin_dir: &Path, wanted: u32) -> u32 {
+    let path = pin_dir.join(MAP_CLIENTS);
+    match MapInfo::from_pin(&path) {
+        Ok(info) => {
+            let have = info.max_entries();
+            if have != wanted {
+                warn!(
+                    have,
+                    wanted,
+                    "the pinned client map keeps its capacity; run `tunmeter detach` (which zeroes counters) to change it"
+                );
+            }
+            have
+        }
+        Err(_) => wanted,
+    }
+}
+
+/// Typed handles on the pinned maps, opened by path (works without a running daemon).
+pub struct PinnedMaps {
+    pub dir: PathBuf,
+}
+
+impl PinnedMaps {
+    pub fn new(dir: &Path) -> Self {
+        PinnedMaps { dir: dir.to_owned() }
+    }
+
+    fn open(&self, name: &'static str) -> Result<MapData, LoadError> {
+        MapData::from_pin(self.dir.join(name)).map_err(|source| LoadError::Map { name, source })
+    }
+
+    pub fn clients(&self) -> Result<PerCpuHashMap<MapData, ClientKey, ClientCounters>, LoadError> {
+        let data = self.open(MAP_CLIENTS)?;
+        PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))
+            .map_err(|source| LoadError::Map { name: MAP_CLIENTS, source })
+    }
+
+    pub fn subnets(&self) -> Result<LpmTrie<MapData, SubnetKey, SubnetValue>, LoadError> {
+        let data = self.open(MAP_SUBNETS)?;
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(|source| LoadError::Map { name: MAP_SUBNETS, source })
+    }
+
+    pub fn stats_data(&self) -> Result<MapData, LoadError> {
+        self.open(tunmeter_common::MAP_STATS)
+    }
+
+    /// Create the OTHER and OVERFLOW buckets if missing, so they exist even when the map is full.
+    pub fn ensure_reserved_buckets(&self) -> Result<(), LoadError> {
+        let mut clients = self.clients()?;
+        let ncpus = nr_cpus().map_err(|(_, e)| LoadError::Cpus(e.to_string()))?;
+        for key in [ClientKey::OTHER, ClientKey::OVERFLOW] {
+            let zero = PerCpuValues::try_from(vec![ClientCounters::default(); ncpus.get() as usize])
+                .map_err(|e| LoadError::Cpus(e.to_string()))?;
+            match clients.insert(&key, zero, BPF_NOEXIST) {
+                Ok(()) => debug!(?key, "reserved bucket created"),
+                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(source) => return Err(LoadError::Map { name: MAP_CLIENTS, source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Make the subnet map say exactly `wanted` (ifindex -> subnets): add what is missing,
+    /// remove entries of other interfaces or subnets (e.g. an old ifindex after re-creation).
+    pub fn sync_subnets(&self, wanted: &BTreeMap<u32, Vec<IpNet>>) -> Result<(), LoadError> {
+        let mut trie = self.subnets()?;
+        let mut want_keys = Vec::new();
+        for (ifindex, nets) in wanted {
+            for net in nets {
+                want_keys.push(subnet_key(*ifindex, net));
+            }
+        }
+        let existing: Vec<Key<SubnetKey>> = trie.keys().filter_map(Result::ok).collect();
+        for k in &existing {
+            if !want_keys.iter().any(|w| same_key(w, k)) {
+                trie.remove(k).map_err(|source| LoadError::Map { name: MAP_SUBNETS, source })?;
+            }
+        }
+        for k in &want_keys {
+            if !existing.iter().any(|e| same_key(e, k)) {
+                trie.insert(k, &SubnetValue { flags: SUBNET_FLAG_CLIENTS }, 0)
+                    .map_err(|source| LoadError::Map { name: MAP_SUBNETS, source })?;
+            }
+        }
+        info!(entries = want_keys.len(), "client subnets set");
+        Ok(())
+    }
+}
+
+fn same_key(a: &Key<SubnetKey>, b: &Key<SubnetKey>) -> bool {
+    a.prefix_len() == b.prefix_len() && a.data() == b.data()
+}
+
+/// LPM key of `net` on `ifindex`.
+pub fn subnet_key(ifindex: u32, net: &IpNet) -> Key<SubnetKey> {
+    match net {
+        IpNet::V4(n) => Key::new(
+            SubnetKey::v4_prefix_len(n.prefix_len()),
+            SubnetKey { ifindex_be: ifindex.to_be(), addr: ClientKey::v4(n.network().octets()).addr },
+        ),
+        IpNet::V6(n) => Key::new(
+            SubnetKey::v6_prefix_len(n.prefix_len()),
+            SubnetKey { ifindex_be: ifindex.to_be(), addr: n.network().octets() },
+        ),
+    }
+}

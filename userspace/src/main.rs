@@ -1,0 +1,200 @@
+//! The `tunmeter` command line: `run`, `clients`, `stats`, `detach`.
+
+use tunmeter::{attach, clock, config, counters, daemon, report, system};
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use config::{AttachMode, Config, Overrides};
+use tunmeter::loader::PinnedMaps;
+
+#[derive(Parser)]
+#[command(name = "tunmeter", version, about = "Per-VPN-client traffic accounting with eBPF")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and attach the programs and keep them attached (re-attaching re-created devices).
+    Run(RunArgs),
+    /// Print the per-client counters from the pinned maps (no daemon needed).
+    Clients {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// JSON instead of a table (see docs/cli-json.md).
+        #[arg(long)]
+        json: bool,
+        /// Refresh every SECS seconds with rates (JSON: one object per line).
+        #[arg(long, value_name = "SECS")]
+        watch: Option<f64>,
+        /// With --watch: stop after this many refreshes.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
+    },
+    /// Print the outcome and reason counters (why packets were or were not counted).
+    Stats {
+        #[command(flatten)]
+        pins: PinArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove programs, links and pins (this zeroes all counters).
+    Detach {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// State directory of the daemon, to refuse while it runs.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct PinArgs {
+    /// bpffs directory holding tunmeter's pinned maps and links.
+    #[arg(long, default_value = config::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// A tun/wg device (L3): packets start at the IP header. Repeatable.
+    #[arg(long)]
+    tun: Vec<String>,
+    /// An Ethernet device (L2). Repeatable.
+    #[arg(long)]
+    egress: Vec<String>,
+    /// A VPN subnet (CIDR) whose addresses are clients, on every device given by flag. Repeatable.
+    #[arg(long)]
+    subnet: Vec<String>,
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Capacity of the client map (default 65536).
+    #[arg(long)]
+    max_clients: Option<u32>,
+    #[arg(long, value_parser = parse_mode)]
+    attach_mode: Option<AttachMode>,
+}
+
+fn parse_mode(s: &str) -> Result<AttachMode, String> {
+    match s {
+        "auto" => Ok(AttachMode::Auto),
+        "tcx" => Ok(AttachMode::Tcx),
+        "netlink" => Ok(AttachMode::Netlink),
+        _ => Err("expected auto, tcx or netlink".into()),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tunmeter: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run(a) => {
+            let ov = Overrides {
+                tun: a.tun,
+                egress: a.egress,
+                subnets: a.subnet,
+                pin_dir: a.pin_dir,
+                state_dir: a.state_dir,
+                max_clients: a.max_clients,
+                attach_mode: a.attach_mode,
+            };
+            let explicit = a.config.is_some();
+            let path = a.config.unwrap_or_else(|| config::DEFAULT_CONFIG.into());
+            let cfg = Config::load(&path, explicit, &ov)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+            rt.block_on(daemon::run(cfg))?;
+        }
+        Cmd::Clients { pins, json, watch, count } => clients(&pins.pin_dir, json, watch, count)?,
+        Cmd::Stats { pins, json } => {
+            let rows =
+                counters::read_stats(&PinnedMaps::new(&pins.pin_dir)).with_context(|| no_pins_hint(&pins.pin_dir))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "outcomes": rows }))?);
+            } else {
+                print!("{}", report::stats_table(&rows));
+            }
+        }
+        Cmd::Detach { pins, state_dir } => {
+            if system::daemon_running(&state_dir) {
+                anyhow::bail!(
+                    "a tunmeter daemon is running with state directory {}: stop it first",
+                    state_dir.display()
+                );
+            }
+            let n = attach::detach_all(&pins.pin_dir)?;
+            daemon::remove_pins(&pins.pin_dir).with_context(|| format!("removing {}", pins.pin_dir.display()))?;
+            eprintln!("detached {n} attachment(s) and removed {}", pins.pin_dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn no_pins_hint(pin_dir: &std::path::Path) -> String {
+    format!("reading pinned maps under {} (is `tunmeter run` started with this --pin-dir?)", pin_dir.display())
+}
+
+fn clients(pin_dir: &std::path::Path, json: bool, watch: Option<f64>, count: Option<u64>) -> anyhow::Result<()> {
+    let maps = PinnedMaps::new(pin_dir);
+    // Last-seen needs the kernel clock; counters are shown without it if it is unavailable.
+    let kclock = clock::KernelClock::open(pin_dir).and_then(|k| k.calibrate().map(|c| (k, c.hz)));
+    if let Err(e) = &kclock {
+        tracing::warn!(%e, "last-seen times unavailable");
+    }
+    let read = || {
+        let cal = kclock.as_ref().ok().and_then(|(k, hz)| k.recalibrate(*hz).ok());
+        counters::read_clients(&maps, cal.as_ref()).with_context(|| no_pins_hint(pin_dir))
+    };
+    let Some(secs) = watch else {
+        let snap = read()?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&snap)?);
+        } else {
+            print!("{}", report::clients_table(&snap, None));
+        }
+        return Ok(());
+    };
+    anyhow::ensure!(secs >= 0.1 && secs.is_finite(), "--watch needs at least 0.1 seconds");
+    let mut before = read()?;
+    let mut n = 0;
+    loop {
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        let now = read()?;
+        let rates = report::rates(&now, &before);
+        if json {
+            let rates: Vec<_> = rates
+                .iter()
+                .map(
+                    |(ip, r)| serde_json::json!({"ip": ip, "upload_bps": r.upload_bps, "download_bps": r.download_bps}),
+                )
+                .collect();
+            println!("{}", serde_json::to_string(&serde_json::json!({"snapshot": now, "rates": rates}))?);
+        } else {
+            print!("\x1b[2J\x1b[H{}", report::clients_table(&now, Some(&rates)));
+        }
+        before = now;
+        n += 1;
+        if count.is_some_and(|c| n >= c) {
+            return Ok(());
+        }
+    }
+}

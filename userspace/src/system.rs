@@ -1,0 +1,122 @@
+//! Host checks with errors that name the fix: kernel version, bpffs, privileges, single daemon.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::util::KernelVersion;
+use nix::fcntl::{Flock, FlockArg};
+
+/// Oldest kernel the programs load on: `bpf_ktime_get_coarse_ns` arrived in 5.11.
+pub const MIN_KERNEL: (u8, u8, u16) = (5, 11, 0);
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// Testing knob: pretend the kernel has this version (e.g. "4.19.0").
+pub const KERNEL_OVERRIDE_ENV: &str = "TUNMETER_KERNEL_VERSION_OVERRIDE";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SystemError {
+    #[error("kernel {found} is too old: tunmeter needs Linux >= {}.{} (BPF LPM tries, coarse clock helper); 6.6+ for TCX links", MIN_KERNEL.0, MIN_KERNEL.1)]
+    KernelTooOld { found: String },
+    #[error("cannot determine the kernel version: {0}")]
+    KernelUnknown(String),
+    #[error(
+        "{path} is not on a BPF filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` (or choose a pin_dir under a bpffs mount)"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error(
+        "permission denied on {path}: tunmeter must run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and write access to the pin directory)"
+    )]
+    Permission { path: PathBuf },
+    #[error("another tunmeter daemon is running with state directory {0} (its lock is held)")]
+    AlreadyRunning(PathBuf),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+pub fn parse_version(s: &str) -> Option<(u8, u8, u16)> {
+    let mut it = s.trim().split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next().and_then(|p| p.parse().ok()).unwrap_or(0)))
+}
+
+pub fn require_kernel(found: (u8, u8, u16)) -> Result<(), SystemError> {
+    if found < MIN_KERNEL {
+        return Err(SystemError::KernelTooOld { found: format!("{}.{}.{}", found.0, found.1, found.2) });
+    }
+    Ok(())
+}
+
+pub fn check_kernel() -> Result<(), SystemError> {
+    let found = match std::env::var(KERNEL_OVERRIDE_ENV) {
+        Ok(v) => {
+            parse_version(&v).ok_or_else(|| SystemError::KernelUnknown(format!("bad {KERNEL_OVERRIDE_ENV}={v}")))?
+        }
+        Err(_) => {
+            let v = KernelVersion::current().map_err(|e| SystemError::KernelUnknown(e.to_string()))?;
+            parse_version(&v.to_string()).ok_or_else(|| SystemError::KernelUnknown(v.to_string()))?
+        }
+    };
+    require_kernel(found)
+}
+
+/// The pin directory (or its nearest existing ancestor) must be on a bpffs.
+pub fn check_bpffs(pin_dir: &Path) -> Result<(), SystemError> {
+    let mut p = pin_dir;
+    while !p.exists() {
+        p = p.parent().unwrap_or(Path::new("/"));
+    }
+    let st = nix::sys::statfs::statfs(p).map_err(|e| SystemError::Io { path: p.into(), source: e.into() })?;
+    if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        return Err(SystemError::NotBpffs { path: pin_dir.into() });
+    }
+    Ok(())
+}
+
+pub fn io_err(path: &Path, source: std::io::Error) -> SystemError {
+    if source.kind() == std::io::ErrorKind::PermissionDenied {
+        SystemError::Permission { path: path.into() }
+    } else {
+        SystemError::Io { path: path.into(), source }
+    }
+}
+
+/// Hold this for the daemon's lifetime: one daemon per state directory.
+pub struct DaemonLock(#[allow(dead_code)] Flock<File>);
+
+pub fn lock_state_dir(state_dir: &Path) -> Result<DaemonLock, SystemError> {
+    std::fs::create_dir_all(state_dir).map_err(|e| io_err(state_dir, e))?;
+    let path = state_dir.join("tunmeter.lock");
+    let f = File::options().create(true).truncate(false).write(true).open(&path).map_err(|e| io_err(&path, e))?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock)
+        .map(DaemonLock)
+        .map_err(|_| SystemError::AlreadyRunning(state_dir.into()))
+}
+
+/// True if a daemon currently holds the lock of `state_dir`.
+pub fn daemon_running(state_dir: &Path) -> bool {
+    let path = state_dir.join("tunmeter.lock");
+    let Ok(f) = File::options().write(true).open(&path) else { return false };
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("6.18.44-fc-v782"), Some((6, 18, 44)));
+        assert_eq!(parse_version("5.10"), Some((5, 10, 0)));
+        assert_eq!(parse_version("x"), None);
+        assert!(require_kernel((6, 1, 0)).is_ok());
+        assert!(require_kernel((5, 11, 0)).is_ok());
+        let e = require_kernel((4, 19, 200)).unwrap_err().to_string();
+        assert!(e.contains("4.19.200") && e.contains("5.11"), "{e}");
+    }
+
+    #[test]
+    fn tmpfs_is_not_bpffs() {
+        let e = check_bpffs(Path::new("/tmp/surely/missing/dir")).unwrap_err();
+        assert!(matches!(e, SystemError::NotBpffs { .. }), "{e}");
+    }
+}

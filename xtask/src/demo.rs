@@ -1,0 +1,428 @@
+//! `cargo xtask demo`: lab with traffic + daemon in the server namespace + live client table.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::setup::{require_root, setup};
+use crate::util::{cmd, describe, run, target_dir};
+
+// ---- The command lines of the demo: the contract with tunmeter and tunmeter-lab. ----------
+
+const DAEMON_PACKAGE: &str = "tunmeter";
+const LAB_PACKAGE: &str = "tunmeter-lab";
+const DAEMON_BIN: &str = "tunmeter";
+const LAB_BIN: &str = "tunmeter-lab";
+/// Name prefix of everything the lab creates (namespaces, links).
+const LAB_PREFIX: &str = "tmdemo";
+const PIN_DIR: &str = "/sys/fs/bpf/tunmeter-demo";
+const TUN: &str = "tun0";
+const EGRESS: &str = "eth0";
+const SUBNETS: &[&str] = &["10.8.0.0/24", "fd00:8::/64", "10.9.0.0/24", "fd00:9::/64"];
+
+/// `tunmeter-lab up ...`: builds the lab, starts traffic, prints `READY <server netns>`,
+/// then runs until SIGTERM and tears the lab down.
+fn lab_up_args() -> Vec<String> {
+    strings(&["up", "--prefix", LAB_PREFIX, "--traffic"])
+}
+
+fn lab_down_args() -> Vec<String> {
+    strings(&["down", "--prefix", LAB_PREFIX])
+}
+
+fn daemon_run_args(state_dir: &Path) -> Vec<String> {
+    let mut args = strings(&["run", "--tun", TUN, "--egress", EGRESS]);
+    for subnet in SUBNETS {
+        args.extend(strings(&["--subnet", subnet]));
+    }
+    args.extend(strings(&["--pin-dir", PIN_DIR, "--state-dir"]));
+    args.push(state_dir.display().to_string());
+    args
+}
+
+fn daemon_clients_args() -> Vec<String> {
+    strings(&["clients", "--pin-dir", PIN_DIR])
+}
+
+/// `--state-dir` lets detach refuse while a daemon still runs.
+fn daemon_detach_args(state_dir: &Path) -> Vec<String> {
+    let mut args = strings(&["detach", "--pin-dir", PIN_DIR, "--state-dir"]);
+    args.push(state_dir.display().to_string());
+    args
+}
+
+fn state_dir() -> PathBuf {
+    target_dir().join("demo-state")
+}
+
+/// How long the lab may take to print READY.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the daemon gets between SIGTERM and SIGKILL.
+const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the lab gets to tear itself down after SIGTERM.
+const LAB_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+const REFRESH: Duration = Duration::from_secs(1);
+/// While the daemon starts, a failing `tunmeter clients` is expected and not shown.
+const DAEMON_START_GRACE: Duration = Duration::from_secs(5);
+
+// --------------------------------------------------------------------------------------------
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Runs `program` inside the network namespace `ns` only (the mount namespace, and with it
+/// /sys/fs/bpf, stays ours). nsenter execs the program, so the child's pid is the program's.
+fn in_netns(ns: &str, program: &Path) -> Command {
+    let mut c = cmd("nsenter");
+    c.arg(format!("--net={}", netns_path(ns))).arg(program);
+    c
+}
+
+/// Runs the long-lived children in their own process group (Ctrl-C reaches only xtask, which
+/// then shuts them down in order) and has the kernel SIGTERM them if xtask dies first.
+fn detach_from_terminal(c: &mut Command) {
+    c.process_group(0);
+    // SAFETY: the closure runs between fork and exec and only makes the prctl syscall,
+    // which is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from));
+    }
+}
+
+fn netns_path(ns: &str) -> String {
+    format!("/run/netns/{ns}")
+}
+
+pub fn demo(seconds: Option<u64>) -> Result<()> {
+    setup()?;
+    require_root("the demo creates network namespaces and loads BPF programs", "demo")?;
+    run(cmd("cargo").args(["build", "--bins", "-p", DAEMON_PACKAGE, "-p", LAB_PACKAGE]))?;
+
+    // From here on Ctrl-C (or SIGTERM) only sets `stop`, so that everything gets cleaned up;
+    // a second Ctrl-C while cleaning up exits immediately.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing the signal handler")?;
+    }
+
+    let bin = target_dir().join("debug");
+    let mut demo = Demo {
+        daemon_bin: bin.join(DAEMON_BIN),
+        lab_bin: bin.join(LAB_BIN),
+        lab: None,
+        lab_reader: None,
+        daemon: None,
+        ns: None,
+    };
+    demo.clean_leftovers();
+    let result = demo.run(&stop, seconds);
+    match &result {
+        Ok(()) => println!("demo: cleaning up"),
+        Err(_) => println!("demo: failed (error below); cleaning up"),
+    }
+    let cleanup = demo.cleanup();
+    match (result, cleanup) {
+        (Ok(()), Ok(())) => {
+            println!("demo: done, nothing left behind");
+            Ok(())
+        }
+        (Err(e), Ok(())) => Err(e),
+        (Ok(()), Err(c)) => Err(c),
+        (Err(e), Err(c)) => Err(e.context(format!("and cleaning up also failed: {c:#}"))),
+    }
+}
+
+struct Demo {
+    daemon_bin: PathBuf,
+    lab_bin: PathBuf,
+    lab: Option<Child>,
+    lab_reader: Option<JoinHandle<()>>,
+    daemon: Option<Child>,
+    /// The server network namespace, once the lab said READY.
+    ns: Option<String>,
+}
+
+fn lab_log() -> PathBuf {
+    target_dir().join("demo-lab.log")
+}
+
+fn daemon_log() -> PathBuf {
+    target_dir().join("demo-daemon.log")
+}
+
+impl Demo {
+    fn run(&mut self, stop: &AtomicBool, seconds: Option<u64>) -> Result<()> {
+        let ns = self.start_lab(stop)?;
+        self.start_daemon(&ns)?;
+        self.show_clients(&ns, stop, seconds)
+    }
+
+    fn start_lab(&mut self, stop: &AtomicBool) -> Result<String> {
+        let log_path = lab_log();
+        let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut c = cmd(&self.lab_bin);
+        c.args(lab_up_args()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log.try_clone()?);
+        detach_from_terminal(&mut c);
+        let what = describe(&c);
+        println!("demo: starting the lab: {what} (log: {})", log_path.display());
+        let mut child = c.spawn().with_context(|| format!("starting `{what}`"))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        self.lab = Some(child);
+
+        // Read the lab's stdout for READY; everything it prints goes to the log, and the pipe
+        // keeps being drained so the lab never blocks on it.
+        let (tx, rx) = mpsc::channel();
+        let mut log = log;
+        self.lab_reader = Some(thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(log, "{line}");
+                if let Some(ns) = line.strip_prefix("READY ") {
+                    let _ = tx.send(ns.trim().to_owned());
+                }
+            }
+        }));
+
+        let start = Instant::now();
+        let ns = loop {
+            if stop.load(Ordering::Relaxed) {
+                bail!("interrupted while waiting for the lab");
+            }
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(ns) => break ns,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("the lab closed its output without printing READY; {}", log_tail(&log_path));
+                }
+            }
+            if let Some(status) = self.lab.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("the lab exited ({status}) before printing READY; {}", log_tail(&log_path));
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                bail!("the lab did not print READY within {} s; {}", READY_TIMEOUT.as_secs(), log_tail(&log_path));
+            }
+        };
+        if ns.is_empty() || ns.contains('/') {
+            bail!("the lab printed READY with an unusable namespace name {ns:?}");
+        }
+        if !Path::new(&netns_path(&ns)).exists() {
+            bail!("the lab said READY {ns}, but {} does not exist", netns_path(&ns));
+        }
+        println!("demo: lab ready, server namespace {ns}");
+        self.ns = Some(ns.clone());
+        Ok(ns)
+    }
+
+    fn start_daemon(&mut self, ns: &str) -> Result<()> {
+        let state_dir = state_dir();
+        std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        let log_path = daemon_log();
+        let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut c = in_netns(ns, &self.daemon_bin);
+        c.args(daemon_run_args(&state_dir))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its output goes to a file: no colour codes.
+            .env("NO_COLOR", "1");
+        detach_from_terminal(&mut c);
+        let what = describe(&c);
+        println!("demo: starting the daemon: {what} (log: {})", log_path.display());
+        self.daemon = Some(c.spawn().with_context(|| format!("starting `{what}`"))?);
+        Ok(())
+    }
+
+    fn show_clients(&mut self, ns: &str, stop: &AtomicBool, seconds: Option<u64>) -> Result<()> {
+        let tty = std::io::stdout().is_terminal();
+        let start = Instant::now();
+        let mut next = start;
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(status) = self.daemon.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("the daemon exited ({status}); {}", log_tail(&daemon_log()));
+            }
+            if let Some(status) = self.lab.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("the lab exited ({status}); {}", log_tail(&lab_log()));
+            }
+
+            let mut c = in_netns(ns, &self.daemon_bin);
+            c.args(daemon_clients_args()).stdin(Stdio::null()).process_group(0);
+            let what = describe(&c);
+            let out = c.output().with_context(|| format!("running `{what}`"))?;
+
+            let elapsed = start.elapsed().as_secs();
+            let mut screen = String::new();
+            if tty {
+                screen.push_str("\x1b[2J\x1b[H");
+            } else {
+                screen.push_str("----\n");
+            }
+            let until = match seconds {
+                Some(n) => format!("stops after {n} s"),
+                None => "Ctrl-C to stop".to_owned(),
+            };
+            screen.push_str(&format!("tunmeter demo: server netns {ns}, {elapsed} s, {until}\n$ {what}\n\n"));
+            screen.push_str(&String::from_utf8_lossy(&out.stdout));
+            if !out.status.success() && start.elapsed() < DAEMON_START_GRACE {
+                screen.push_str("(waiting for the daemon to load and pin its maps)\n");
+            } else if !out.status.success() {
+                screen.push_str(&format!(
+                    "\n(`tunmeter clients` failed: {})\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(screen.as_bytes())?;
+            stdout.flush()?;
+            drop(stdout);
+
+            if seconds.is_some_and(|n| elapsed >= n) {
+                break;
+            }
+            next += REFRESH;
+            while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops everything in order: daemon, detach, lab, `lab down`; then checks that no
+    /// namespace and no pin is left. Keeps going after failures and reports them all.
+    fn cleanup(&mut self) -> Result<()> {
+        let mut problems = Vec::new();
+
+        if let Some(daemon) = self.daemon.take() {
+            println!("demo: stopping the daemon (SIGTERM)");
+            if let Err(e) = stop_child(daemon, DAEMON_STOP_TIMEOUT) {
+                problems.push(format!("stopping the daemon: {e:#}"));
+            }
+        }
+
+        if let Some(ns) = &self.ns
+            && Path::new(&netns_path(ns)).exists()
+        {
+            let mut c = in_netns(ns, &self.daemon_bin);
+            c.args(daemon_detach_args(&state_dir())).stdin(Stdio::null());
+            let what = describe(&c);
+            println!("demo: detaching: {what}");
+            if let Err(e) = run(&mut c) {
+                // Only a problem if pins stay behind; checked below.
+                eprintln!("demo: warning: {e:#}");
+            }
+        }
+
+        if let Some(lab) = self.lab.take() {
+            println!("demo: stopping the lab (SIGTERM)");
+            if let Err(e) = stop_child(lab, LAB_STOP_TIMEOUT) {
+                problems.push(format!("stopping the lab: {e:#}"));
+            }
+        }
+        if let Some(reader) = self.lab_reader.take() {
+            let _ = reader.join();
+        }
+
+        // Safety net, whatever happened above.
+        if let Err(e) = self.lab_down() {
+            eprintln!("demo: warning: {e:#}");
+        }
+        if Path::new(PIN_DIR).exists() {
+            eprintln!("demo: warning: {PIN_DIR} still exists after detach; removing it");
+            if let Err(e) = std::fs::remove_dir_all(PIN_DIR) {
+                problems.push(format!("removing {PIN_DIR}: {e}"));
+            }
+        }
+
+        let left = leftovers();
+        if !left.is_empty() {
+            problems.push(format!("left behind: {}", left.join(", ")));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(anyhow!("{}", problems.join("; "))) }
+    }
+
+    fn lab_down(&self) -> Result<()> {
+        let mut c = cmd(&self.lab_bin);
+        c.args(lab_down_args()).stdin(Stdio::null());
+        println!("demo: {}", describe(&c));
+        run(&mut c)
+    }
+
+    /// Removes what an earlier, killed demo run may have left.
+    fn clean_leftovers(&self) {
+        if leftovers().is_empty() {
+            return;
+        }
+        println!("demo: cleaning up leftovers of an earlier run: {}", leftovers().join(", "));
+        if let Err(e) = self.lab_down() {
+            eprintln!("demo: warning: {e:#}");
+        }
+        if Path::new(PIN_DIR).exists()
+            && let Err(e) = std::fs::remove_dir_all(PIN_DIR)
+        {
+            eprintln!("demo: warning: removing {PIN_DIR}: {e}");
+        }
+    }
+}
+
+/// Network namespaces with the demo's prefix and the demo's pin directory, if they exist.
+fn leftovers() -> Vec<String> {
+    let mut left = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(LAB_PREFIX) {
+                left.push(format!("netns {name}"));
+            }
+        }
+    }
+    if Path::new(PIN_DIR).exists() {
+        left.push(PIN_DIR.to_owned());
+    }
+    left
+}
+
+/// SIGTERM, wait up to `timeout`, then SIGKILL.
+fn stop_child(mut child: Child, timeout: Duration) -> Result<()> {
+    if child.try_wait()?.is_some() {
+        return Ok(());
+    }
+    let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
+    kill(pid, Signal::SIGTERM).context("sending SIGTERM")?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("demo: warning: pid {pid} still running {} s after SIGTERM; killing it", timeout.as_secs());
+    child.kill().context("sending SIGKILL")?;
+    child.wait()?;
+    Ok(())
+}
+
+/// The last lines of a log, for error messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+    if tail.is_empty() {
+        format!("{} is empty", path.display())
+    } else {
+        format!("last lines of {}:\n{tail}", path.display())
+    }
+}
