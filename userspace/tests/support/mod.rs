@@ -2,6 +2,7 @@
 //! packet builders and a BPF_PROG_TEST_RUN harness around the real eBPF object.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod packets;
 
 use std::{
