@@ -141,6 +141,11 @@ mod tests {
         // The reserved keys can never collide with a real client address:
         // :: is unspecified and ff..ff is not a valid unicast source/destination.
         assert_ne!(ClientKey::v4([0, 0, 0, 0]), ClientKey::OTHER);
+        // Word constructors give the same keys as the byte ones.
+        assert_eq!(ClientKey::v4_word(u32::from_ne_bytes([10, 8, 0, 2])), k);
+        let a6 = [0xfd, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let w = [u64::from_ne_bytes(a6[..8].try_into().unwrap()), u64::from_ne_bytes(a6[8..].try_into().unwrap())];
+        assert_eq!(ClientKey::v6_words(w), ClientKey::v6(a6));
     }
 
     #[test]

@@ -45,6 +45,27 @@ impl ClientKey {
         ClientKey { addr }
     }
 
+    /// Key from the IPv4 address as read from the packet into a native `u32` (its bytes are
+    /// already in network order in memory). Built from words so the kernel program fills the
+    /// key with four word stores instead of sixteen byte stores.
+    #[inline(always)]
+    pub const fn v4_word(a: u32) -> Self {
+        Self::from_words([0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), a])
+    }
+
+    /// Key from the IPv6 address read as two native `u64`s (memory order = network order).
+    #[inline(always)]
+    pub const fn v6_words(w: [u64; 2]) -> Self {
+        // SAFETY: [u64; 2] and [u8; 16] have the same size; every bit pattern is valid.
+        ClientKey { addr: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(w) } }
+    }
+
+    #[inline(always)]
+    const fn from_words(w: [u32; 4]) -> Self {
+        // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid.
+        ClientKey { addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w) } }
+    }
+
     /// The IPv4 address if this is an IPv4-mapped key.
     pub fn as_v4(&self) -> Option<[u8; 4]> {
         let a = &self.addr;

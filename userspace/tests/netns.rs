@@ -308,7 +308,9 @@ fn bad_inputs_fail_clearly_and_leave_nothing_behind() {
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
-    let cases: Vec<(&str, Vec<String>, Vec<(&str, &str)>, &str)> = vec![
+    // (what, arguments, environment, expected error text)
+    type Case<'a> = (&'a str, Vec<String>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "missing interface",
             base(&["--tun", "tun9", "--subnet", "10.8.0.0/24"]),
