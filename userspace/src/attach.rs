@@ -251,6 +251,23 @@ pub fn detach_interface(pin_dir: &Path, iface: &str, ifindex: Option<u32>, mode:
     Ok(())
 }
 
+/// Interface names with a link pin under `pin_dir` (attached by this or an earlier run).
+pub fn pinned_interfaces(pin_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(links_dir(pin_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            let (_, iface) = n.split_once(':')?;
+            Some(iface.replace(':', "."))
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// Remove every attachment tunmeter made: link pins under `pin_dir` and, on every interface of
 /// this network namespace, netlink filters named like our programs.
 pub fn detach_all(pin_dir: &Path) -> Result<usize, AttachError> {
@@ -272,4 +289,22 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize, AttachError> {
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip_interface_names_with_dots() {
+        let dir = std::env::temp_dir().join(format!("tm-pins-{}", std::process::id()));
+        std::fs::create_dir_all(links_dir(&dir)).unwrap();
+        for (iface, hook) in [("eth0.100", "ingress"), ("eth0.100", "egress"), ("tun0", "ingress")] {
+            let p = link_pin(&dir, iface, hook);
+            assert!(!p.file_name().unwrap().to_str().unwrap().contains('.'), "bpffs refuses dots: {p:?}");
+            std::fs::write(p, b"").unwrap();
+        }
+        assert_eq!(pinned_interfaces(&dir), vec!["eth0.100".to_string(), "tun0".to_string()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

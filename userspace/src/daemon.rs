@@ -100,6 +100,13 @@ impl Dataplane {
             self.instances.insert(layer, Instance::load(layer, &self.cfg.pin_dir, max)?);
         }
         self.maps.ensure_reserved_buckets()?;
+        // Interfaces attached by an earlier run but no longer configured: stop counting there.
+        for name in attach::pinned_interfaces(&self.cfg.pin_dir) {
+            if !self.cfg.interfaces.iter().any(|i| i.name == name) {
+                attach::detach_interface(&self.cfg.pin_dir, &name, None, Mode::Tcx)?;
+                warn!(iface = name, "detached: attached by an earlier run but no longer configured");
+            }
+        }
         let first = self.instances.values_mut().next().expect("at least one interface");
         clock::pin(first, &self.cfg.pin_dir)?;
         self.reconcile(links)?;

@@ -2,7 +2,7 @@
 
 use tunmeter::{attach, clock, config, counters, daemon, report, system};
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -189,7 +189,9 @@ fn clients(pin_dir: &std::path::Path, json: bool, watch: Option<f64>, count: Opt
                 .collect();
             println!("{}", serde_json::to_string(&serde_json::json!({"snapshot": now, "rates": rates}))?);
         } else {
-            print!("\x1b[2J\x1b[H{}", report::clients_table(&now, Some(&rates)));
+            // Clear the screen between refreshes on a terminal; plain tables when piped.
+            let clear = if std::io::stdout().is_terminal() { "\x1b[2J\x1b[H" } else { "" };
+            print!("{clear}{}", report::clients_table(&now, Some(&rates)));
         }
         before = now;
         n += 1;

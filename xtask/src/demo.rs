@@ -52,7 +52,8 @@ fn daemon_run_args(state_dir: &Path) -> Vec<String> {
 }
 
 fn daemon_clients_args() -> Vec<String> {
-    strings(&["clients", "--pin-dir", PIN_DIR])
+    // One refresh of `--watch`: two snapshots 1 s apart, printed with per-client rates.
+    strings(&["clients", "--pin-dir", PIN_DIR, "--watch", "1", "--count", "1"])
 }
 
 /// `--state-dir` lets detach refuse while a daemon still runs.
