@@ -1,9 +1,11 @@
 //! tunmeter TC programs: per-client byte and packet counting on tun (L3) and Ethernet (L2)
 //! devices.
 //!
-//! Flow: entry (`tunmeter_in` / `tunmeter_out`) -> `try_count` -> small helpers. Every packet is
-//! passed (`TC_ACT_OK`): counting never drops, and parse errors fail open. Each packet gets one
-//! outcome in `OUTCOME_STATS`; nothing is logged per packet.
+//! Flow: entry (`tunmeter_in` / `tunmeter_out`) -> `try_count` -> small helpers. The counting
+//! programs only observe: they return `TC_ACT_UNSPEC` (TCX_NEXT), so the next TCX program or tc
+//! filter on the device still runs and the packet continues as if tunmeter were not there.
+//! Parse errors fail open. Each packet gets one outcome in `OUTCOME_STATS`; nothing is logged
+//! per packet.
 #![no_std]
 #![no_main]
 
@@ -11,7 +13,7 @@ mod maps;
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_jiffies64,
     macros::classifier,
     programs::TcContext,
@@ -34,13 +36,13 @@ const EEXIST: i64 = 17;
 #[classifier]
 pub fn tunmeter_in(ctx: TcContext) -> i32 {
     try_count(&ctx, Direction::Upload);
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn tunmeter_out(ctx: TcContext) -> i32 {
     try_count(&ctx, Direction::Download);
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 /// Not attached anywhere: run by the daemon and CLI through BPF_PROG_TEST_RUN to read the

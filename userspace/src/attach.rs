@@ -8,7 +8,8 @@
 //! is missed and none is counted twice, because there is exactly one attachment at every instant.
 //!
 //! Netlink (older kernels, or `attach_mode = "netlink"`): a cls_bpf filter on a clsact qdisc.
-//! Filters outlive the daemon too; a restart replaces them by name (a short gap is possible).
+//! Filters sit at a fixed priority and handle ([`NL_PRIORITY`], [`NL_HANDLE`]) and outlive the
+//! daemon too; a restart replaces ours in place (a short gap is possible).
 
 use std::{
     io,
@@ -18,13 +19,13 @@ use std::{
 
 use aya::{
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        Link as _, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
-        tc::{self, NlOptions, SchedClassifierLink, TcAttach, TcError},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttach, TcError, TcHandle},
     },
     util::KernelVersion,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::{
     config::AttachMode,
@@ -123,7 +124,7 @@ pub fn attach_interface(
                     None => attach_tcx(prog, &path, ifindex, attach_type, iface, dir)?,
                 }
             }
-            Mode::Netlink => attach_netlink(prog, prog_name, ifindex, attach_type, iface, dir)?,
+            Mode::Netlink => attach_netlink(prog, ifindex, attach_type, iface, dir)?,
         };
         held.push(h);
     }
@@ -147,9 +148,17 @@ fn adopt_tcx(
     };
     let fd = FdLink::from(pinned);
     let prog_id = fd.info().map_err(|source| AttachError::Link { iface: iface.into(), dir, source })?.program_id();
+    // A failed query must not be read as "stale": removing a live pin would stop counting.
     let live = SchedClassifier::query_tcx(ifindex, attach_type)
-        .map(|(_, progs)| progs.iter().any(|p| p.id() == prog_id))
-        .unwrap_or(false);
+        .map_err(|source| AttachError::Program {
+            prog: "tcx query",
+            iface: iface.into(),
+            dir,
+            source: Box::new(source),
+        })?
+        .1
+        .iter()
+        .any(|p| p.id() == prog_id);
     if !live {
         drop(fd);
         remove_pin(path)?;
@@ -195,9 +204,21 @@ fn attach_tcx(
     Ok(Held::Tcx(link))
 }
 
+/// Where our netlink filters sit: a fixed priority and handle on each clsact hook, so a
+/// restart can replace exactly our filter without listing the device's other filters.
+pub const NL_PRIORITY: u16 = 256;
+pub const NL_HANDLE: TcHandle = TcHandle::new(0x746d, 1);
+
+/// Remove our filter from one hook, if there is one.
+fn remove_netlink_filter(ifindex: u32, attach_type: TcAttachType) -> bool {
+    match SchedClassifierLink::attached(ifindex, attach_type.into(), NL_PRIORITY, NL_HANDLE, None) {
+        Ok(link) => link.detach().is_ok(),
+        Err(_) => false,
+    }
+}
+
 fn attach_netlink(
     prog: &mut SchedClassifier,
-    prog_name: &str,
     ifindex: u32,
     attach_type: TcAttachType,
     iface: &str,
@@ -209,16 +230,13 @@ fn attach_netlink(
         Err(source) => return Err(AttachError::Qdisc { iface: iface.into(), source }),
     }
     // A filter left by a previous run would count every packet twice: replace it.
-    match tc::qdisc_detach_program(ifindex, attach_type.into(), prog_name) {
-        Ok(()) => info!(iface, dir, "replacing filter of a previous run"),
-        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => return Err(AttachError::Qdisc { iface: iface.into(), source }),
+    if remove_netlink_filter(ifindex, attach_type) {
+        info!(iface, dir, "replacing the filter of a previous run");
     }
     let prog_err =
         |source| AttachError::Program { prog: "netlink", iface: iface.into(), dir, source: Box::new(source) };
-    let id = prog
-        .attach(ifindex, TcAttach::Netlink { parent: attach_type.into(), options: NlOptions::default() })
-        .map_err(prog_err)?;
+    let options = NlOptions { priority: NL_PRIORITY, handle: NL_HANDLE, classid: None };
+    let id = prog.attach(ifindex, TcAttach::Netlink { parent: attach_type.into(), options }).map_err(prog_err)?;
     let link = prog.take_link(id).map_err(prog_err)?;
     info!(iface, ifindex, dir, "attached (netlink filter)");
     Ok(Held::Netlink(ManuallyDrop::new(link)))
@@ -234,16 +252,14 @@ fn remove_pin(path: &Path) -> Result<(), AttachError> {
 
 /// Detach one interface's hooks (rollback of a failed start, or a device that went away).
 pub fn detach_interface(pin_dir: &Path, iface: &str, ifindex: Option<u32>, mode: Mode) -> Result<(), AttachError> {
-    for (attach_type, prog_name, dir) in HOOKS {
+    for (attach_type, _, dir) in HOOKS {
         match mode {
             Mode::Tcx => remove_pin(&link_pin(pin_dir, iface, dir))?,
             Mode::Netlink => {
-                if let Some(ifindex) = ifindex {
-                    match tc::qdisc_detach_program(ifindex, attach_type.into(), prog_name) {
-                        Ok(()) => {}
-                        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(source) => warn!(iface, dir, %source, "could not remove filter"),
-                    }
+                if let Some(ifindex) = ifindex
+                    && !remove_netlink_filter(ifindex, attach_type)
+                {
+                    debug!(iface, dir, "no filter to remove");
                 }
             }
         }
@@ -269,7 +285,7 @@ pub fn pinned_interfaces(pin_dir: &Path) -> Vec<String> {
 }
 
 /// Remove every attachment tunmeter made: link pins under `pin_dir` and, on every interface of
-/// this network namespace, netlink filters named like our programs.
+/// this network namespace, netlink filters at our priority and handle.
 pub fn detach_all(pin_dir: &Path) -> Result<usize, AttachError> {
     let mut removed = 0;
     let dir = links_dir(pin_dir);
@@ -281,8 +297,8 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize, AttachError> {
     }
     if let Ok(ifaces) = nix::net::if_::if_nameindex() {
         for i in ifaces.iter() {
-            for (attach_type, prog_name, _) in HOOKS {
-                if tc::qdisc_detach_program(i.index(), attach_type.into(), prog_name).is_ok() {
+            for (attach_type, _, _) in HOOKS {
+                if remove_netlink_filter(i.index(), attach_type) {
                     removed += 1;
                 }
             }

@@ -82,7 +82,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub max_clients: u32,
     pub attach_mode: AttachMode,
-    /// Seconds between reconciliations of attachments (safety net behind link events).
+    /// Milliseconds between reconciliations of attachments (safety net behind link events).
     pub reconcile_interval_ms: u64,
 }
 
@@ -139,9 +139,9 @@ impl Config {
     fn build(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         let flag_subnets = ov.subnets.iter().map(|s| parse_subnet(s)).collect::<Result<Vec<_>, _>>()?;
         let mut interfaces = Vec::new();
+        // Interfaces from the file have their own subnets; --subnet applies to --tun/--egress.
         for fi in file.interfaces {
-            let mut subnets = fi.subnets.iter().map(|s| parse_subnet(s)).collect::<Result<Vec<_>, _>>()?;
-            subnets.extend(flag_subnets.iter().copied());
+            let subnets = fi.subnets.iter().map(|s| parse_subnet(s)).collect::<Result<Vec<_>, _>>()?;
             interfaces.push(InterfaceConfig { name: fi.name, layer: fi.layer, subnets });
         }
         for (names, layer) in [(&ov.tun, Layer::L3), (&ov.egress, Layer::L2)] {

@@ -13,7 +13,8 @@ use tunmeter::{
 };
 
 const SUBNETS: &[&str] = &["10.8.0.0/24", "fd00:8::/64"];
-const TC_ACT_OK: u32 = 0;
+/// What the counting programs return: TC_ACT_UNSPEC (-1), i.e. TCX_NEXT: "not my decision".
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 
 fn frame(layer: Layer, ethertype: u16, l3: &[u8]) -> Vec<u8> {
     match layer {
@@ -42,10 +43,10 @@ fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
         let t = ipv4("10.8.0.2", "1.1.1.1", TCP, &tcp(40000, 443, &[7; 100]), &[], 0);
         let u = ipv4("8.8.8.8", "10.8.0.3", UDP, &udp(53, 40001, &[1; 60]), &[], 0);
         let i = ipv4("10.8.0.4", "9.9.9.9", ICMP, &icmp_echo(&[0; 56]), &[], 0);
-        assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, &t)), TC_ACT_OK);
-        assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, &t)), TC_ACT_OK);
-        assert_eq!(h.run(PROG_EGRESS, &frame(layer, ETH_IP, &u)), TC_ACT_OK);
-        assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, &i)), TC_ACT_OK);
+        assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, &t)), TC_ACT_UNSPEC);
+        assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, &t)), TC_ACT_UNSPEC);
+        assert_eq!(h.run(PROG_EGRESS, &frame(layer, ETH_IP, &u)), TC_ACT_UNSPEC);
+        assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, &i)), TC_ACT_UNSPEC);
 
         let c2 = h.client("10.8.0.2").expect("10.8.0.2 counted");
         assert_eq!(
@@ -78,7 +79,7 @@ fn ipv6_is_counted_with_l3_bytes() {
         let u = ipv6("2001:db8::53", "fd00:8::3", UDP, &udp(53, 3, &[0; 33]));
         let i = ipv6("fd00:8::2", "2001:db8::1", ICMPV6, &[128, 0, 0, 0, 0, 1, 0, 1]);
         for (prog, p) in [(PROG_INGRESS, &t), (PROG_EGRESS, &u), (PROG_INGRESS, &i)] {
-            assert_eq!(h.run(prog, &frame(layer, ETH_IPV6, p)), TC_ACT_OK);
+            assert_eq!(h.run(prog, &frame(layer, ETH_IPV6, p)), TC_ACT_UNSPEC);
         }
         let c = h.client("fd00:8::2").unwrap();
         assert_eq!((c.up_bytes, c.up_packets, c.down_bytes), ((t.len() + i.len()) as u64, 2, 0));
@@ -102,7 +103,7 @@ fn ipv4_options_and_fragments_are_counted_whole() {
         let f1 = ipv4("10.8.0.6", "1.1.1.1", UDP, &udp(1, 2, &[0; 1472]), &[], 0x2000);
         let f2 = ipv4("10.8.0.6", "1.1.1.1", UDP, &[0; 600], &[], 185);
         for p in [&o1, &o2, &f1, &f2] {
-            assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, p)), TC_ACT_OK);
+            assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, p)), TC_ACT_UNSPEC);
         }
         let c5 = h.client("10.8.0.5").unwrap();
         assert_eq!((c5.up_bytes, c5.up_packets), ((o1.len() + o2.len()) as u64, 2));
@@ -153,7 +154,7 @@ fn truncated_malformed_and_non_ip_pass_and_are_counted_as_reasons() {
     let cases: [(Vec<u8>, &str); 3] =
         [(eth(ETH_ARP, &arp()), "not_ip"), (eth(ETH_IP, &v6), "malformed"), (eth(ETH_IP, &bad_ihl), "malformed")];
     for (p, _) in &cases {
-        assert_eq!(h.run(PROG_INGRESS, p), TC_ACT_OK, "fail open");
+        assert_eq!(h.run(PROG_INGRESS, p), TC_ACT_UNSPEC, "fail open");
     }
     assert_eq!(h.client_count(), 0);
     let mut want: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
@@ -168,9 +169,9 @@ fn truncated_malformed_and_non_ip_pass_and_are_counted_as_reasons() {
     // needs at least 14 bytes of input, so shorter cuts are not possible here).
     let mut h = Harness::new(Layer::L3, 1024, SUBNETS);
     let junk = [0u8; 16];
-    assert_eq!(h.run(PROG_EGRESS, &junk), TC_ACT_OK);
-    assert_eq!(h.run(PROG_EGRESS, &full[..16]), TC_ACT_OK);
-    assert_eq!(h.run(PROG_EGRESS, &v6[..30]), TC_ACT_OK);
+    assert_eq!(h.run(PROG_EGRESS, &junk), TC_ACT_UNSPEC);
+    assert_eq!(h.run(PROG_EGRESS, &full[..16]), TC_ACT_UNSPEC);
+    assert_eq!(h.run(PROG_EGRESS, &v6[..30]), TC_ACT_UNSPEC);
     assert_eq!(h.client_count(), 0);
     assert_eq!(h.outcomes(), outcomes(&[("download", "not_ip", 1, 16), ("download", "truncated", 2, 46)]));
 }

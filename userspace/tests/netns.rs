@@ -72,6 +72,64 @@ impl Env {
     }
 }
 
+/// Another tool's TC program on `dev`, after ours (appended to the TCX chain, or at a later
+/// netlink priority): an independent instance of a counting program with its own maps. If
+/// tunmeter ended processing, it would see nothing.
+struct ForeignObserver {
+    pins: PinDir,
+}
+
+impl ForeignObserver {
+    fn attach(ns: &str, dev: &'static str, netlink: bool) -> ForeignObserver {
+        use aya::programs::{
+            LinkOrder, TcAttach,
+            links::FdLink,
+            tc::{NlOptions, TcHandle},
+        };
+        let pins = PinDir::new("foreign");
+        let dir = pins.path().to_owned();
+        tunmeter_lab::in_netns(ns, move || {
+            std::fs::create_dir_all(dir.join("links"))?;
+            let mut inst = tunmeter::loader::Instance::load(tunmeter::config::Layer::L2, &dir, 1024)?;
+            let ifindex = nix::net::if_::if_nametoindex(dev)?;
+            if netlink {
+                let _ = aya::programs::tc::qdisc_add_clsact(ifindex); // may exist already
+            }
+            for (t, name, hook) in tunmeter::attach::HOOKS {
+                let prog = inst.program_mut(name);
+                let attach = if netlink {
+                    let options = NlOptions { priority: 300, handle: TcHandle::new(0, 7), classid: None };
+                    TcAttach::Netlink { parent: t.into(), options }
+                } else {
+                    TcAttach::Tcx { attach_type: t, order: LinkOrder::last() }
+                };
+                let id = prog.attach(ifindex, attach)?;
+                let link = prog.take_link(id)?;
+                if netlink {
+                    std::mem::forget(link); // the filter stays until the namespace goes
+                } else {
+                    FdLink::try_from(link)?.pin(dir.join("links").join(hook))?;
+                }
+            }
+            Ok(())
+        })
+        .expect("attach the foreign observer");
+        ForeignObserver { pins }
+    }
+
+    fn packets(&self, dir: &str) -> u64 {
+        outcome_sum(&read_stats(&PinnedMaps::new(self.pins.path())).unwrap(), dir).packets
+    }
+}
+
+fn assert_foreign_program_saw_everything(fo: &ForeignObserver, before: &Reading, after: &Reading, before_fo: [u64; 2]) {
+    for (i, (dir, odir)) in [("upload", Direction::Ingress), ("download", Direction::Egress)].into_iter().enumerate() {
+        let seen = fo.packets(dir) - before_fo[i];
+        let all = sub(after.oracle.total("eth0", odir), before.oracle.total("eth0", odir)).packets;
+        assert_eq!(seen, all, "the other tool's program ({dir}) missed packets: tunmeter must return TCX_NEXT");
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.state);
@@ -169,14 +227,19 @@ fn counts_equal_nftables_and_link_stats_for_every_client() {
     // One kernel packet per wire packet, so `ip -s link` (which counts segments) can be compared
     // too; nftables and tunmeter agree with or without GSO (the restart test runs with it).
     env.lab.set_gso(false).unwrap();
+    let ns = env.lab.server_ns();
     let _daemon = env.start_daemon();
+    let fo = ForeignObserver::attach(&ns, "eth0", false);
     let before = quiet_reading(&env);
+    let ff = [fo.packets("upload"), fo.packets("download")];
     traffic::mixed_round(&env.lab, 3).expect("traffic");
     traffic::mixed_round(&env.lab, 1).expect("traffic");
     let after = quiet_reading(&env);
 
     assert_clients_match(&env, &before, &after);
     assert_totals_match(&before, &after);
+    // tunmeter only observes: the next program on the device still runs.
+    assert_foreign_program_saw_everything(&fo, &before, &after, ff);
 
     // `ip -s link`: every packet received on both devices was seen on ingress (upload), every
     // packet sent on egress (download). Ethernet counters include the 14-byte header.
@@ -438,7 +501,7 @@ fn netlink_attachment_counts_restarts_and_detaches() {
         ["ingress", "egress"]
             .iter()
             .map(|hook| {
-                tunmeter_lab::netns_exec(&ns, &["tc", "filter", "show", "dev", dev, hook])
+                tunmeter_lab::netns_exec(&ns, &["tc", "filter", "show", "dev", dev, hook, "prio", "256"])
                     .unwrap()
                     .lines()
                     .filter(|l| l.contains("tunmeter_"))
@@ -447,10 +510,13 @@ fn netlink_attachment_counts_restarts_and_detaches() {
             .sum()
     };
 
+    // Another tool's filter already on the device: attach must work around it, not fail.
+    let fo = ForeignObserver::attach(&ns, "eth0", true);
     let mut daemon = Daemon::start(&ns, &args, &env.log);
     assert_eq!(tcx_programs(&ns, "tun0") + tcx_programs(&ns, "eth0"), 0, "no TCX links in netlink mode");
     assert_eq!((filters("tun0"), filters("eth0")), (2, 2));
     let before = quiet_reading(&env);
+    let ff = [fo.packets("upload"), fo.packets("download")];
     traffic::mixed_round(&env.lab, 1).expect("traffic");
     daemon.stop();
     assert_eq!((filters("tun0"), filters("eth0")), (2, 2), "filters outlive the daemon");
@@ -460,12 +526,15 @@ fn netlink_attachment_counts_restarts_and_detaches() {
     let after = quiet_reading(&env);
     assert_clients_match(&env, &before, &after);
     assert_totals_match(&before, &after);
+    assert_foreign_program_saw_everything(&fo, &before, &after, ff);
 
     drop(_daemon);
     let pin = env.pins.path().display().to_string();
     let state = env.state.display().to_string();
     let out = support::daemon::output(&ns, &["detach", "--pin-dir", &pin, "--state-dir", &state]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!((filters("tun0"), filters("eth0")), (0, 0), "detach removed the filters");
+    assert_eq!((filters("tun0"), filters("eth0")), (0, 0), "detach removed our filters");
+    let q = tunmeter_lab::netns_exec(&ns, &["tc", "filter", "show", "dev", "eth0", "ingress", "prio", "300"]).unwrap();
+    assert!(q.contains("tunmeter_in"), "detach left the other tool's filter alone: {q}");
     assert!(!env.pins.path().exists());
 }
