@@ -72,9 +72,12 @@ impl ClientKey {
         if a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff { Some([a[12], a[13], a[14], a[15]]) } else { None }
     }
 
-    /// True for the two reserved buckets.
+    /// True for the two reserved buckets. Compares words, not bytes: it runs per packet.
+    #[inline(always)]
     pub fn is_reserved(&self) -> bool {
-        *self == Self::OTHER || *self == Self::OVERFLOW
+        // SAFETY: [u8; 16] and [u64; 2] have the same size; every bit pattern is valid.
+        let w: [u64; 2] = unsafe { core::mem::transmute(self.addr) };
+        (w[0] == 0 && w[1] == 0) || (w[0] == u64::MAX && w[1] == u64::MAX)
     }
 }
 

@@ -127,6 +127,12 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Outcome> {
 /// is inside a subnet of this interface; otherwise the packet goes to the OTHER bucket.
 #[inline(always)]
 fn count_client(ctx: &TcContext, key: &ClientKey, bytes: u32, dir: Direction) {
+    // `::` (e.g. the source of duplicate-address detection) and ff..ff would hit a reserved
+    // bucket's entry: they are never clients.
+    if key.is_reserved() {
+        bump_bucket(&ClientKey::OTHER, dir, Outcome::OutsideSubnets, bytes);
+        return;
+    }
     if let Some(c) = CLIENT_COUNTERS.get_ptr_mut(key) {
         // SAFETY: per-CPU value of this CPU; nothing else writes it while we run.
         unsafe { add(&mut *c, bytes, dir) };

@@ -372,7 +372,9 @@ impl Drop for Lab {
 fn addr_up(ns: &str, dev: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
     ipn(ns, &["addr", "add", &format!("{v4}/24"), "dev", dev])?;
     ipn(ns, &["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
-    ipn(ns, &["link", "set", dev, "mtu", "1500", "up"])?;
+    // A deep queue: the relay is a userspace thread that can fall behind on a loaded 2-core
+    // machine, and a dropped packet would fail a ping or an echo in the tests.
+    ipn(ns, &["link", "set", dev, "mtu", "1500", "txqueuelen", "10000", "up"])?;
     Ok(())
 }
 

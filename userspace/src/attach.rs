@@ -25,7 +25,7 @@ use aya::{
     },
     util::KernelVersion,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     config::AttachMode,
@@ -101,7 +101,8 @@ fn link_pin(pin_dir: &Path, iface: &str, dir: &str) -> PathBuf {
     links_dir(pin_dir).join(format!("{dir}:{}", iface.replace('.', ":")))
 }
 
-/// Attach (or adopt) both hooks of `iface`.
+/// Attach (or adopt) both hooks of `iface`. If the second hook fails, the first is undone:
+/// an interface is either fully attached or not at all.
 pub fn attach_interface(
     inst: &mut Instance,
     iface: &str,
@@ -113,22 +114,54 @@ pub fn attach_interface(
     let mut adopted = false;
     for (attach_type, prog_name, dir) in HOOKS {
         let prog = inst.program_mut(prog_name);
-        let h = match mode {
-            Mode::Tcx => {
-                let path = link_pin(pin_dir, iface, dir);
-                match adopt_tcx(prog, &path, ifindex, attach_type, iface, dir)? {
-                    Some(link) => {
-                        adopted = true;
-                        link
-                    }
-                    None => attach_tcx(prog, &path, ifindex, attach_type, iface, dir)?,
-                }
+        let result = attach_hook(prog, iface, ifindex, pin_dir, mode, attach_type, dir);
+        match result {
+            Ok((h, was_adopted)) => {
+                adopted |= was_adopted;
+                held.push(h);
             }
-            Mode::Netlink => attach_netlink(prog, ifindex, attach_type, iface, dir)?,
-        };
-        held.push(h);
+            Err(e) => {
+                if !adopted && !held.is_empty() {
+                    // Undo what this call attached (never an adopted attachment: it predates us).
+                    let _ = detach_interface(pin_dir, iface, Some(ifindex), mode);
+                }
+                return Err(e);
+            }
+        }
     }
     Ok(Attached { name: iface.to_owned(), ifindex, adopted, _held: held })
+}
+
+/// One hook: adopt what a previous run left, or attach anew. An attachment of the *other*
+/// mode (left by a run with another `attach_mode`) is removed first, else both would count.
+fn attach_hook(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    ifindex: u32,
+    pin_dir: &Path,
+    mode: Mode,
+    attach_type: TcAttachType,
+    dir: &'static str,
+) -> Result<(Held, bool), AttachError> {
+    let path = link_pin(pin_dir, iface, dir);
+    match mode {
+        Mode::Tcx => {
+            if remove_netlink_filter(ifindex, attach_type) {
+                warn!(iface, dir, "removed a netlink filter left by a run in netlink mode");
+            }
+            match adopt_tcx(prog, &path, ifindex, attach_type, iface, dir)? {
+                Some(link) => Ok((link, true)),
+                None => Ok((attach_tcx(prog, &path, ifindex, attach_type, iface, dir)?, false)),
+            }
+        }
+        Mode::Netlink => {
+            if path.exists() {
+                remove_pin(&path)?;
+                warn!(iface, dir, "removed a TCX link left by a run in TCX mode");
+            }
+            attach_netlink(prog, ifindex, attach_type, iface, dir)
+        }
+    }
 }
 
 /// If a pinned link for this hook is still attached to `ifindex`, give it our program.
@@ -184,7 +217,8 @@ fn attach_tcx(
     dir: &'static str,
 ) -> Result<Held, AttachError> {
     let prog_err = |source| AttachError::Program { prog: "tcx", iface: iface.into(), dir, source: Box::new(source) };
-    let id = prog.attach(ifindex, TcAttach::Tcx { attach_type, order: LinkOrder::default() }).map_err(prog_err)?;
+    // First in the chain: a program before ours that ends processing would hide packets.
+    let id = prog.attach(ifindex, TcAttach::Tcx { attach_type, order: LinkOrder::first() }).map_err(prog_err)?;
     let link = prog.take_link(id).map_err(prog_err)?;
     let fd: FdLink = link.try_into().map_err(|source| AttachError::Link { iface: iface.into(), dir, source })?;
     let parent = path.parent().expect("pin path has a parent");
@@ -223,23 +257,27 @@ fn attach_netlink(
     attach_type: TcAttachType,
     iface: &str,
     dir: &'static str,
-) -> Result<Held, AttachError> {
+) -> Result<(Held, bool), AttachError> {
     match tc::qdisc_add_clsact(ifindex) {
         Ok(()) => debug!(iface, "clsact qdisc added"),
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
         Err(source) => return Err(AttachError::Qdisc { iface: iface.into(), source }),
     }
-    // A filter left by a previous run would count every packet twice: replace it.
-    if remove_netlink_filter(ifindex, attach_type) {
-        info!(iface, dir, "replacing the filter of a previous run");
-    }
     let prog_err =
         |source| AttachError::Program { prog: "netlink", iface: iface.into(), dir, source: Box::new(source) };
+    // A filter left by a previous run: swap its program in place (no gap, never two filters).
+    let existing = SchedClassifierLink::attached(ifindex, attach_type.into(), NL_PRIORITY, NL_HANDLE, None)
+        .map_err(|e| prog_err(ProgramError::IOError(e)))?;
+    if let Ok(id) = prog.attach_to_link(existing) {
+        let link = prog.take_link(id).map_err(prog_err)?;
+        info!(iface, ifindex, dir, "adopted the netlink filter of a previous run; program replaced in place");
+        return Ok((Held::Netlink(ManuallyDrop::new(link)), true));
+    }
     let options = NlOptions { priority: NL_PRIORITY, handle: NL_HANDLE, classid: None };
     let id = prog.attach(ifindex, TcAttach::Netlink { parent: attach_type.into(), options }).map_err(prog_err)?;
     let link = prog.take_link(id).map_err(prog_err)?;
     info!(iface, ifindex, dir, "attached (netlink filter)");
-    Ok(Held::Netlink(ManuallyDrop::new(link)))
+    Ok((Held::Netlink(ManuallyDrop::new(link)), false))
 }
 
 fn remove_pin(path: &Path) -> Result<(), AttachError> {

@@ -30,6 +30,8 @@ pub enum ConfigError {
         "interface {0} has no subnets: every address on it would be counted as 'other' (give --subnet or subnets = [...])"
     )]
     NoSubnets(String),
+    #[error("{0} subnets configured over all interfaces; at most {max} fit the subnet map", max = tunmeter_common::MAX_SUBNETS)]
+    TooManySubnets(usize),
     #[error("max_clients must be between 16 and 16777216, got {0}")]
     BadCapacity(u32),
     #[error("pin_dir {0} must be an absolute path under a bpffs mount (e.g. /sys/fs/bpf/tunmeter)")]
@@ -163,6 +165,10 @@ impl Config {
         }
         if interfaces.is_empty() {
             return Err(ConfigError::NoInterfaces);
+        }
+        let subnets: usize = interfaces.iter().map(|i| i.subnets.len()).sum();
+        if subnets > tunmeter_common::MAX_SUBNETS as usize {
+            return Err(ConfigError::TooManySubnets(subnets));
         }
         let max_clients = ov.max_clients.or(file.max_clients).unwrap_or(tunmeter_common::DEFAULT_MAX_CLIENTS);
         if !(16..=16 * 1024 * 1024).contains(&max_clients) {

@@ -51,6 +51,7 @@ pub struct Dataplane {
     maps: PinnedMaps,
     instances: BTreeMap<Layer, Instance>,
     attached: BTreeMap<String, Attached>,
+    _pin_lock: system::DirLock,
     /// What the subnet map holds now (ifindex -> subnets).
     synced_subnets: BTreeMap<u32, Vec<ipnet::IpNet>>,
 }
@@ -77,7 +78,19 @@ impl Dataplane {
         if fresh {
             std::fs::create_dir_all(&cfg.pin_dir).map_err(|e| system::io_err(&cfg.pin_dir, e))?;
         }
+        // The pin directory is locked too, so `tunmeter detach` refuses whatever state
+        // directory it is given while a daemon uses these pins.
+        let pin_lock = match system::lock_dir(&cfg.pin_dir) {
+            Ok(l) => l,
+            Err(e) => {
+                if fresh {
+                    let _ = remove_pins(&cfg.pin_dir);
+                }
+                return Err(e.into());
+            }
+        };
         let mut dp = Dataplane {
+            _pin_lock: pin_lock,
             maps: PinnedMaps::new(&cfg.pin_dir),
             cfg,
             mode,
@@ -142,29 +155,39 @@ impl Dataplane {
             self.maps.sync_subnets(&wanted)?;
             self.synced_subnets = wanted;
         }
-        for i in &self.cfg.interfaces {
-            let now = present(i);
-            let had = self.attached.get(&i.name).map(|a| a.ifindex);
-            if now == had {
-                continue;
+        // One failing interface must not keep the others from being (re-)attached: each is
+        // tried on its own, and the first error is reported after all were tried.
+        let mut first_err = None;
+        for i in self.cfg.interfaces.clone() {
+            if let Err(e) = self.reconcile_one(&i, present(&i)) {
+                error!(iface = i.name, %e, "attaching failed");
+                first_err.get_or_insert(e);
             }
-            if let Some(old) = self.attached.remove(&i.name) {
-                warn!(iface = i.name, old_ifindex = old.ifindex, "interface went away; will re-attach when it returns");
-                attach::detach_interface(&self.cfg.pin_dir, &i.name, None, self.mode)?;
-            }
-            if let Some(ifindex) = now {
-                let started = Instant::now();
-                let inst = self.instances.get_mut(&i.layer).expect("instance loaded for every configured layer");
-                let a = attach::attach_interface(inst, &i.name, ifindex, &self.cfg.pin_dir, self.mode)?;
-                info!(
-                    iface = i.name,
-                    ifindex,
-                    adopted = a.adopted,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "interface attached"
-                );
-                self.attached.insert(i.name.clone(), a);
-            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn reconcile_one(&mut self, i: &crate::config::InterfaceConfig, now: Option<u32>) -> Result<(), DaemonError> {
+        let had = self.attached.get(&i.name).map(|a| a.ifindex);
+        if now == had {
+            return Ok(());
+        }
+        if let Some(old) = self.attached.remove(&i.name) {
+            warn!(iface = i.name, old_ifindex = old.ifindex, "interface went away; will re-attach when it returns");
+            attach::detach_interface(&self.cfg.pin_dir, &i.name, None, self.mode)?;
+        }
+        if let Some(ifindex) = now {
+            let started = Instant::now();
+            let inst = self.instances.get_mut(&i.layer).expect("instance loaded for every configured layer");
+            let a = attach::attach_interface(inst, &i.name, ifindex, &self.cfg.pin_dir, self.mode)?;
+            info!(
+                iface = i.name,
+                ifindex,
+                adopted = a.adopted,
+                took_ms = started.elapsed().as_millis() as u64,
+                "interface attached"
+            );
+            self.attached.insert(i.name.clone(), a);
         }
         Ok(())
     }
@@ -183,11 +206,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let mut tick = tokio::time::interval(interval);
+    // If the event stream ends (socket error), the periodic tick alone keeps reconciling.
+    let mut events_open = true;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = events.next() => {}
+            ev = events.next(), if events_open => events_open = ev.is_some(),
             _ = tick.tick() => {}
         }
         // Link events come in bursts (a new tun gets several): one dump per wake-up is enough.

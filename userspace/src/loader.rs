@@ -36,6 +36,10 @@ pub enum LoadError {
     Permission(String),
     #[error("loading the eBPF object failed: {0}")]
     Ebpf(#[from] aya::EbpfError),
+    #[error(
+        "the maps pinned under {dir} have another layout (from another tunmeter version?): {detail}; run `tunmeter detach` (zeroes counters) or use another pin_dir"
+    )]
+    IncompatiblePins { dir: PathBuf, detail: String },
     #[error("program {name}: {source}")]
     Program { name: &'static str, source: ProgramError },
     #[error("map {name}: {source}")]
@@ -65,7 +69,13 @@ impl Instance {
             .default_map_pin_directory(pin_dir);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             let text = format!("{e:?}");
-            if is_eperm(&text) { LoadError::Permission(e.to_string()) } else { LoadError::Ebpf(e) }
+            if is_eperm(&text) {
+                LoadError::Permission(e.to_string())
+            } else if text.contains("IncompatiblePinnedMap") {
+                LoadError::IncompatiblePins { dir: pin_dir.into(), detail: e.to_string() }
+            } else {
+                LoadError::Ebpf(e)
+            }
         })?;
         for name in [PROG_INGRESS, PROG_EGRESS, PROG_CLOCK] {
             let prog: &mut SchedClassifier = ebpf

@@ -30,6 +30,8 @@ pub enum SystemError {
     Permission { path: PathBuf },
     #[error("another tunmeter daemon is running with state directory {0} (its lock is held)")]
     AlreadyRunning(PathBuf),
+    #[error("another tunmeter daemon is using the pin directory {0}")]
+    PinsInUse(PathBuf),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -90,6 +92,20 @@ pub fn lock_state_dir(state_dir: &Path) -> Result<DaemonLock, SystemError> {
     Flock::lock(f, FlockArg::LockExclusiveNonblock)
         .map(DaemonLock)
         .map_err(|_| SystemError::AlreadyRunning(state_dir.into()))
+}
+
+/// An exclusive lock on a directory (the pin directory), held for the daemon's lifetime.
+pub struct DirLock(#[allow(dead_code)] Flock<File>);
+
+pub fn lock_dir(dir: &Path) -> Result<DirLock, SystemError> {
+    let f = File::open(dir).map_err(|e| io_err(dir, e))?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).map(DirLock).map_err(|_| SystemError::PinsInUse(dir.into()))
+}
+
+/// True if a daemon holds the lock of this directory.
+pub fn dir_locked(dir: &Path) -> bool {
+    let Ok(f) = File::open(dir) else { return false };
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err()
 }
 
 /// True if a daemon currently holds the lock of `state_dir`.

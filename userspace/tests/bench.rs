@@ -173,7 +173,6 @@ fn veth_throughput() {
         with.push(iperf_gbps("tmbenchb", "10.9.0.1", 4));
         let _ = d.kill();
         let _ = d.wait();
-        let _ = tunmeter::attach::detach_all(pins.path());
         let _ = std::fs::remove_dir_all(pins.path());
     }
     let _ = server.kill();

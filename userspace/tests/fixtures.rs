@@ -117,19 +117,24 @@ fn ipv4_options_and_fragments_are_counted_whole() {
 #[test]
 fn addresses_outside_the_subnets_go_to_the_other_bucket() {
     both_layers(|layer| {
-        let mut h = Harness::new(layer, 1024, SUBNETS);
+        let mut h = Harness::new(layer, 1024, &["10.8.0.0/24", "fd00:8::/64", "::/127"]);
         let up = ipv4("192.168.1.1", "10.8.0.2", UDP, &udp(1, 2, &[0; 20]), &[], 0); // source not a client
+        // `::` is the reserved OTHER key itself (the source of duplicate-address detection):
+        // it must never be counted as a client, even with a subnet that contains it.
+        let dad = ipv6("::", "ff02::1:ff00:2", ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]);
         let down = ipv6("fd00:8::2", "2001:db8::9", UDP, &udp(1, 2, &[0; 20])); // destination not a client
         h.run(PROG_INGRESS, &frame(layer, ETH_IP, &up));
         h.run(PROG_EGRESS, &frame(layer, ETH_IPV6, &down));
+        h.run(PROG_INGRESS, &frame(layer, ETH_IPV6, &dad));
         assert_eq!(h.client_count(), 0, "no client entry for outside traffic");
         let snap = tunmeter::counters::read_clients(&h.maps, None).unwrap();
-        assert_eq!((snap.other.upload.bytes, snap.other.upload.packets), (up.len() as u64, 1));
+        let up_total = (up.len() + dad.len()) as u64;
+        assert_eq!((snap.other.upload.bytes, snap.other.upload.packets), (up_total, 2));
         assert_eq!((snap.other.download.bytes, snap.other.download.packets), (down.len() as u64, 1));
         assert_eq!(
             h.outcomes(),
             outcomes(&[
-                ("upload", "outside_subnets", 1, up.len() as u64),
+                ("upload", "outside_subnets", 2, up_total),
                 ("download", "outside_subnets", 1, down.len() as u64)
             ])
         );
