@@ -16,6 +16,9 @@ use tunmeter::{config::Layer, counters::ip_key, loader::PROG_INGRESS};
 use tunmeter_common::ClientCounters;
 
 const REPEAT: u32 = 1_000_000;
+/// iperf3: alternating pairs of runs (without, with), each SECS long.
+const PAIRS: usize = 5;
+const SECS: u32 = 3;
 /// Each figure is the median of this many BPF_PROG_TEST_RUN calls of REPEAT runs.
 const SAMPLES: usize = 7;
 
@@ -159,8 +162,8 @@ fn veth_throughput() {
     let pins = support::PinDir::new("bench");
     let bin = env!("CARGO_BIN_EXE_tunmeter");
     let (mut without, mut with) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        without.push(iperf_gbps("tmbenchb", "10.9.0.1", 4));
+    for _ in 0..PAIRS {
+        without.push(iperf_gbps("tmbenchb", "10.9.0.1", SECS));
         let mut d = Command::new("nsenter")
             .args(["--net=/run/netns/tmbencha", bin, "run", "--egress", "eth0", "--subnet", "10.9.0.0/24"])
             .arg("--pin-dir")
@@ -170,18 +173,23 @@ fn veth_throughput() {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(800));
-        with.push(iperf_gbps("tmbenchb", "10.9.0.1", 4));
+        with.push(iperf_gbps("tmbenchb", "10.9.0.1", SECS));
         let _ = d.kill();
         let _ = d.wait();
         let _ = std::fs::remove_dir_all(pins.path());
     }
     let _ = server.kill();
     let _ = server.wait();
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v.iter().fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        format!("{lo:.1}-{hi:.1}")
+    };
+    let (sa, sb) = (spread(&without), spread(&with));
     let (a, b) = (median(without), median(with));
-    println!("## TCP throughput across a veth pair (iperf3, 3 x 4 s alternating runs, medians)");
-    println!("| no program | programs attached (ingress+egress) | ratio |");
-    println!("|---:|---:|---:|");
-    println!("| {a:.2} Gbit/s | {b:.2} Gbit/s | {:.1}% |", 100.0 * b / a);
+    println!("## TCP throughput across a veth pair (iperf3, {PAIRS} x {SECS} s alternating runs, medians)");
+    println!("| no program | programs attached (ingress+egress) | ratio | range without | range with |");
+    println!("|---:|---:|---:|---:|---:|");
+    println!("| {a:.2} Gbit/s | {b:.2} Gbit/s | {:.1}% | {sa} | {sb} |", 100.0 * b / a);
     println!();
 }
 

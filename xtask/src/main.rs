@@ -115,12 +115,11 @@ fn bench() -> Result<()> {
 /// command, commit and machine that produced them.
 fn write_benchmarks_md(report: &std::path::Path) -> Result<()> {
     let text = std::fs::read_to_string(report).with_context(|| format!("reading {}", report.display()))?;
-    let figures: Vec<&str> = text
-        .lines()
-        .skip_while(|l| !l.starts_with("# tunmeter benchmarks"))
-        .take_while(|l| !l.starts_with("test bench ..."))
-        .filter(|l| !l.trim().eq(".") && !l.starts_with("test "))
-        .collect();
+    // The report starts mid-line (after libtest's "test bench ... ") and ends before "ok".
+    let start = text.find("# tunmeter benchmarks").context("no benchmark report in the output")?;
+    let body = &text[start..];
+    let body = body.find("\nok\n").map_or(body, |end| &body[..end]);
+    let figures: Vec<&str> = body.lines().collect();
     let commit = output(cmd("git").args(["rev-parse", "--short", "HEAD"]).current_dir(root())).unwrap_or_default();
     let md = format!(
         "<!-- Written by `cargo xtask bench`; edits are overwritten. -->\n\
