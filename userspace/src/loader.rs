@@ -146,6 +146,14 @@ impl PinnedMaps {
         LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(|source| LoadError::Map { name: MAP_SUBNETS, source })
     }
 
+    /// Kernel id of the client map: the counter epoch (`delta::Cursor`). A new map (after a
+    /// reboot, or detach and start) has a new id and counters that start from zero.
+    pub fn clients_epoch(&self) -> Result<u32, LoadError> {
+        MapInfo::from_pin(self.dir.join(MAP_CLIENTS))
+            .map(|i| i.id())
+            .map_err(|source| LoadError::Map { name: MAP_CLIENTS, source })
+    }
+
     pub fn stats_data(&self) -> Result<MapData, LoadError> {
         self.open(tunmeter_common::MAP_STATS)
     }

@@ -62,6 +62,10 @@ fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
         // The far ends are not clients and got no entry.
         assert!(h.client("1.1.1.1").is_none() && h.client("8.8.8.8").is_none());
         assert_eq!(h.client_count(), 3);
+        // The epoch the ledger keys its cursor on: stable for a map, new for a new map.
+        let epoch = h.maps.clients_epoch().unwrap();
+        assert_eq!(h.maps.clients_epoch().unwrap(), epoch);
+        assert_ne!(Harness::new(layer, 1024, SUBNETS).maps.clients_epoch().unwrap(), epoch);
         let up = 2 * t.len() as u64 + i.len() as u64;
         assert_eq!(
             h.outcomes(),
