@@ -74,6 +74,7 @@ fn ns_per_packet() {
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let mut empty = EmptyProgram::load();
+    let mut read_ms = None;
     for n in [1u32, 10_000, 100_000] {
         let mut h = Harness::new(Layer::L3, 262_144, &["10.8.0.0/16", "fd00:8::/64"]);
         fill(&h, n, false);
@@ -102,8 +103,19 @@ fn ns_per_packet() {
             t6 - te,
             t2 - te
         );
+        if n == 100_000 {
+            // What a poll (or `tunmeter clients`) costs: aya 0.16 has no batch lookups, so
+            // this is one get-next-key and one lookup syscall per entry.
+            let t0 = std::time::Instant::now();
+            let snap = tunmeter::counters::read_clients(&h.maps, None).unwrap();
+            read_ms = Some((t0.elapsed().as_secs_f64() * 1000.0, snap.clients.len()));
+        }
     }
     println!();
+    if let Some((ms, n)) = read_ms {
+        println!("Reading the whole client map from userspace ({n} entries, per-CPU values summed): {ms:.0} ms.");
+        println!();
+    }
 }
 
 /// Median of SAMPLES measurements.
