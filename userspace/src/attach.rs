@@ -83,7 +83,6 @@ enum Held {
 
 /// One interface with both hooks attached.
 pub struct Attached {
-    pub name: String,
     pub ifindex: u32,
     /// True if at least one hook was adopted from a previous daemon run.
     pub adopted: bool,
@@ -129,7 +128,7 @@ pub fn attach_interface(
             }
         }
     }
-    Ok(Attached { name: iface.to_owned(), ifindex, adopted, _held: held })
+    Ok(Attached { ifindex, adopted, _held: held })
 }
 
 /// One hook: adopt what a previous run left, or attach anew. An attachment of the *other*

@@ -74,7 +74,8 @@ pub struct KernelClock {
     path: PathBuf,
 }
 
-fn unix_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 

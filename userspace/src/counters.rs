@@ -1,16 +1,13 @@
 //! Reading the pinned counter maps into plain rows (works with or without a running daemon).
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{MapData, PerCpuArray};
 use serde::Serialize;
 use tunmeter_common::{ClientCounters, ClientKey, Direction, Outcome, OutcomeCounter, stats_index};
 
 use crate::{
-    clock::Calibration,
+    clock::{Calibration, unix_ms},
     loader::{LoadError, PinnedMaps},
 };
 
@@ -78,14 +75,10 @@ pub fn sum_cpus<'a>(values: impl IntoIterator<Item = &'a ClientCounters>) -> Cli
     })
 }
 
-fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
-
 /// Read every client. `clock` converts last-seen stamps; without it they are left out.
 pub fn read_clients(maps: &PinnedMaps, clock: Option<&Calibration>) -> Result<ClientsSnapshot, LoadError> {
     let map = maps.clients()?;
-    let now_ms = now_unix_ms();
+    let now_ms = unix_ms();
     let mut snap = ClientsSnapshot {
         taken_unix_ms: now_ms,
         clients: Vec::new(),

@@ -54,7 +54,6 @@ fn is_eperm(text: &str) -> bool {
 
 /// One loaded instance of the object (programs loaded into the kernel, not yet attached).
 pub struct Instance {
-    pub layer: Layer,
     pub ebpf: Ebpf,
 }
 
@@ -93,7 +92,7 @@ impl Instance {
             })?;
         }
         debug!(?layer, offset, "programs loaded");
-        Ok(Instance { layer, ebpf })
+        Ok(Instance { ebpf })
     }
 
     pub fn program_mut(&mut self, name: &'static str) -> &mut SchedClassifier {

@@ -45,8 +45,8 @@ impl Env {
     fn daemon_args(&self) -> Vec<String> {
         let mut a: Vec<String> = ["--tun", "tun0", "--egress", "eth0"].iter().map(|s| s.to_string()).collect();
         a.extend(SUBNET_ARGS.iter().map(|s| s.to_string()));
-        a.extend(["--pin-dir".into(), self.pins.path().display().to_string()]);
-        a.extend(["--state-dir".into(), self.state.display().to_string()]);
+        let (pin, state) = self.path_args();
+        a.extend(["--pin-dir".into(), pin, "--state-dir".into(), state]);
         a
     }
 
@@ -54,6 +54,11 @@ impl Env {
         let args = self.daemon_args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Daemon::start(&self.lab.server_ns(), &args, &self.log)
+    }
+
+    /// `--pin-dir` and `--state-dir` values.
+    fn path_args(&self) -> (String, String) {
+        (self.pins.path().display().to_string(), self.state.display().to_string())
     }
 
     fn maps(&self) -> PinnedMaps {
@@ -172,7 +177,7 @@ fn tm_of(r: &Reading, ip: IpAddr) -> (Count, Count) {
 }
 
 fn sub(a: Counter, b: Counter) -> Count {
-    Count { bytes: a.bytes - b.bytes, packets: a.packets - b.packets }
+    d(Count { bytes: a.bytes, packets: a.packets }, Count { bytes: b.bytes, packets: b.packets })
 }
 
 fn d(a: Count, b: Count) -> Count {
@@ -255,10 +260,7 @@ fn counts_equal_nftables_and_link_stats_for_every_client() {
     assert_eq!(down, Count { bytes: tx_bytes, packets: tx_packets }, "download vs ip -s link tx");
 
     // The CLI shows the same numbers, as JSON, without the daemon's help.
-    let out = support::daemon::output(
-        &env.lab.server_ns(),
-        &["clients", "--json", "--pin-dir", &env.pins.path().display().to_string()],
-    );
+    let out = support::daemon::output(&env.lab.server_ns(), &["clients", "--json", "--pin-dir", &env.path_args().0]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let c = v["clients"].as_array().unwrap().iter().find(|c| c["ip"] == "10.8.0.2").expect("10.8.0.2 in JSON");
@@ -352,8 +354,7 @@ fn a_recreated_tun_device_is_counted_again_within_2_seconds() {
 
     // Dropping tun0 from the configuration detaches it at the next start.
     daemon.stop();
-    let pin = env.pins.path().display().to_string();
-    let state = env.state.display().to_string();
+    let (pin, state) = env.path_args();
     let args = ["--egress", "eth0", "--subnet", "10.9.0.0/24", "--pin-dir", &pin, "--state-dir", &state];
     let d = Daemon::start(&ns, &args, &env.log);
     assert!(d.log_text().contains("no longer configured"), "{}", d.log_text());
@@ -368,8 +369,7 @@ fn bad_inputs_fail_clearly_and_leave_nothing_behind() {
     }
     let env = Env::new("tmnb", 1, 1);
     let ns = env.lab.server_ns();
-    let pin = env.pins.path().display().to_string();
-    let state = env.state.display().to_string();
+    let (pin, state) = env.path_args();
     let cfg_path = format!("/tmp/tmtest-badcfg-{}.toml", std::process::id());
     std::fs::write(
         &cfg_path,
@@ -553,8 +553,7 @@ fn netlink_attachment_counts_restarts_and_detaches() {
     assert_totals_match(&before, &after);
 
     drop(_daemon);
-    let pin = env.pins.path().display().to_string();
-    let state = env.state.display().to_string();
+    let (pin, state) = env.path_args();
     let out = support::daemon::output(&ns, &["detach", "--pin-dir", &pin, "--state-dir", &state]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!((filters("tun0"), filters("eth0")), (0, 0), "detach removed our filters");
