@@ -7,6 +7,7 @@
 //! and JSON), `system` (host checks that name the fix).
 
 pub mod attach;
+pub mod batch;
 pub mod clock;
 pub mod config;
 pub mod counters;
@@ -16,3 +17,4 @@ pub mod links;
 pub mod loader;
 pub mod report;
 pub mod system;
+pub mod web;
