@@ -36,6 +36,14 @@ pub enum ConfigError {
     BadCapacity(u32),
     #[error("pin_dir {0} must be an absolute path under a bpffs mount (e.g. /sys/fs/bpf/tunmeter)")]
     BadPinDir(PathBuf),
+    #[error("bad node_id {0:?}: 1 to 64 characters from A-Z a-z 0-9 . _ -")]
+    BadNodeId(String),
+    #[error(
+        "bad api listen address {0:?}: expected IP:PORT like 127.0.0.1:9107, or \"\" to serve only the control socket"
+    )]
+    BadListen(String),
+    #[error("{name} must be between {min} and {max}, got {value}")]
+    OutOfRange { name: &'static str, value: u64, min: u64, max: u64 },
 }
 
 /// Layer of a device: where the IP header starts.
@@ -86,6 +94,54 @@ pub struct Config {
     pub attach_mode: AttachMode,
     /// Milliseconds between reconciliations of attachments (safety net behind link events).
     pub reconcile_interval_ms: u64,
+    /// Names this server in the ledger (several servers can share one PostgreSQL).
+    pub node_id: String,
+    pub ledger: LedgerSettings,
+    pub api: ApiSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerSettings {
+    /// `sqlite://PATH` or `postgres://...`; default: tunmeter.db in the state directory.
+    pub database_url: String,
+    pub poll_interval_ms: u64,
+    pub flush_interval_ms: u64,
+    pub retention_minute_days: u32,
+    pub retention_hour_days: u32,
+    pub retention_day_days: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// TCP address of the API; None: only the local control socket.
+    pub listen: Option<std::net::SocketAddr>,
+    pub stream_interval_ms: u64,
+    pub stream_stall_timeout_secs: u64,
+    pub offline_after_secs: u64,
+    pub metrics_max_clients: usize,
+}
+
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9107";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLedger {
+    database_url: Option<String>,
+    poll_interval_ms: Option<u64>,
+    flush_interval_ms: Option<u64>,
+    retention_minute_days: Option<u32>,
+    retention_hour_days: Option<u32>,
+    retention_day_days: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileApi {
+    listen: Option<String>,
+    stream_interval_ms: Option<u64>,
+    stream_stall_timeout_secs: Option<u64>,
+    offline_after_secs: Option<u64>,
+    metrics_max_clients: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +152,11 @@ struct FileConfig {
     max_clients: Option<u32>,
     attach_mode: Option<AttachMode>,
     reconcile_interval_ms: Option<u64>,
+    node_id: Option<String>,
+    #[serde(default)]
+    ledger: FileLedger,
+    #[serde(default)]
+    api: FileApi,
     #[serde(default, rename = "interface")]
     interfaces: Vec<FileInterface>,
 }
@@ -119,18 +180,45 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub max_clients: Option<u32>,
     pub attach_mode: Option<AttachMode>,
+    pub node_id: Option<String>,
+    pub database_url: Option<String>,
+    pub api_listen: Option<String>,
+    pub poll_interval_ms: Option<u64>,
+    pub flush_interval_ms: Option<u64>,
+    pub stream_interval_ms: Option<u64>,
+}
+
+fn ranged(name: &'static str, value: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    if (min..=max).contains(&value) { Ok(value) } else { Err(ConfigError::OutOfRange { name, value, min, max }) }
+}
+
+/// The host name: the default node id.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn validate_node_id(id: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok { Ok(()) } else { Err(ConfigError::BadNodeId(id.into())) }
 }
 
 impl Config {
     /// Read `path` (a missing file is fine only when it is the default path and flags name
     /// the interfaces), apply `ov`, validate.
     pub fn load(path: &Path, explicit: bool, ov: &Overrides) -> Result<Config, ConfigError> {
-        let file = match std::fs::read_to_string(path) {
-            Ok(text) => parse_file(path, &text)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => FileConfig::default(),
-            Err(source) => return Err(ConfigError::Read { path: path.into(), source }),
-        };
-        Self::build(file, ov)
+        Self::build(read_file(path, explicit)?, ov)
+    }
+
+    /// Like `load`, for commands that need the state directory, node and database but no
+    /// interfaces (`token`, `reset`).
+    pub fn load_settings(path: &Path, explicit: bool, ov: &Overrides) -> Result<Config, ConfigError> {
+        Self::build_inner(read_file(path, explicit)?, ov, false)
     }
 
     /// Parse a TOML text (used by tests and `load`).
@@ -139,6 +227,10 @@ impl Config {
     }
 
     fn build(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
+        Self::build_inner(file, ov, true)
+    }
+
+    fn build_inner(file: FileConfig, ov: &Overrides, need_interfaces: bool) -> Result<Config, ConfigError> {
         let flag_subnets = ov.subnets.iter().map(|s| parse_subnet(s)).collect::<Result<Vec<_>, _>>()?;
         let mut interfaces = Vec::new();
         // Interfaces from the file have their own subnets; --subnet applies to --tun/--egress.
@@ -163,7 +255,7 @@ impl Config {
                 return Err(ConfigError::NoSubnets(i.name.clone()));
             }
         }
-        if interfaces.is_empty() {
+        if interfaces.is_empty() && need_interfaces {
             return Err(ConfigError::NoInterfaces);
         }
         let subnets: usize = interfaces.iter().map(|i| i.subnets.len()).sum();
@@ -178,14 +270,72 @@ impl Config {
         if !pin_dir.is_absolute() || pin_dir.parent().is_none() {
             return Err(ConfigError::BadPinDir(pin_dir));
         }
+        let state_dir: PathBuf = ov.state_dir.clone().or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let node_id = ov.node_id.clone().or(file.node_id).unwrap_or_else(hostname);
+        validate_node_id(&node_id)?;
+        let l = file.ledger;
+        let database_url =
+            ov.database_url.clone().or(l.database_url).unwrap_or_else(|| crate::db::default_url(&state_dir));
+        let ledger = LedgerSettings {
+            database_url,
+            poll_interval_ms: ranged(
+                "poll_interval_ms",
+                ov.poll_interval_ms.or(l.poll_interval_ms).unwrap_or(1000),
+                100,
+                60_000,
+            )?,
+            flush_interval_ms: ranged(
+                "flush_interval_ms",
+                ov.flush_interval_ms.or(l.flush_interval_ms).unwrap_or(5000),
+                100,
+                300_000,
+            )?,
+            retention_minute_days: l.retention_minute_days.unwrap_or(2),
+            retention_hour_days: l.retention_hour_days.unwrap_or(90),
+            retention_day_days: l.retention_day_days.unwrap_or(0),
+        };
+        let a = file.api;
+        let listen_text = ov.api_listen.clone().or(a.listen).unwrap_or_else(|| DEFAULT_API_LISTEN.into());
+        let listen = match listen_text.trim() {
+            "" => None,
+            t => Some(t.parse().map_err(|_| ConfigError::BadListen(listen_text.clone()))?),
+        };
+        let api = ApiSettings {
+            listen,
+            stream_interval_ms: ranged(
+                "stream_interval_ms",
+                ov.stream_interval_ms.or(a.stream_interval_ms).unwrap_or(1000),
+                250,
+                60_000,
+            )?,
+            stream_stall_timeout_secs: ranged(
+                "stream_stall_timeout_secs",
+                a.stream_stall_timeout_secs.unwrap_or(10),
+                1,
+                3600,
+            )?,
+            offline_after_secs: ranged("offline_after_secs", a.offline_after_secs.unwrap_or(120), 1, 30 * 86_400)?,
+            metrics_max_clients: a.metrics_max_clients.unwrap_or(1000),
+        };
         Ok(Config {
             interfaces,
             pin_dir,
-            state_dir: ov.state_dir.clone().or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            state_dir,
             max_clients,
             attach_mode: ov.attach_mode.or(file.attach_mode).unwrap_or_default(),
             reconcile_interval_ms: file.reconcile_interval_ms.unwrap_or(1000).clamp(100, 60_000),
+            node_id,
+            ledger,
+            api,
         })
+    }
+}
+
+fn read_file(path: &Path, explicit: bool) -> Result<FileConfig, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_file(path, &text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
+        Err(source) => Err(ConfigError::Read { path: path.into(), source }),
     }
 }
 
@@ -295,5 +445,35 @@ mod tests {
         let o =
             Overrides { tun: vec!["tun0".into()], subnets: vec!["10.0.0.0/8".into()], max_clients: Some(1), ..ov() };
         assert!(matches!(Config::build(FileConfig::default(), &o), Err(ConfigError::BadCapacity(1))));
+    }
+
+    #[test]
+    fn ledger_and_api_settings() {
+        let o = Overrides { tun: vec!["tun0".into()], subnets: vec!["10.0.0.0/8".into()], ..ov() };
+        let c = Config::from_toml(
+            "node_id = \"vpn-1\"\n[ledger]\ndatabase_url = \"postgres://u@h/db\"\nflush_interval_ms = 2000\n\
+             [api]\nlisten = \"\"\nstream_interval_ms = 250\n",
+            &o,
+        )
+        .unwrap();
+        assert_eq!(c.node_id, "vpn-1");
+        assert_eq!(c.ledger.database_url, "postgres://u@h/db");
+        assert_eq!(c.ledger.flush_interval_ms, 2000);
+        assert_eq!(c.api.listen, None);
+        let c = Config::build(FileConfig::default(), &Overrides { state_dir: Some("/x".into()), ..o.clone() }).unwrap();
+        assert_eq!(c.ledger.database_url, "sqlite:///x/tunmeter.db?mode=rwc");
+        assert_eq!(c.api.listen, Some("127.0.0.1:9107".parse().unwrap()));
+        for (text, what) in [
+            ("node_id = \"a b\"", "node_id"),
+            ("[api]\nlisten = \"localhost\"", "listen"),
+            ("[api]\nstream_interval_ms = 100", "stream_interval_ms"),
+            ("[ledger]\npoll_interval_ms = 0", "poll_interval_ms"),
+            ("[ledger]\nbogus = 1", "bogus"),
+        ] {
+            let e = Config::from_toml(text, &o).unwrap_err().to_string();
+            assert!(e.contains(what), "{text}: {e}");
+        }
+        // Commands that need no interfaces can load the settings alone.
+        assert!(Config::build_inner(FileConfig::default(), &ov(), false).is_ok());
     }
 }

@@ -9,17 +9,24 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::Arc;
+
 use futures::StreamExt as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
+    api::{self, ApiConfig, App, ServeError},
     attach::{self, AttachError, Attached, Mode},
     clock::{self, ClockError},
     config::{Config, Layer},
+    db::{Database, DbError},
+    ledger::{Ledger, LedgerConfig, LedgerError, source::KernelSource, store::Granularity},
     links::{LinkTable, Links, LinksError},
     loader::{Instance, LoadError, PinnedMaps, effective_max_clients},
+    metrics::Metrics,
     system::{self, SystemError},
+    tokens::TokenCache,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +49,14 @@ pub enum DaemonError {
     WrongLayer { name: String, configured: Layer, actual: String },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("interrupted while waiting for the database")]
+    Interrupted,
 }
 
 /// Everything the running daemon owns.
@@ -193,25 +208,114 @@ impl Dataplane {
     }
 }
 
+/// Open the database and the ledger, retrying while the database is unreachable (the kernel
+/// keeps counting meanwhile, so nothing is lost by waiting). A bad URL or schema fails at once.
+async fn open_ledger(cfg: &Config, metrics: Arc<Metrics>, stop: &mut Signals) -> Result<Arc<Ledger>, DaemonError> {
+    let lcfg = LedgerConfig {
+        node_id: cfg.node_id.clone(),
+        poll_interval: Duration::from_millis(cfg.ledger.poll_interval_ms),
+        flush_interval: Duration::from_millis(cfg.ledger.flush_interval_ms),
+        retention_days: [
+            (Granularity::Minute, cfg.ledger.retention_minute_days),
+            (Granularity::Hour, cfg.ledger.retention_hour_days),
+            (Granularity::Day, cfg.ledger.retention_day_days),
+        ],
+    };
+    let source = Arc::new(KernelSource::new(&cfg.pin_dir));
+    let mut warned = false;
+    loop {
+        let attempt = async {
+            let db = Database::open(&cfg.ledger.database_url).await?;
+            Ok::<_, DaemonError>(Ledger::open(lcfg.clone(), db, source.clone(), metrics.clone()).await?)
+        };
+        match attempt.await {
+            Ok(l) => return Ok(l),
+            Err(e @ (DaemonError::Db(DbError::BadUrl { .. }) | DaemonError::Db(DbError::Migrate { .. }))) => {
+                return Err(e);
+            }
+            Err(e) => {
+                if !warned {
+                    error!(%e, "database unavailable; counting continues in the kernel, retrying every 2 s");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.recv() => return Err(DaemonError::Interrupted),
+        }
+    }
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, DaemonError> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(DaemonError::Signal)?,
+            int: signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
 /// Run until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     system::check_kernel()?;
     system::check_bpffs(&cfg.pin_dir)?;
     let _lock = system::lock_state_dir(&cfg.state_dir)?;
+    let mut signals = Signals::new()?;
     let (links, mut events) = Links::open()?;
     let interval = Duration::from_millis(cfg.reconcile_interval_ms);
     let mut dp = Dataplane::start(cfg, &links.dump().await?)?;
     info!(pin_dir = %dp.cfg.pin_dir.display(), mode = ?dp.mode, interfaces = dp.attached.len(), "counting");
 
-    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    let metrics = Arc::new(Metrics::default());
+    let ledger = open_ledger(&dp.cfg, metrics.clone(), &mut signals).await?;
+    let tasks = ledger.spawn();
+    let app = Arc::new(App {
+        cfg: ApiConfig {
+            listen: dp.cfg.api.listen,
+            offline_after_ms: dp.cfg.api.offline_after_secs * 1000,
+            metrics_max_clients: dp.cfg.api.metrics_max_clients,
+            stream_interval: Duration::from_millis(dp.cfg.api.stream_interval_ms),
+            stall_timeout: Duration::from_secs(dp.cfg.api.stream_stall_timeout_secs),
+        },
+        tokens: TokenCache::new(ledger.db.clone(), dp.cfg.node_id.clone()),
+        ledger: ledger.clone(),
+        metrics,
+        hub: Default::default(),
+        maps: Some(crate::loader::PinnedMaps::new(&dp.cfg.pin_dir)),
+    });
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = match api::serve(app, &dp.cfg.state_dir, async move {
+        let _ = api_stopped.await;
+    })
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            ledger.shutdown().await;
+            return Err(e.into());
+        }
+    };
+    info!(node = dp.cfg.node_id, "ledger and API running");
+
     let mut tick = tokio::time::interval(interval);
     // If the event stream ends (socket error), the periodic tick alone keeps reconciling.
     let mut events_open = true;
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = signals.recv() => break,
             ev = events.next(), if events_open => events_open = ev.is_some(),
             _ = tick.tick() => {}
         }
@@ -227,6 +331,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     }
     info!("stopping; programs stay attached and keep counting (`tunmeter detach` removes them)");
+    let _ = api_stop.send(());
+    ledger.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    tasks.join().await;
+    let _ = std::fs::remove_file(api::control_socket(&dp.cfg.state_dir));
     Ok(())
 }
 

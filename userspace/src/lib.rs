@@ -1,20 +1,29 @@
 //! tunmeter: per-VPN-client traffic accounting with eBPF.
 //!
-//! One module per job: `config` (file + flags), `clock` (kernel time for last-seen), `loader`
-//! (the eBPF object and its pinned maps), `attach` (TCX/netlink attachment and link pins),
-//! `links` (rtnetlink devices and events), `daemon` (the run loop), `counters` (reading maps
-//! into rows), `delta` (kernel counters into lossless deltas for the ledger), `report` (tables
-//! and JSON), `system` (host checks that name the fix).
+//! One module per job:
+//! - dataplane: `config` (file + flags), `loader` (the eBPF object and its pinned maps),
+//!   `attach` (TCX/netlink attachment and link pins), `links` (rtnetlink devices and events),
+//!   `clock` (kernel time for last-seen), `counters` and `batch` (reading maps into rows),
+//!   `system` (host checks that name the fix), `daemon` (the run loop);
+//! - ledger: `db` (SQLite/PostgreSQL and migrations), `ledger` (polling, lossless deltas,
+//!   resets, history), `tokens` (API tokens);
+//! - serving: `api` (REST, live stream), `metrics` (Prometheus), `web` (the dashboard);
+//! - `report` (CLI tables).
 
+pub mod api;
 pub mod attach;
 pub mod batch;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod counters;
 pub mod daemon;
-pub mod delta;
+pub mod db;
+pub mod ledger;
 pub mod links;
 pub mod loader;
+pub mod metrics;
 pub mod report;
 pub mod system;
+pub mod tokens;
 pub mod web;

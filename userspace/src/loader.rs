@@ -145,7 +145,7 @@ impl PinnedMaps {
         LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(|source| LoadError::Map { name: MAP_SUBNETS, source })
     }
 
-    /// Kernel id of the client map: the counter epoch (`delta::Cursor`). A new map (after a
+    /// Kernel id of the client map: part of the ledger's counter epoch. A new map (after a
     /// reboot, or detach and start) has a new id and counters that start from zero.
     pub fn clients_epoch(&self) -> Result<u32, LoadError> {
         MapInfo::from_pin(self.dir.join(MAP_CLIENTS))

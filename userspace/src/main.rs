@@ -1,6 +1,6 @@
-//! The `tunmeter` command line: `run`, `clients`, `stats`, `detach`.
+//! The `tunmeter` command line: `run`, `clients`, `stats`, `reset`, `token`, `detach`.
 
-use tunmeter::{attach, clock, config, counters, daemon, report, system};
+use tunmeter::{attach, clock, config, control, counters, daemon, db, report, system, tokens};
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -41,6 +41,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Reset a client's usage: from now on its visible usage starts from zero (the closed period
+    /// is recorded). Needs the running daemon.
+    Reset {
+        /// The client's VPN address, e.g. 10.8.0.2.
+        client: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Manage API bearer tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// Remove programs, links and pins (this zeroes all counters).
     Detach {
         #[command(flatten)]
@@ -49,6 +62,59 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token and print it (only this once: the database keeps its hash).
+    Create {
+        /// read: every GET; admin: also resets.
+        #[arg(long, value_parser = ["read", "admin"])]
+        role: String,
+        /// A label, e.g. who uses it.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Revoke a token by id.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+}
+
+/// Where the ledger lives, for commands other than `run` (same meaning as for `run`).
+#[derive(Args)]
+struct SettingsArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    database_url: Option<String>,
+    #[arg(long)]
+    node_id: Option<String>,
+}
+
+impl SettingsArgs {
+    fn load(self) -> anyhow::Result<Config> {
+        let ov = Overrides {
+            state_dir: self.state_dir,
+            database_url: self.database_url,
+            node_id: self.node_id,
+            ..Overrides::default()
+        };
+        let explicit = self.config.is_some();
+        let path = self.config.unwrap_or_else(|| config::DEFAULT_CONFIG.into());
+        Ok(Config::load_settings(&path, explicit, &ov)?)
+    }
 }
 
 #[derive(Args)]
@@ -81,6 +147,24 @@ struct RunArgs {
     max_clients: Option<u32>,
     #[arg(long, value_parser = parse_mode)]
     attach_mode: Option<AttachMode>,
+    /// This server's name in the ledger (default: the host name).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// sqlite://PATH (default: tunmeter.db in the state directory) or postgres://USER@HOST/DB.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// API address (default 127.0.0.1:9107; "" for the local control socket only).
+    #[arg(long)]
+    api_listen: Option<String>,
+    /// Milliseconds between readings of the kernel counters (default 1000).
+    #[arg(long)]
+    poll_interval_ms: Option<u64>,
+    /// Milliseconds between ledger writes (default 5000).
+    #[arg(long)]
+    flush_interval_ms: Option<u64>,
+    /// Milliseconds between live stream frames (default 1000, at least 250).
+    #[arg(long)]
+    stream_interval_ms: Option<u64>,
 }
 
 fn parse_mode(s: &str) -> Result<AttachMode, String> {
@@ -133,13 +217,33 @@ fn real_main() -> anyhow::Result<()> {
                 state_dir: a.state_dir,
                 max_clients: a.max_clients,
                 attach_mode: a.attach_mode,
+                node_id: a.node_id,
+                database_url: a.database_url,
+                api_listen: a.api_listen,
+                poll_interval_ms: a.poll_interval_ms,
+                flush_interval_ms: a.flush_interval_ms,
+                stream_interval_ms: a.stream_interval_ms,
             };
             let explicit = a.config.is_some();
             let path = a.config.unwrap_or_else(|| config::DEFAULT_CONFIG.into());
             let cfg = Config::load(&path, explicit, &ov)?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
-            rt.block_on(daemon::run(cfg))?;
+            runtime()?.block_on(daemon::run(cfg))?;
         }
+        Cmd::Reset { client, settings } => {
+            let cfg = settings.load()?;
+            let ip = tunmeter::api::routes::parse_client(&client).map_err(|e| anyhow::anyhow!(e.message))?;
+            let (status, body) = runtime()?.block_on(control::request(
+                &cfg.state_dir,
+                hyper::Method::POST,
+                &format!("/api/v1/clients/{ip}/reset"),
+                30,
+            ))?;
+            if status != 200 {
+                anyhow::bail!("{}", api_error_message(status, &body));
+            }
+            println!("{body}");
+        }
+        Cmd::Token { cmd } => runtime()?.block_on(token(cmd))?,
         Cmd::Clients { pins, json, watch, count } => clients(&pins.pin_dir, json, watch, count)?,
         Cmd::Stats { pins, json } => {
             let rows =
@@ -160,6 +264,53 @@ fn real_main() -> anyhow::Result<()> {
             let n = attach::detach_all(&pins.pin_dir)?;
             daemon::remove_pins(&pins.pin_dir).with_context(|| format!("removing {}", pins.pin_dir.display()))?;
             eprintln!("detached {n} attachment(s) and removed {}", pins.pin_dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("tokio runtime")
+}
+
+/// The message of an API error body, or the raw body.
+fn api_error_message(status: u16, body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .map_or_else(|| format!("HTTP {status}: {body}"), |m| format!("{m} (HTTP {status})"))
+}
+
+async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::Create { role, name, settings } => {
+            let cfg = settings.load()?;
+            let db = db::Database::open(&cfg.ledger.database_url).await?;
+            let role = tokens::Role::parse(&role).expect("clap checked the role");
+            let (info, secret) = tokens::create(&db, &cfg.node_id, role, &name).await?;
+            eprintln!(
+                "created {} token {} for node {} (shown once; store it now):",
+                role.as_str(),
+                info.id,
+                cfg.node_id
+            );
+            println!("{secret}");
+        }
+        TokenCmd::List { settings } => {
+            let cfg = settings.load()?;
+            let db = db::Database::open(&cfg.ledger.database_url).await?;
+            for t in tokens::list(&db, &cfg.node_id).await? {
+                let state = if t.revoked_unix_ms.is_some() { "revoked" } else { "active" };
+                println!("{}  {:<5}  {:<7}  {}", t.id, t.role.as_str(), state, t.name);
+            }
+        }
+        TokenCmd::Revoke { id, settings } => {
+            let cfg = settings.load()?;
+            let db = db::Database::open(&cfg.ledger.database_url).await?;
+            if !tokens::revoke(&db, &cfg.node_id, &id).await? {
+                anyhow::bail!("no active token {id} on node {}", cfg.node_id);
+            }
+            eprintln!("revoked {id}");
         }
     }
     Ok(())

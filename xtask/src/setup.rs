@@ -4,7 +4,7 @@ use std::env::consts::ARCH;
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{cmd, describe, is_root, output, pinned_toolchain, probe, run, tunmeter_metadata};
+use crate::util::{cmd, describe, is_root, output, pinned_toolchain, probe, root, run, tunmeter_metadata};
 
 /// Debian packages needed to build (bpf-linker against LLVM) and to run the tests, lab and demo.
 /// `{llvm}` stands for `llvm-major` from `[workspace.metadata.tunmeter]`.
@@ -26,7 +26,19 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "util-linux", // nsenter
     "procps",
+    // ledger and dashboard tests: the tests start their own throwaway PostgreSQL cluster from
+    // the binaries in /usr/lib/postgresql/<major>/bin (the distro's `main` cluster is not used);
+    // Playwright drives Debian's /usr/bin/chromium; sqlite3 is the CLI (tests lock databases)
+    "postgresql",
+    "chromium",
+    "sqlite3",
 ];
+
+/// Node.js major version that `playwright-core` (web/e2e) needs; Debian 12's `nodejs` is 18.
+const NODE_MIN_MAJOR: u32 = 20;
+
+/// The browser tests' npm project (package.json and package-lock.json), relative to the root.
+const E2E_DIR: &str = "web/e2e";
 
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -34,6 +46,8 @@ pub fn setup() -> Result<()> {
     check_os()?;
     let llvm = tunmeter_metadata("llvm-major")?;
     apt_packages(&llvm)?;
+    node_and_npm()?;
+    e2e_node_modules()?;
     rust_toolchains()?;
     bpf_linker(&llvm)?;
     bpffs()?;
@@ -86,6 +100,11 @@ fn apt_packages(llvm: &str) -> Result<()> {
             missing.push(name);
         }
     }
+    apt_install(missing)
+}
+
+/// `apt-get update` and `apt-get install --no-install-recommends` of `missing` (if any).
+fn apt_install(missing: Vec<String>) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
@@ -99,6 +118,101 @@ fn apt_packages(llvm: &str) -> Result<()> {
     let still: Vec<_> = missing.iter().filter(|p| !dpkg_installed(p)).collect();
     if !still.is_empty() {
         bail!("apt-get reported success but these are still not installed: {still:?}");
+    }
+    Ok(())
+}
+
+/// `node` and `npm` for the browser tests. The machine image may have them outside Debian's
+/// packages (NodeSource's `nodejs`, which bundles npm and conflicts with Debian's `npm`), so
+/// they are looked up on PATH and Debian's packages are installed only for what is missing.
+fn node_and_npm() -> Result<()> {
+    let version = |tool: &str| {
+        probe(cmd(tool).arg("--version"))
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let (node, npm) = (version("node"), version("npm"));
+    let mut missing = Vec::new();
+    match &node {
+        Some(v) => println!("ok: node {v} present"),
+        None => {
+            println!("missing: node (Debian package nodejs)");
+            missing.push("nodejs".to_owned());
+        }
+    }
+    match &npm {
+        Some(v) => println!("ok: npm {v} present"),
+        None => {
+            // Debian's npm depends on Debian's nodejs: installing it next to another node would
+            // replace that node.
+            let debian_node = dpkg_installed("nodejs")
+                && output(cmd("dpkg-query").args(["-W", "-f=${Version}", "nodejs"]))
+                    .is_ok_and(|v| v.contains("dfsg") || v.contains("deb12"));
+            if node.is_some() && !debian_node {
+                bail!(
+                    "node {} is on PATH but npm is not, and this node is not Debian's nodejs \
+                     package, so Debian's npm would replace it: install the npm that comes with \
+                     this node, then rerun `cargo xtask setup`",
+                    node.as_deref().unwrap_or_default()
+                );
+            }
+            println!("missing: npm (Debian package npm)");
+            missing.push("npm".to_owned());
+        }
+    }
+    apt_install(missing)?;
+    let have = version("node").context("`node --version` fails after installing nodejs")?;
+    version("npm").context("`npm --version` fails after installing npm")?;
+    let major = have.trim_start_matches('v').split('.').next().and_then(|m| m.parse::<u32>().ok());
+    if major.is_none_or(|m| m < NODE_MIN_MAJOR) {
+        bail!(
+            "node {have} is too old: playwright-core (the browser tests, {E2E_DIR}) needs Node.js \
+             {NODE_MIN_MAJOR} or newer, and Debian 12's nodejs package is 18. Put a Node.js \
+             {NODE_MIN_MAJOR}+ (with its npm) first on PATH, then rerun `cargo xtask setup`"
+        );
+    }
+    Ok(())
+}
+
+/// The browser tests' npm dependencies (playwright-core, pinned in web/e2e/package-lock.json):
+/// `npm ci` unless web/e2e/node_modules already holds exactly the locked versions. Never
+/// downloads a browser: the tests launch Debian's /usr/bin/chromium.
+fn e2e_node_modules() -> Result<()> {
+    let dir = root().join(E2E_DIR);
+    if !dir.join("package-lock.json").is_file() {
+        bail!("{}/package-lock.json is missing (it is committed with the repository)", dir.display());
+    }
+    // Every package of the lock file against node_modules/<name>/package.json; prints the
+    // differences, one a line.
+    const CHECK: &str = r#"
+        const fs = require('fs');
+        const lock = JSON.parse(fs.readFileSync('package-lock.json', 'utf8'));
+        for (const [path, meta] of Object.entries(lock.packages || {})) {
+            if (!path.startsWith('node_modules/') || meta.optional) continue;
+            let have = 'missing';
+            try { have = JSON.parse(fs.readFileSync(path + '/package.json', 'utf8')).version; } catch {}
+            if (have !== meta.version) console.log(`${path.slice(13)} ${have}, locked ${meta.version}`);
+        }
+    "#;
+    let stale = output(cmd("node").args(["-e", CHECK]).current_dir(&dir))
+        .with_context(|| format!("checking {}/node_modules against package-lock.json", dir.display()))?;
+    if stale.trim().is_empty() {
+        println!("ok: {E2E_DIR}/node_modules matches package-lock.json");
+        return Ok(());
+    }
+    println!(
+        "installing: {E2E_DIR}/node_modules with npm ci ({})",
+        stale.trim().lines().collect::<Vec<_>>().join("; ")
+    );
+    run(cmd("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .env("NPM_CONFIG_UPDATE_NOTIFIER", "false")
+        .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1"))
+    .with_context(|| format!("installing the browser tests' npm packages in {}", dir.display()))?;
+    let after = output(cmd("node").args(["-e", CHECK]).current_dir(&dir))?;
+    if !after.trim().is_empty() {
+        bail!("`npm ci` in {} succeeded but node_modules still differs from the lock: {}", dir.display(), after.trim());
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod packets;
+pub mod postgres;
 
 use std::{
     collections::BTreeMap,

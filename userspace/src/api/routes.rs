@@ -1,0 +1,204 @@
+//! Route handlers.
+
+use std::{net::IpAddr, sync::Arc};
+
+use axum::{
+    Json,
+    extract::{Path, Query, State, rejection::QueryRejection},
+    http::header,
+    response::IntoResponse,
+};
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::{App, auth::Caller, error::ApiError, error::ErrorBody, views::*};
+use crate::{clock::unix_ms, ledger::store, ledger::store::Granularity};
+
+/// Parse a client address from the path: canonical IPv4 or IPv6 text.
+pub fn parse_client(s: &str) -> Result<IpAddr, ApiError> {
+    let ip: IpAddr = s.parse().map_err(|_| {
+        ApiError::bad_request(format!("{s:?} is not an IP address (expected e.g. 10.8.0.2 or fd00:8::2)"))
+    })?;
+    if let IpAddr::V6(v6) = ip
+        && let Some(v4) = v6.to_ipv4_mapped()
+    {
+        return Err(ApiError::bad_request(format!("{s:?} is IPv4-mapped: use {v4}")));
+    }
+    Ok(ip)
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The daemon runs", body = Healthz)))]
+pub async fn healthz(State(app): State<Arc<App>>) -> Json<Healthz> {
+    Json(Healthz {
+        status: "ok",
+        node_id: app.ledger.cfg.node_id.clone(),
+        database: if app.ledger.health().database_up { "ok" } else { "down" },
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/me", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, body = Me), (status = 401, body = ErrorBody)))]
+pub async fn me(caller: Caller) -> Json<Me> {
+    Json(Me { role: caller.0.role, token_id: caller.0.id, name: caller.0.name })
+}
+
+#[utoipa::path(get, path = "/api/v1/clients", tag = "clients", security(("bearer" = [])),
+    responses((status = 200, body = ClientList), (status = 401, body = ErrorBody)))]
+pub async fn list_clients(_c: Caller, State(app): State<Arc<App>>) -> Json<ClientList> {
+    let now = unix_ms();
+    let off = app.cfg.offline_after_ms;
+    let mut clients = app
+        .ledger
+        .with_clients(|m| m.iter().map(|(ip, c)| (*ip, ClientView::new(*ip, c, now, off))).collect::<Vec<_>>());
+    clients.sort_unstable_by_key(|(ip, _)| *ip);
+    Json(ClientList {
+        node_id: app.ledger.cfg.node_id.clone(),
+        taken_unix_ms: now,
+        interval_ms: app.ledger.cfg.poll_interval.as_millis() as u64,
+        clients: clients.into_iter().map(|(_, v)| v).collect(),
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/clients/{ip}", tag = "clients", security(("bearer" = [])),
+    params(("ip" = String, Path, description = "VPN address")),
+    responses((status = 200, body = ClientView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get_client(
+    _c: Caller,
+    State(app): State<Arc<App>>,
+    Path(ip): Path<String>,
+) -> Result<Json<ClientView>, ApiError> {
+    let ip = parse_client(&ip)?;
+    let c = app.ledger.client(ip).ok_or_else(|| ApiError::not_found(format!("no client {ip} on this node")))?;
+    Ok(Json(ClientView::new(ip, &c, unix_ms(), app.cfg.offline_after_ms)))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// minute (default), hour or day
+    pub granularity: Option<Granularity>,
+    /// Start of the range, ms since the Unix epoch (default: 1 h, 48 h or 60 d before `to`).
+    pub from: Option<u64>,
+    /// End of the range, exclusive (default: now).
+    pub to: Option<u64>,
+}
+
+/// At most this many buckets per request.
+const MAX_POINTS: u64 = 20_000;
+
+#[utoipa::path(get, path = "/api/v1/clients/{ip}/usage", tag = "clients", security(("bearer" = [])),
+    params(("ip" = String, Path, description = "VPN address"), UsageQuery),
+    responses((status = 200, body = Usage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn usage(
+    _c: Caller,
+    State(app): State<Arc<App>>,
+    Path(ip): Path<String>,
+    q: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Json<Usage>, ApiError> {
+    let ip = parse_client(&ip)?;
+    let Query(q) = q?;
+    if app.ledger.client(ip).is_none() {
+        return Err(ApiError::not_found(format!("no client {ip} on this node")));
+    }
+    let g = q.granularity.unwrap_or(Granularity::Minute);
+    let now = unix_ms();
+    let to = q.to.unwrap_or(now + 1);
+    let default_span = match g {
+        Granularity::Minute => 3_600_000,
+        Granularity::Hour => 48 * 3_600_000,
+        Granularity::Day => 60 * 86_400_000,
+    };
+    let from = q.from.unwrap_or(to.saturating_sub(default_span));
+    if from >= to {
+        return Err(ApiError::bad_request(format!("from ({from}) must be before to ({to})")));
+    }
+    if (to - from) / g.len_ms() > MAX_POINTS {
+        return Err(ApiError::bad_request(format!(
+            "range too wide for {g:?} buckets: at most {MAX_POINTS} per request (use a coarser granularity)"
+        )));
+    }
+    let rows = store::history(&app.ledger.db, &app.ledger.cfg.node_id, ip, g, from, to).await?;
+    Ok(Json(Usage {
+        ip: ip.to_string(),
+        granularity: g,
+        from_unix_ms: from,
+        to_unix_ms: to,
+        points: rows.iter().map(|r| UsagePoint::new(r, g, now)).collect(),
+    }))
+}
+
+#[utoipa::path(post, path = "/api/v1/clients/{ip}/reset", tag = "clients", security(("bearer" = [])),
+    params(("ip" = String, Path, description = "VPN address")),
+    responses((status = 200, body = ResetView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn reset(
+    caller: Caller,
+    State(app): State<Arc<App>>,
+    Path(ip): Path<String>,
+) -> Result<Json<ResetView>, ApiError> {
+    let ip = parse_client(&ip)?;
+    caller.require_admin()?;
+    let rec = app.ledger.reset(ip).await?;
+    tracing::info!(%ip, by = caller.0.name, reset = rec.id, "reset via API");
+    Ok(Json(ResetView::from(&rec)))
+}
+
+#[utoipa::path(get, path = "/api/v1/clients/{ip}/resets", tag = "clients", security(("bearer" = [])),
+    params(("ip" = String, Path, description = "VPN address")),
+    responses((status = 200, body = ResetList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn resets(
+    _c: Caller,
+    State(app): State<Arc<App>>,
+    Path(ip): Path<String>,
+) -> Result<Json<ResetList>, ApiError> {
+    let ip = parse_client(&ip)?;
+    if app.ledger.client(ip).is_none() {
+        return Err(ApiError::not_found(format!("no client {ip} on this node")));
+    }
+    let rows = store::resets(&app.ledger.db, &app.ledger.cfg.node_id, ip, 1000).await?;
+    Ok(Json(ResetList { ip: ip.to_string(), resets: rows.iter().map(ResetView::from).collect() }))
+}
+
+#[utoipa::path(get, path = "/api/v1/stats", tag = "stats", security(("bearer" = [])),
+    responses((status = 200, description = "Ledger health and kernel outcome counters", body = Object)))]
+pub async fn stats(_c: Caller, State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let h = app.ledger.health();
+    let kernel = match app.kernel_outcomes() {
+        Ok(rows) => serde_json::json!({ "outcomes": rows }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    Json(serde_json::json!({
+        "node_id": app.ledger.cfg.node_id,
+        "ledger": {
+            "database": if h.database_up { "ok" } else { "down" },
+            "pending_rows": app.ledger.pending_rows(),
+            "clients": app.ledger.with_clients(|c| c.len()),
+            "last_poll_ms": h.last_poll_ms,
+            "last_flush_ms": h.last_flush_ms,
+            "last_flush_unix_ms": h.last_flush_unix_ms,
+            "last_error": h.last_error,
+            "polls": h.polls, "poll_errors": h.poll_errors,
+            "flushes": h.flushes, "flush_errors": h.flush_errors,
+        },
+        "stream_subscribers": app.metrics.stream_subscribers.load(std::sync::atomic::Ordering::Relaxed),
+        "kernel": kernel,
+    }))
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "stats", security(("bearer" = [])),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(_c: Caller, State(app): State<Arc<App>>) -> impl IntoResponse {
+    let outcomes = app.kernel_outcomes().unwrap_or_default();
+    let body = crate::metrics::render(&app.metrics, &app.ledger, &outcomes, app.cfg.metrics_max_clients);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+}
+
+pub async fn openapi() -> impl IntoResponse {
+    use utoipa::OpenApi as _;
+    ([(header::CONTENT_TYPE, "application/json")], super::ApiDoc::openapi().to_pretty_json().unwrap_or_default())
+}
+
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route {}", uri.path()))
+}

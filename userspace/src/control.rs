@@ -1,0 +1,45 @@
+//! Talking to the running daemon over its local control socket (`<state_dir>/control.sock`),
+//! which serves the same API as the TCP listener and acts as admin (the socket is root-only).
+
+use std::path::Path;
+
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{Method, Request, body::Bytes};
+use hyper_util::rt::TokioIo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the daemon at {path}: {source} (is `tunmeter run` running with this --state-dir?)")]
+    Connect { path: String, source: std::io::Error },
+    #[error("talking to the daemon: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("building the request: {0}")]
+    Request(#[from] hyper::http::Error),
+    #[error("the daemon did not answer within {0} s")]
+    Timeout(u64),
+}
+
+/// One request; returns the status code and the body.
+pub async fn request(
+    state_dir: &Path,
+    method: Method,
+    path: &str,
+    timeout_secs: u64,
+) -> Result<(u16, String), ControlError> {
+    let fut = async {
+        let sock = crate::api::control_socket(state_dir);
+        let stream = tokio::net::UnixStream::connect(&sock)
+            .await
+            .map_err(|source| ControlError::Connect { path: sock.display().to_string(), source })?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder().method(method).uri(path).header("host", "localhost").body(Empty::<Bytes>::new())?;
+        let resp = send.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(timeout_secs), fut)
+        .await
+        .map_err(|_| ControlError::Timeout(timeout_secs))?
+}

@@ -1,0 +1,117 @@
+//! The database: SQLite (a file in the state directory) by default, PostgreSQL by URL.
+//!
+//! One schema serves both (`migrations/`, portable SQL), applied at start-up. Queries use `$N`
+//! placeholders, which both drivers accept, through sqlx's `Any` driver.
+
+use std::{path::Path, str::FromStr as _, time::Duration};
+
+use sqlx::{
+    AnyPool, Executor as _,
+    any::{AnyConnectOptions, AnyPoolOptions},
+};
+use tracing::info;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("bad database_url {url:?}: expected sqlite://PATH or postgres://USER@HOST/DB ({reason})")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot open database {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("migrating database {url}: {source}")]
+    Migrate { url: String, source: sqlx::migrate::MigrateError },
+    #[error("database: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone)]
+pub struct Database {
+    pub pool: AnyPool,
+    pub backend: Backend,
+    /// The URL without its password, for messages.
+    pub shown_url: String,
+}
+
+/// The default URL: `tunmeter.db` in the state directory.
+pub fn default_url(state_dir: &Path) -> String {
+    format!("sqlite://{}/tunmeter.db?mode=rwc", state_dir.display())
+}
+
+/// Hide a password in `scheme://user:password@host/...`.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+impl Database {
+    /// Connect (creating a SQLite file if needed) and apply pending migrations.
+    pub async fn open(url: &str) -> Result<Database, DbError> {
+        sqlx::any::install_default_drivers();
+        let shown_url = redact(url);
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(DbError::BadUrl { url: shown_url, reason: "unknown scheme".into() });
+        };
+        let opts = AnyConnectOptions::from_str(url)
+            .map_err(|e| DbError::BadUrl { url: shown_url.clone(), reason: e.to_string() })?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL: readers (API, CLI) never block the writer; a busy writer waits
+                        // up to 5 s instead of failing at once.
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await
+            .map_err(|source| DbError::Connect { url: shown_url.clone(), source })?;
+        MIGRATOR.run(&pool).await.map_err(|source| DbError::Migrate { url: shown_url.clone(), source })?;
+        info!(url = %shown_url, ?backend, "database ready");
+        Ok(Database { pool, backend, shown_url })
+    }
+}
+
+/// Store a u64 counter in a BIGINT (saturating: 2^63 bytes is 8 EiB).
+pub fn to_db(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Read a BIGINT counter back (negative values cannot be written; treat as 0).
+pub fn from_db(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite:///var/lib/x.db"), "sqlite:///var/lib/x.db");
+    }
+}

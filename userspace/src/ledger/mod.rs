@@ -1,0 +1,370 @@
+//! The usage ledger: kernel counters polled into a database, with lossless resets.
+//!
+//! - `state`: the ledger in memory (cursors, totals, periods, pending usage).
+//! - `store`: the SQL (one transaction per batch; history; resets).
+//! - `source`: where readings come from (the pinned kernel map).
+//!
+//! Two tasks run: the poller reads the kernel map every `poll_interval` and folds it into the
+//! state (it never waits for the database), and the single writer takes everything pending every
+//! `flush_interval` and writes it in one transaction. While the database is down, pending usage
+//! accumulates (one row per active client and minute) and is written when it returns. Resets go
+//! through the writer too, so they are ordered with the usage around them.
+
+pub mod source;
+pub mod state;
+pub mod store;
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use crate::{clock::unix_ms, db::Database, metrics::Metrics};
+use source::Source;
+use state::{ClientState, ResetRecord, State};
+use store::Granularity;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("no client {0} on this node")]
+    UnknownClient(IpAddr),
+    #[error("database unavailable, nothing was changed: {0}")]
+    Unavailable(sqlx::Error),
+    #[error("the ledger is shutting down")]
+    ShuttingDown,
+    #[error("loading the ledger from the database: {0}")]
+    Load(sqlx::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    pub node_id: String,
+    pub poll_interval: Duration,
+    pub flush_interval: Duration,
+    /// Days to keep minute, hour and day rows (0 = forever).
+    pub retention_days: [(Granularity, u32); 3],
+}
+
+/// Ledger health, for `/healthz`, stats and metrics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Health {
+    pub database_up: bool,
+    pub last_poll_ms: f64,
+    pub last_flush_ms: f64,
+    pub last_flush_unix_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub polls: u64,
+    pub poll_errors: u64,
+    pub flushes: u64,
+    pub flush_errors: u64,
+}
+
+/// The ledger's two tasks.
+pub struct Tasks {
+    poller: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Tasks {
+    /// Wait for both to end (after `Ledger::shutdown`).
+    pub async fn join(self) {
+        let _ = self.poller.await;
+        let _ = self.writer.await;
+    }
+
+    /// Stop both at once, without a last flush (what a crash does; for tests).
+    pub fn abort(&self) {
+        self.poller.abort();
+        self.writer.abort();
+    }
+}
+
+struct ResetRequest {
+    ip: IpAddr,
+    reply: oneshot::Sender<Result<ResetRecord, LedgerError>>,
+}
+
+pub struct Ledger {
+    pub cfg: LedgerConfig,
+    pub db: Database,
+    source: Arc<dyn Source>,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+    health: Mutex<Health>,
+    /// Held across a kernel read and its application, so two readings are never applied out
+    /// of order (a stale reading after a fresh one would look like a re-created entry).
+    read_gate: tokio::sync::Mutex<Option<Instant>>,
+    resets: mpsc::Sender<ResetRequest>,
+    reset_rx: Mutex<Option<mpsc::Receiver<ResetRequest>>>,
+    stopped: AtomicBool,
+    stop: tokio::sync::Notify,
+}
+
+impl Ledger {
+    /// Load the node's ledger from the database.
+    pub async fn open(
+        cfg: LedgerConfig,
+        db: Database,
+        source: Arc<dyn Source>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Ledger>, LedgerError> {
+        let epoch = store::ensure_node(&db, &cfg.node_id, unix_ms()).await.map_err(LedgerError::Load)?;
+        let clients = store::load_clients(&db, &cfg.node_id).await.map_err(LedgerError::Load)?;
+        info!(node = cfg.node_id, clients = clients.len(), epoch, "ledger loaded");
+        let (tx, rx) = mpsc::channel(64);
+        Ok(Arc::new(Ledger {
+            cfg,
+            db,
+            source,
+            metrics,
+            state: Mutex::new(State::restore(epoch, clients)),
+            health: Mutex::new(Health { database_up: true, ..Health::default() }),
+            read_gate: tokio::sync::Mutex::new(None),
+            resets: tx,
+            reset_rx: Mutex::new(Some(rx)),
+            stopped: AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
+        }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn health(&self) -> Health {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_health(&self, f: impl FnOnce(&mut Health)) {
+        f(&mut self.health.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// A copy of every client's state.
+    pub fn clients(&self) -> Vec<(IpAddr, ClientState)> {
+        self.state().clients.iter().map(|(ip, c)| (*ip, c.clone())).collect()
+    }
+
+    pub fn client(&self, ip: IpAddr) -> Option<ClientState> {
+        self.state().clients.get(&ip).cloned()
+    }
+
+    /// Run `f` on the state without copying it (for building stream frames and metrics).
+    pub fn with_clients<R>(&self, f: impl FnOnce(&std::collections::HashMap<IpAddr, ClientState>) -> R) -> R {
+        f(&self.state().clients)
+    }
+
+    pub fn pending_rows(&self) -> usize {
+        self.state().pending_rows()
+    }
+
+    /// Read the kernel map once and fold it in.
+    pub async fn poll_once(&self) -> Result<(), crate::loader::LoadError> {
+        let mut last = self.read_gate.lock().await;
+        let started = Instant::now();
+        let src = self.source.clone();
+        let read =
+            tokio::task::spawn_blocking(move || Ok::<_, crate::loader::LoadError>((src.epoch()?, src.read_all()?)))
+                .await
+                .expect("poll task panicked");
+        let (epoch, readings) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                self.set_health(|h| h.poll_errors += 1);
+                return Err(e);
+            }
+        };
+        let elapsed = last.map(|t| t.elapsed().as_secs_f64());
+        *last = Some(Instant::now());
+        let out = self.state().apply_poll(&epoch, &readings, unix_ms(), elapsed);
+        if out.new_epoch {
+            warn!(epoch, "the kernel counter map is new (reboot or re-created pins): counting its entries from zero");
+        }
+        if !out.recreated.is_empty() {
+            warn!(clients = ?out.recreated, "client entries were re-created in the kernel map; their new counts were added");
+        }
+        drop(last);
+        let took = started.elapsed();
+        self.metrics.poll_seconds.observe(took.as_secs_f64());
+        self.set_health(|h| {
+            h.polls += 1;
+            h.last_poll_ms = took.as_secs_f64() * 1e3;
+        });
+        Ok(())
+    }
+
+    /// Write everything pending in one transaction. On failure it stays pending.
+    pub async fn flush(&self) -> Result<usize, sqlx::Error> {
+        let batch = self.state().take_flush(None);
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let rows = batch.buckets.len();
+        let started = Instant::now();
+        match store::write_batch(&self.db, &self.cfg.node_id, &batch, unix_ms()).await {
+            Ok(()) => {
+                let took = started.elapsed().as_secs_f64();
+                self.metrics.flush_seconds.observe(took);
+                let was_down = !self.health().database_up;
+                self.set_health(|h| {
+                    h.database_up = true;
+                    h.flushes += 1;
+                    h.last_flush_ms = took * 1e3;
+                    h.last_flush_unix_ms = Some(unix_ms());
+                    h.last_error = None;
+                });
+                if was_down {
+                    info!(rows, "database is back: pending usage written");
+                }
+                Ok(rows)
+            }
+            Err(e) => {
+                self.state().restore_failed(batch);
+                let was_up = self.health().database_up;
+                self.set_health(|h| {
+                    h.database_up = false;
+                    h.flush_errors += 1;
+                    h.last_error = Some(e.to_string());
+                });
+                if was_up {
+                    error!(db = %self.db.shown_url, %e, "writing the ledger failed; usage stays pending and is retried");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Reset a client: from this instant its visible usage starts from zero. Done by the writer,
+    /// durable before it returns.
+    pub async fn reset(&self, ip: IpAddr) -> Result<ResetRecord, LedgerError> {
+        if self.client(ip).is_none() {
+            return Err(LedgerError::UnknownClient(ip));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.resets.send(ResetRequest { ip, reply }).await.map_err(|_| LedgerError::ShuttingDown)?;
+        rx.await.map_err(|_| LedgerError::ShuttingDown)?
+    }
+
+    async fn do_reset(&self, ip: IpAddr) -> Result<ResetRecord, LedgerError> {
+        // The reset's instant is a fresh reading of this client, so bytes counted by the kernel
+        // before it belong to the closed period and bytes after it to the new one.
+        let gate = self.read_gate.lock().await;
+        let src = self.source.clone();
+        let fresh =
+            tokio::task::spawn_blocking(move || Ok::<_, crate::loader::LoadError>((src.epoch()?, src.read_one(ip)?)))
+                .await
+                .expect("read task panicked");
+        let now = unix_ms();
+        let batch = {
+            let mut st = self.state();
+            match fresh {
+                Ok((epoch, Some(r))) if epoch == st.epoch => {
+                    st.apply_one(&r, now, None, &mut Default::default());
+                }
+                Ok(_) => {}
+                Err(e) => warn!(%ip, %e, "fresh read for reset failed; the reset takes effect at the last poll"),
+            }
+            let rec = st.prepare_reset(ip, now).ok_or(LedgerError::UnknownClient(ip))?;
+            st.take_flush(Some(rec))
+        };
+        drop(gate);
+        let rec = batch.reset.clone().expect("reset batch");
+        match store::write_batch(&self.db, &self.cfg.node_id, &batch, now).await {
+            Ok(()) => {
+                self.state().commit_reset(&rec);
+                self.set_health(|h| h.database_up = true);
+                info!(%ip, closed_up = rec.closed.up_bytes, closed_down = rec.closed.down_bytes, "client reset");
+                Ok(rec)
+            }
+            Err(e) => {
+                self.state().restore_failed(batch);
+                self.set_health(|h| {
+                    h.database_up = false;
+                    h.last_error = Some(e.to_string());
+                });
+                Err(LedgerError::Unavailable(e))
+            }
+        }
+    }
+
+    /// Run the poller and the writer until `shutdown`.
+    pub fn spawn(self: &Arc<Self>) -> Tasks {
+        let me = self.clone();
+        let poller = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(me.cfg.poll_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = me.stop.notified() => break,
+                }
+                if me.stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Err(e) = me.poll_once().await {
+                    error!(%e, "reading the kernel counters failed");
+                }
+            }
+        });
+        let me = self.clone();
+        let mut rx = self.reset_rx.lock().unwrap_or_else(|p| p.into_inner()).take().expect("spawned once");
+        let writer = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(me.cfg.flush_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut backoff = Duration::ZERO;
+            let mut next_retention = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if backoff > Duration::ZERO {
+                            tokio::time::sleep(backoff).await;
+                        }
+                        match me.flush().await {
+                            Ok(_) => backoff = Duration::ZERO,
+                            // Retry sooner than never, later than hammering: up to 30 s apart.
+                            Err(_) => backoff = (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30)),
+                        }
+                        if backoff.is_zero() && Instant::now() >= next_retention {
+                            next_retention = Instant::now() + Duration::from_secs(600);
+                            match store::apply_retention(&me.db, &me.cfg.node_id, unix_ms(), me.cfg.retention_days).await {
+                                Ok(n) if n > 0 => info!(rows = n, "old history removed"),
+                                Ok(_) => {}
+                                Err(e) => warn!(%e, "applying retention failed"),
+                            }
+                        }
+                    }
+                    Some(req) = rx.recv() => {
+                        let _ = req.reply.send(me.do_reset(req.ip).await);
+                    }
+                    _ = me.stop.notified() => break,
+                }
+                if me.stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+        });
+        Tasks { poller, writer }
+    }
+
+    /// Stop the tasks, take a last reading and write everything held. Safe to call twice.
+    pub async fn shutdown(&self) {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.stop.notify_waiters();
+        if let Err(e) = self.poll_once().await {
+            warn!(%e, "last reading before shutdown failed; the next start catches up from the kernel");
+        }
+        match self.flush().await {
+            Ok(rows) => info!(rows, "ledger flushed"),
+            Err(e) => warn!(%e, "last flush failed; the next start recounts from the stored cursor (nothing is lost)"),
+        }
+    }
+}

@@ -1,0 +1,541 @@
+// End-to-end test of the tunmeter dashboard in real headless Chromium (Debian's), driven by
+// Playwright, against a real daemon with real traffic. Run by userspace/tests/dashboard.rs.
+//
+// Inputs (environment):
+//   TUNMETER_URL             base URL of the daemon's API, e.g. http://127.0.0.1:9107
+//   TUNMETER_ADMIN_TOKEN     an admin token
+//   TUNMETER_READ_TOKEN      a read token
+//   TUNMETER_SCREENSHOT      where to save the full-page PNG of the dashboard
+//   TUNMETER_EXPECT_CLIENTS  comma-separated client IPs that carry traffic
+//   TUNMETER_CHROMIUM        optional, default /usr/bin/chromium
+//   TUNMETER_E2E_TIMEOUT_MS  optional overall limit, default 110000
+//
+// Exit status 0 and a one-line JSON summary on stdout on success; 1 and the failed step on stderr
+// otherwise (a screenshot of the failure is saved next to TUNMETER_SCREENSHOT as *-failure.png).
+
+import { chromium } from 'playwright-core';
+import { mkdirSync } from 'node:fs';
+import { dirname } from 'node:path';
+
+const t0 = Date.now();
+const env = (name, fallback) => {
+  const v = process.env[name] ?? fallback;
+  if (v === undefined || v === '') die(`missing environment variable ${name}`);
+  return v;
+};
+function die(msg) {
+  process.stderr.write(`dashboard e2e: FAILED: ${msg}\n`);
+  process.exit(1);
+}
+
+const BASE = env('TUNMETER_URL').replace(/\/+$/, '');
+const ADMIN = env('TUNMETER_ADMIN_TOKEN');
+const READ = env('TUNMETER_READ_TOKEN');
+const SHOT = env('TUNMETER_SCREENSHOT');
+const EXPECT = env('TUNMETER_EXPECT_CLIENTS')
+  .split(',')
+  .map((s) => s.trim())
+  .filter(Boolean);
+const CHROMIUM = env('TUNMETER_CHROMIUM', '/usr/bin/chromium');
+const TOTAL_MS = Number(env('TUNMETER_E2E_TIMEOUT_MS', '110000'));
+if (!EXPECT.length) die('TUNMETER_EXPECT_CLIENTS names no client');
+
+let browser = null;
+let page = null;
+let current = 'start';
+const pageErrors = [];
+const summary = { ok: true, url: BASE, expected_clients: EXPECT.length, steps: [] };
+
+function log(msg) {
+  process.stderr.write(`dashboard e2e [${((Date.now() - t0) / 1000).toFixed(1)}s]: ${msg}\n`);
+}
+
+async function fail(msg) {
+  let extra = '';
+  try {
+    if (page) {
+      const st = await page.evaluate(() => {
+        const s = document.getElementById('status');
+        return s && !s.hidden ? s.textContent : '';
+      });
+      if (st) extra += `\n  status area: ${st}`;
+      const failShot = SHOT.replace(/(\.png)?$/i, '-failure.png');
+      await page.screenshot({ path: failShot, fullPage: true, timeout: 5000 });
+      extra += `\n  failure screenshot: ${failShot}`;
+    }
+  } catch {
+    // the page may be gone; the message below is what matters
+  }
+  if (pageErrors.length) extra += `\n  page errors: ${pageErrors.slice(0, 5).join(' | ')}`;
+  process.stderr.write(`dashboard e2e: FAILED at step "${current}": ${msg}${extra}\n`);
+  try {
+    if (browser) await Promise.race([browser.close(), sleep(5000)]);
+  } catch {
+    // exiting anyway
+  }
+  process.exit(1);
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// Poll `fn` until it returns a truthy value; fail with `what` and the last value otherwise.
+async function waitFor(what, fn, timeoutMs = 15000, everyMs = 200) {
+  const until = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    last = await fn();
+    if (last && last.ok !== false) return last;
+    if (Date.now() > until) throw new Error(`${what} (waited ${timeoutMs / 1000} s; last seen: ${JSON.stringify(last)})`);
+    await sleep(everyMs);
+  }
+}
+
+async function step(name, fn) {
+  current = name;
+  const s = Date.now();
+  log(`step: ${name}`);
+  try {
+    const r = await fn();
+    summary.steps.push({ step: name, ms: Date.now() - s });
+    return r;
+  } catch (e) {
+    await fail(e && e.message ? e.message : String(e));
+  }
+}
+
+function readRow(ip) {
+  return page.evaluate((ip) => {
+    const r = document.querySelector(`#viewport .row[data-ip="${CSS.escape(ip)}"]:not([hidden])`);
+    if (!r) return null;
+    const d = r.dataset;
+    return {
+      ip,
+      upRate: Number(d.upRate),
+      downRate: Number(d.downRate),
+      upBytes: Number(d.upBytes),
+      downBytes: Number(d.downBytes),
+      online: d.online === 'true',
+      cells: [...r.querySelectorAll('[role=cell]')].map((c) => c.textContent),
+      frame: Number(document.getElementById('table').dataset.frameUnixMs || 0),
+    };
+  }, ip);
+}
+
+function renderedRows() {
+  return page.evaluate(() =>
+    [...document.querySelectorAll('#viewport .row:not([hidden])')]
+      .map((r) => ({ top: parseFloat(r.style.top), ip: r.dataset.ip, downBytes: Number(r.dataset.downBytes) }))
+      .sort((a, b) => a.top - b.top),
+  );
+}
+
+async function statusArea() {
+  return page.evaluate(() => {
+    const s = document.getElementById('status');
+    return { visible: !s.hidden, text: s.textContent, kind: s.dataset.kind, code: s.dataset.code, http: s.dataset.httpStatus };
+  });
+}
+
+async function login(token, role) {
+  await page.waitForSelector('#login:not([hidden])', { timeout: 10000 });
+  await page.fill('#token', token);
+  await page.click('#login-submit');
+  await page.waitForSelector(`body[data-role="${role}"] #dashboard:not([hidden])`, { timeout: 10000 }).catch(async () => {
+    const st = await statusArea();
+    throw new Error(`login as ${role} did not reach the dashboard (status area: ${JSON.stringify(st.text)})`);
+  });
+  const who = await page.textContent('#whoami');
+  if (!who.includes(role)) throw new Error(`header shows ${JSON.stringify(who)}, expected the role ${role}`);
+}
+
+async function openDetail(ip) {
+  const row = `#viewport .row[data-ip="${ip}"]:not([hidden])`;
+  await page.click(row, { timeout: 5000 });
+  await page.waitForSelector(`#detail[data-ip="${ip}"]:not([hidden])`, { timeout: 5000 }).catch(async () => {
+    const shown = await page.getAttribute('#detail', 'data-ip');
+    throw new Error(`clicking the row of ${ip} opened the detail panel of ${shown}`);
+  });
+}
+
+const watchdog = setTimeout(() => {
+  fail(`the whole run took longer than ${TOTAL_MS / 1000} s`);
+}, TOTAL_MS);
+watchdog.unref();
+
+async function main() {
+  await step('launch chromium', async () => {
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: [
+        '--headless',
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--no-first-run',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+      ],
+      timeout: 30000,
+    });
+    summary.browser = browser.version();
+    const ctx = await browser.newContext({ viewport: { width: 1480, height: 900 } });
+    ctx.setDefaultTimeout(10000);
+    page = await ctx.newPage();
+    page.on('pageerror', (e) => pageErrors.push(`uncaught: ${e.message}`));
+    // Everything comes from the daemon: no CDN, no fonts, nothing from the internet.
+    page.on('request', (r) => {
+      const u = r.url();
+      if (!u.startsWith(`${BASE}/`) && !u.startsWith('data:')) pageErrors.push(`request to another origin: ${u}`);
+    });
+    page.on('websocket', (ws) => {
+      if (new URL(ws.url()).host !== new URL(BASE).host) pageErrors.push(`WebSocket to another host: ${ws.url()}`);
+    });
+    page.on('console', (m) => {
+      // A rejected WebSocket or 401/403 fetch logs a console error by design; only scripts
+      // errors and CSP violations count.
+      const t = m.text();
+      if (m.type() === 'error' && /Content Security Policy|Uncaught|TypeError|ReferenceError|SyntaxError/.test(t))
+        pageErrors.push(t);
+    });
+  });
+
+  await step('open the dashboard (served by the daemon)', async () => {
+    const res = await page.goto(`${BASE}/`, { waitUntil: 'load', timeout: 15000 });
+    if (!res || res.status() !== 200) throw new Error(`GET / returned ${res && res.status()}`);
+    const ct = res.headers()['content-type'] || '';
+    if (!ct.startsWith('text/html')) throw new Error(`GET / has content type ${ct}`);
+    await page.waitForSelector('#login:not([hidden]) #token', { timeout: 10000 });
+  });
+
+  await step('a bad token is refused with the server message', async () => {
+    await page.fill('#token', 'tm_not_a_real_token');
+    await page.click('#login-submit');
+    const st = await waitFor('an error in the status area', async () => {
+      const s = await statusArea();
+      return s.visible && s.kind === 'error' ? s : { ok: false, ...s };
+    });
+    if (st.http !== '401') throw new Error(`expected HTTP 401 for a bad token, status area says ${JSON.stringify(st)}`);
+    if (!(await page.isVisible('#login'))) throw new Error('the login form is gone after a bad token');
+  });
+
+  await step('log in with the read token', () => login(READ, 'read'));
+
+  await step('the table shows the expected clients', async () => {
+    for (const ip of EXPECT) {
+      await waitFor(`row of client ${ip} in the table`, () => readRow(ip), 20000);
+    }
+    const live = await waitFor('stream connection marked live', () =>
+      page.evaluate(() => document.getElementById('conn').dataset.state === 'live'),
+    );
+    summary.clients_in_table = Number(await page.getAttribute('#table', 'data-clients'));
+    return live;
+  });
+
+  const ip = EXPECT[0];
+  await step('rates move and totals grow', async () => {
+    const first = {};
+    for (const c of EXPECT) first[c] = await readRow(c);
+    const seenRate = new Set();
+    const grew = new Set();
+    const lastRows = {};
+    await waitFor(
+      'every expected client showing a rate > 0 and growing totals',
+      async () => {
+        for (const c of EXPECT) {
+          const r = await readRow(c);
+          if (!r) continue;
+          lastRows[c] = r;
+          if (r.upRate > 0 || r.downRate > 0) seenRate.add(c);
+          if (r.upBytes + r.downBytes > first[c].upBytes + first[c].downBytes) grew.add(c);
+        }
+        const missing = EXPECT.filter((c) => !seenRate.has(c) || !grew.has(c));
+        return missing.length ? { ok: false, missing, rate: [...seenRate], grew: [...grew] } : true;
+      },
+      30000,
+      300,
+    );
+    const r = lastRows[ip];
+    // Human-readable units in the cells, exact numbers in the data attributes.
+    const [, , ipCell, upRate, downRate, upTot, downTot] = r.cells;
+    if (ipCell !== ip) throw new Error(`IP cell shows ${ipCell}`);
+    for (const [what, text] of [['upload rate', upRate], ['download rate', downRate]])
+      if (!/^\d+(\.\d+)? (B|KiB|MiB|GiB|TiB)\/s$/.test(text)) throw new Error(`${what} cell ${JSON.stringify(text)}`);
+    for (const [what, text] of [['upload total', upTot], ['download total', downTot]])
+      if (!/^\d+(\.\d+)? (B|KiB|MiB|GiB|TiB)$/.test(text)) throw new Error(`${what} cell ${JSON.stringify(text)}`);
+    summary.observed = { ip, first: pick(first[ip]), later: pick(r) };
+  });
+
+  await step('filter and sort', async () => {
+    await page.fill('#filter', ip);
+    await waitFor(`only rows matching ${ip}`, async () => {
+      const rows = await renderedRows();
+      return rows.length >= 1 && rows.every((r) => r.ip.includes(ip)) && rows.some((r) => r.ip === ip)
+        ? true
+        : { ok: false, rows: rows.map((r) => r.ip) };
+    });
+    await page.fill('#filter', '');
+    await waitFor('all clients back after clearing the filter', async () => {
+      const n = (await renderedRows()).length;
+      return n >= EXPECT.length ? true : { ok: false, n };
+    });
+    const header = '#table [role=columnheader][data-key="down_bytes"]';
+    for (const dir of ['descending', 'ascending']) {
+      await page.click(`${header} button`);
+      await waitFor(`sorted by download total, ${dir}`, async () => {
+        const sort = await page.getAttribute(header, 'aria-sort');
+        const v = (await renderedRows()).map((r) => r.downBytes);
+        const sorted = v.every((x, i) => i === 0 || (dir === 'ascending' ? v[i - 1] <= x : v[i - 1] >= x));
+        return sort === dir && sorted ? true : { ok: false, sort, v };
+      });
+    }
+    await page.click('#table [role=columnheader][data-key="ip"] button');
+  });
+
+  await step('a read token cannot reset', async () => {
+    await openDetail(ip);
+    const btn = await page.$('#reset');
+    const disabled = await btn.isDisabled();
+    const hidden = !(await btn.isVisible());
+    if (!disabled && !hidden) throw new Error('the reset button is enabled for a read token');
+    // Forced attempt 1: the API itself, with the read token, from the page.
+    const forced = await page.evaluate(
+      async ([ip, token]) => {
+        const r = await fetch(`/api/v1/clients/${ip}/reset`, { method: 'POST', headers: { Authorization: `Bearer ${token}` } });
+        let body = null;
+        try {
+          body = await r.json();
+        } catch {
+          // reported below
+        }
+        return { status: r.status, body };
+      },
+      [ip, READ],
+    );
+    if (forced.status !== 403) throw new Error(`POST reset with the read token returned ${forced.status}, expected 403`);
+    if (!forced.body || !forced.body.error || forced.body.error.code !== 'forbidden')
+      throw new Error(`403 body is not {"error":{"code":"forbidden",...}}: ${JSON.stringify(forced.body)}`);
+    // Forced attempt 2: re-enable the button as a tampered page would; the UI shows the server's 403.
+    const before = await readRow(ip);
+    await page.evaluate(() => {
+      const b = document.getElementById('reset');
+      b.disabled = false;
+      b.hidden = false;
+    });
+    await page.click('#reset');
+    await page.waitForSelector('#reset-dialog[open]', { timeout: 5000 });
+    await page.click('#reset-confirm');
+    const st = await waitFor('the 403 in the status area', async () => {
+      const s = await statusArea();
+      return s.visible && s.http === '403' ? s : { ok: false, ...s };
+    });
+    if (!st.text.includes(forced.body.error.message))
+      throw new Error(`status area ${JSON.stringify(st.text)} lacks the server message ${JSON.stringify(forced.body.error.message)}`);
+    if (!(await page.isDisabled('#reset'))) throw new Error('the reset button is enabled again after the 403');
+    const after = await waitFor('a newer frame', async () => {
+      const r = await readRow(ip);
+      return r && r.frame > before.frame ? r : { ok: false };
+    });
+    if (after.upBytes < before.upBytes || after.downBytes < before.downBytes)
+      throw new Error(`totals dropped after a refused reset: ${JSON.stringify([pick(before), pick(after)])}`);
+    summary.read_reset = { status: forced.status, message: forced.body.error.message };
+  });
+
+  await step('log out, log in with the admin token', async () => {
+    await page.click('#logout');
+    await page.waitForSelector('#login:not([hidden])', { timeout: 5000 });
+    const kept = await page.evaluate(() => sessionStorage.getItem('tunmeter.token'));
+    if (kept) throw new Error('the token is still in sessionStorage after logout');
+    if (await page.isVisible('#dashboard')) throw new Error('the table is still shown after logout');
+    await login(ADMIN, 'admin');
+    await waitFor(`row of client ${ip} after the admin login`, () => readRow(ip), 15000);
+  });
+
+  await step('history chart', async () => {
+    await openDetail(ip);
+    if (await page.isDisabled('#reset')) throw new Error('the reset button is disabled for an admin token');
+    for (const g of ['hour', 'day', 'minute']) {
+      await page.click(`#detail [data-granularity="${g}"]`);
+      await page.waitForSelector(`#chart[data-drawn="true"][data-granularity="${g}"]`, { timeout: 10000 });
+    }
+    // The ledger writes history as traffic flows: the minute chart must get bars (the panel
+    // refreshes itself every 10 s).
+    const points = await waitFor(
+      'bars in the minute chart',
+      async () => {
+        const n = Number(await page.getAttribute('#chart', 'data-points'));
+        return n > 0 ? n : { ok: false, points: n };
+      },
+      45000,
+      500,
+    );
+    const pixels = await page.evaluate(() => {
+      const c = document.getElementById('chart');
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      let painted = 0;
+      const colours = new Set();
+      for (let i = 0; i < d.length; i += 4) {
+        if (d[i + 3] > 0) {
+          painted++;
+          colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+        }
+      }
+      return { painted, colours: colours.size, total: d.length / 4 };
+    });
+    if (pixels.painted < 500 || pixels.colours < 3)
+      throw new Error(`the chart canvas looks empty: ${JSON.stringify(pixels)}`);
+    summary.chart = { points, painted_pixels: pixels.painted };
+  });
+
+  await step('reset: cancel does nothing, confirm zeroes the row', async () => {
+    await page.click('#reset');
+    await page.waitForSelector('#reset-dialog[open]', { timeout: 5000 });
+    await page.click('#reset-cancel');
+    await page.waitForSelector('#reset-dialog[open]', { state: 'detached', timeout: 5000 });
+    const cancelled = await readRow(ip);
+    await waitFor('a newer frame after cancel', async () => {
+      const r = await readRow(ip);
+      return r && r.frame > cancelled.frame ? r : { ok: false };
+    });
+    const afterCancel = await readRow(ip);
+    if (afterCancel.upBytes + afterCancel.downBytes < cancelled.upBytes + cancelled.downBytes)
+      throw new Error('totals dropped after Cancel');
+    if (await page.isVisible('#reset-result')) throw new Error('a reset result is shown after Cancel');
+
+    // Let the totals grow well above what a second of traffic adds, then reset.
+    await waitFor('totals of a few seconds of traffic', async () => {
+      const r = await readRow(ip);
+      return r && r.upBytes > 0 && r.downBytes > 0 ? r : { ok: false, r };
+    });
+    const before = await readRow(ip);
+    await page.click('#reset');
+    await page.waitForSelector('#reset-dialog[open]', { timeout: 5000 });
+    await page.click('#reset-confirm');
+    await page.waitForSelector('#reset-result:not([hidden])', { timeout: 10000 }).catch(async () => {
+      const st = await statusArea();
+      throw new Error(`no reset result shown (status area: ${JSON.stringify(st.text)})`);
+    });
+    const closed = await page.evaluate(() => {
+      const d = document.getElementById('reset-result').dataset;
+      return { ip: d.ip, upBytes: Number(d.closedUpBytes), downBytes: Number(d.closedDownBytes), text: document.getElementById('reset-result').textContent };
+    });
+    if (closed.ip !== ip) throw new Error(`reset result is for ${closed.ip}`);
+    if (closed.upBytes < before.upBytes || closed.downBytes < before.downBytes)
+      throw new Error(`closed usage ${JSON.stringify(closed)} is less than the totals shown before the reset ${JSON.stringify(pick(before))}`);
+    const after = await waitFor(
+      'the row restarting from a small total',
+      async () => {
+        const r = await readRow(ip);
+        return r && r.upBytes < before.upBytes && r.downBytes < before.downBytes ? r : { ok: false, r: r && pick(r) };
+      },
+      15000,
+    );
+    const st = await statusArea();
+    if (st.kind === 'error') throw new Error(`status area shows an error after the reset: ${st.text}`);
+    summary.reset = { ip, before: pick(before), closed: { upBytes: closed.upBytes, downBytes: closed.downBytes }, after: pick(after) };
+  });
+
+  await step('screenshot', async () => {
+    mkdirSync(dirname(SHOT), { recursive: true });
+    await page.screenshot({ path: SHOT, fullPage: true, timeout: 10000 });
+    summary.screenshot = SHOT;
+  });
+
+  await step('10,000 clients stay smooth (mocked stream, same browser)', async () => {
+    const ctx = await browser.newContext({ viewport: { width: 1480, height: 900 } });
+    const p = await ctx.newPage();
+    p.on('pageerror', (e) => pageErrors.push(`uncaught (10k page): ${e.message}`));
+    const N = 10000;
+    let n = 0;
+    await p.routeWebSocket(/\/api\/v1\/stream/, (ws) => {
+      const send = () => {
+        n++;
+        const rows = [];
+        for (let i = 0; i < N; i++) {
+          const ip = `10.${100 + (i >> 16)}.${(i >> 8) & 255}.${i & 255}`;
+          const r = ((i * 7919 + n * 104729) % 100000) + 1;
+          rows.push([ip, r, 2 * r, i * 1000 + n * r, i * 3000 + n * 2 * r, i + n, 2 * i + n, Date.now() - (i % 300) * 1000, i % 300 < 120]);
+        }
+        ws.send(
+          JSON.stringify({
+            type: 'clients',
+            taken_unix_ms: Date.now(),
+            interval_ms: 250,
+            columns: ['ip', 'up_rate', 'down_rate', 'up_bytes', 'down_bytes', 'up_packets', 'down_packets', 'last_seen_unix_ms', 'online'],
+            rows,
+          }),
+        );
+      };
+      send();
+      const t = setInterval(send, 250);
+      ws.onClose(() => clearInterval(t));
+    });
+    await p.addInitScript(() => {
+      window.__longTasks = [];
+      new PerformanceObserver((l) => {
+        for (const e of l.getEntries()) window.__longTasks.push(e.duration);
+      }).observe({ type: 'longtask', buffered: true });
+    });
+    await p.goto(`${BASE}/`);
+    await p.fill('#token', READ);
+    await p.click('#login-submit');
+    await p.waitForSelector('#table[data-clients="10000"]', { timeout: 15000 });
+    // Measure from here on (ignore page load): the app's own slowest frame handling and render,
+    // and any long main-thread task.
+    await p.evaluate(() => {
+      window.__longTasks.length = 0;
+      const d = document.getElementById('table').dataset;
+      d.maxFrameMs = '0';
+      d.maxRenderMs = '0';
+    });
+    const framesAt = n;
+    // Sort by download rate while frames of 10,000 rows keep arriving; scroll through the table.
+    await p.click('#table [role=columnheader][data-key="down_rate"] button');
+    for (const y of [5000, 150000, 319000, 0]) {
+      await p.evaluate((y) => (document.getElementById('viewport').scrollTop = y), y);
+      await sleep(300);
+    }
+    await p.fill('#filter', '10.100.7.');
+    await p.waitForSelector('#table[data-visible="256"]', { timeout: 5000 });
+    await p.fill('#filter', '');
+    await sleep(500);
+    const m = await p.evaluate(() => ({
+      domRows: document.querySelectorAll('#viewport .row').length,
+      longTasks: window.__longTasks.slice(),
+      frameMs: Number(document.getElementById('table').dataset.maxFrameMs),
+      renderMs: Number(document.getElementById('table').dataset.maxRenderMs),
+    }));
+    const frames = n - framesAt;
+    await ctx.close();
+    const worst = Math.max(0, ...m.longTasks);
+    summary.ten_k = {
+      frames,
+      dom_rows: m.domRows,
+      max_frame_ms: m.frameMs,
+      max_render_ms: m.renderMs,
+      long_tasks: m.longTasks.length,
+      worst_task_ms: Math.round(worst),
+    };
+    if (m.domRows > 200) throw new Error(`${m.domRows} row elements for 10,000 clients: not virtualised`);
+    if (frames < 4) throw new Error(`only ${frames} mocked frames were delivered`);
+    // Budgets with a wide margin over what a laptop measures (about 15 ms and 20 ms): a frame
+    // a second must leave the page responsive. Long tasks include the mock's own delivery of
+    // 700 KB messages through the DevTools protocol, so only a freeze counts.
+    if (!(m.frameMs < 250)) throw new Error(`handling one 10,000-client frame took ${m.frameMs} ms`);
+    if (!(m.renderMs < 150)) throw new Error(`rendering the 10,000-client table took ${m.renderMs} ms`);
+    if (worst > 1500) throw new Error(`a main-thread task took ${Math.round(worst)} ms with 10,000 clients`);
+  });
+
+  current = 'page errors';
+  if (pageErrors.length) await fail(`the page logged errors: ${pageErrors.join(' | ')}`);
+  await browser.close();
+  summary.elapsed_ms = Date.now() - t0;
+  process.stdout.write(JSON.stringify(summary) + '\n');
+  process.exit(0);
+}
+
+function pick(r) {
+  return r && { upRate: r.upRate, downRate: r.downRate, upBytes: r.upBytes, downBytes: r.downBytes };
+}
+
+main().catch((e) => fail(e && e.stack ? e.stack : String(e)));
