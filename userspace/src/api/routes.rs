@@ -179,7 +179,7 @@ pub async fn stats(_c: Caller, State(app): State<Arc<App>>) -> Json<serde_json::
             "last_flush_unix_ms": h.last_flush_unix_ms,
             "last_error": h.last_error,
             "polls": h.polls, "poll_errors": h.poll_errors,
-            "flushes": h.flushes, "flush_errors": h.flush_errors,
+            "flushes": h.flushes, "flush_errors": h.flush_errors, "flush_cycles": h.flush_cycles,
         },
         "stream_subscribers": app.metrics.stream_subscribers.load(std::sync::atomic::Ordering::Relaxed),
         "kernel": kernel,
@@ -194,7 +194,7 @@ pub async fn metrics(_c: Caller, State(app): State<Arc<App>>) -> impl IntoRespon
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
 }
 
-pub async fn openapi() -> impl IntoResponse {
+pub async fn openapi(_c: Caller) -> impl IntoResponse {
     use utoipa::OpenApi as _;
     ([(header::CONTENT_TYPE, "application/json")], super::ApiDoc::openapi().to_pretty_json().unwrap_or_default())
 }

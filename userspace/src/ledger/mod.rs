@@ -63,8 +63,12 @@ pub struct Health {
     pub last_error: Option<String>,
     pub polls: u64,
     pub poll_errors: u64,
+    /// Batches written.
     pub flushes: u64,
     pub flush_errors: u64,
+    /// Flush attempts that succeeded, empty ones included (what "everything read so far is
+    /// written" waits for).
+    pub flush_cycles: u64,
 }
 
 /// The ledger's two tasks.
@@ -204,6 +208,7 @@ impl Ledger {
     pub async fn flush(&self) -> Result<usize, sqlx::Error> {
         let batch = self.state().take_flush(None);
         if batch.is_empty() {
+            self.set_health(|h| h.flush_cycles += 1);
             return Ok(0);
         }
         let rows = batch.buckets.len();
@@ -216,6 +221,7 @@ impl Ledger {
                 self.set_health(|h| {
                     h.database_up = true;
                     h.flushes += 1;
+                    h.flush_cycles += 1;
                     h.last_flush_ms = took * 1e3;
                     h.last_flush_unix_ms = Some(unix_ms());
                     h.last_error = None;
