@@ -448,6 +448,14 @@ mod tests {
     }
 
     #[test]
+    fn the_deployed_example_is_valid() {
+        let text = include_str!("../../deploy/tunmeter.toml");
+        let c = Config::from_toml(text, &ov()).unwrap();
+        assert_eq!(c.interfaces.len(), 3);
+        assert_eq!(c.ledger.flush_interval_ms, 5000);
+    }
+
+    #[test]
     fn ledger_and_api_settings() {
         let o = Overrides { tun: vec!["tun0".into()], subnets: vec!["10.0.0.0/8".into()], ..ov() };
         let c = Config::from_toml(

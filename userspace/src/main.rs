@@ -285,6 +285,11 @@ async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
     match cmd {
         TokenCmd::Create { role, name, settings } => {
             let cfg = settings.load()?;
+            if cfg.ledger.database_url.starts_with("sqlite:") {
+                // Before the daemon's first start the state directory may not exist yet.
+                std::fs::create_dir_all(&cfg.state_dir)
+                    .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+            }
             let db = db::Database::open(&cfg.ledger.database_url).await?;
             let role = tokens::Role::parse(&role).expect("clap checked the role");
             let (info, secret) = tokens::create(&db, &cfg.node_id, role, &name).await?;

@@ -69,6 +69,7 @@ pub fn frame(app: &App) -> String {
     let rows: Vec<_> = rows.into_iter().map(|(_, r)| r).collect();
     serde_json::json!({
         "type": "clients",
+        "node_id": app.ledger.cfg.node_id,
         "taken_unix_ms": now,
         "interval_ms": app.cfg.stream_interval.as_millis() as u64,
         "columns": ["ip", "up_rate", "down_rate", "up_bytes", "down_bytes", "up_packets", "down_packets",
