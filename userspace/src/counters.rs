@@ -2,11 +2,13 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{IterableMap as _, MapData, PerCpuArray};
 use serde::Serialize;
-use tunmeter_common::{ClientCounters, ClientKey, Direction, Outcome, OutcomeCounter, stats_index};
+use tracing::debug;
+use tunmeter_common::{ClientCounters, ClientKey, Direction, MAP_CLIENTS, Outcome, OutcomeCounter, stats_index};
 
 use crate::{
+    batch::{self, BatchError},
     clock::{Calibration, unix_ms},
     loader::{LoadError, PinnedMaps},
 };
@@ -75,20 +77,42 @@ pub fn sum_cpus<'a>(values: impl IntoIterator<Item = &'a ClientCounters>) -> Cli
     })
 }
 
-/// Read every client. `clock` converts last-seen stamps; without it they are left out.
-pub fn read_clients(maps: &PinnedMaps, clock: Option<&Calibration>) -> Result<ClientsSnapshot, LoadError> {
+/// Every entry of the client map, reserved buckets included, summed over CPUs (`sum_cpus`), in
+/// map order. Reads in batches (BPF_MAP_LOOKUP_BATCH) and falls back to one lookup per entry
+/// on kernels without it.
+pub fn read_sums(maps: &PinnedMaps) -> Result<Vec<(ClientKey, ClientCounters)>, LoadError> {
     let map = maps.clients()?;
-    let now_ms = unix_ms();
-    let mut snap = ClientsSnapshot {
-        taken_unix_ms: now_ms,
-        clients: Vec::new(),
-        other: Bucket::default(),
-        overflow: Bucket::default(),
-    };
+    let ncpus = aya::util::nr_cpus().map_err(|(_, e)| LoadError::Cpus(e.to_string()))?.get() as usize;
+    let chunk = batch::default_chunk::<ClientKey, ClientCounters>(ncpus);
+    let mut sums = Vec::new();
+    let batched = batch::for_each_percpu(map.map(), chunk, |key, values: &[ClientCounters]| {
+        sums.push((key, sum_cpus(values)));
+    });
+    match batched {
+        Ok(_) => return Ok(sums),
+        Err(BatchError::Unsupported(e)) => debug!(error = %e, "no batch lookups; reading entry by entry"),
+        Err(e) => return Err(LoadError::Map { name: MAP_CLIENTS, source: e.into() }),
+    }
+    sums.clear();
     for entry in map.iter() {
         // An entry removed between key and value reads is simply skipped.
         let Ok((key, values)) = entry else { continue };
-        let c = sum_cpus(values.iter());
+        sums.push((key, sum_cpus(values.iter())));
+    }
+    Ok(sums)
+}
+
+/// Read every client. `clock` converts last-seen stamps; without it they are left out.
+pub fn read_clients(maps: &PinnedMaps, clock: Option<&Calibration>) -> Result<ClientsSnapshot, LoadError> {
+    let sums = read_sums(maps)?;
+    let now_ms = unix_ms();
+    let mut snap = ClientsSnapshot {
+        taken_unix_ms: now_ms,
+        clients: Vec::with_capacity(sums.len()),
+        other: Bucket::default(),
+        overflow: Bucket::default(),
+    };
+    for (key, c) in sums {
         let upload = Count { bytes: c.up_bytes, packets: c.up_packets };
         let download = Count { bytes: c.down_bytes, packets: c.down_packets };
         if key == ClientKey::OTHER {
