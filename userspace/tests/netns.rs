@@ -421,6 +421,12 @@ fn bad_inputs_fail_clearly_and_leave_nothing_behind() {
     ];
     let check_clean = |what: &str| {
         assert!(!env.pins.path().exists(), "{what}: pin directory left behind");
+        // The kernel releases a killed process's files, and so its links, from a work queue:
+        // give it a moment.
+        let t0 = Instant::now();
+        while tcx_programs(&ns, "tun0") + tcx_programs(&ns, "eth0") > 0 && t0.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         assert_eq!(tcx_programs(&ns, "tun0") + tcx_programs(&ns, "eth0"), 0, "{what}: programs left attached");
         for dev in ["tun0", "eth0"] {
             let q = tunmeter_lab::netns_exec(&ns, &["tc", "qdisc", "show", "dev", dev]).unwrap();

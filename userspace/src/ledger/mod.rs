@@ -306,7 +306,8 @@ impl Ledger {
         let poller = tokio::spawn(async move {
             let mut tick = tokio::time::interval(me.cfg.poll_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            // `stop` wakes only a task that waits; the flag catches one that was busy.
+            while !me.stopped.load(Ordering::SeqCst) {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = me.stop.notified() => break,
@@ -325,17 +326,23 @@ impl Ledger {
             let mut tick = tokio::time::interval(me.cfg.flush_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut backoff = Duration::ZERO;
+            let mut retry_at = Instant::now();
             let mut next_retention = Instant::now();
-            loop {
+            // `stop` wakes only a task that waits; the flag catches one that was busy.
+            while !me.stopped.load(Ordering::SeqCst) {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if backoff > Duration::ZERO {
-                            tokio::time::sleep(backoff).await;
+                        // After a failure, wait out the backoff (resets are still served).
+                        if Instant::now() < retry_at {
+                            continue;
                         }
                         match me.flush().await {
                             Ok(_) => backoff = Duration::ZERO,
                             // Retry sooner than never, later than hammering: up to 30 s apart.
-                            Err(_) => backoff = (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30)),
+                            Err(_) => {
+                                backoff = (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
+                                retry_at = Instant::now() + backoff;
+                            }
                         }
                         if backoff.is_zero() && Instant::now() >= next_retention {
                             next_retention = Instant::now() + Duration::from_secs(600);
@@ -350,9 +357,6 @@ impl Ledger {
                         let _ = req.reply.send(me.do_reset(req.ip).await);
                     }
                     _ = me.stop.notified() => break,
-                }
-                if me.stopped.load(Ordering::SeqCst) {
-                    break;
                 }
             }
         });
