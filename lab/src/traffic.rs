@@ -121,7 +121,9 @@ pub fn udp_exchange(ns: &str, dst: IpAddr, count: usize, size: usize) -> Result<
     .with_context(|| format!("udp_exchange {ns} -> {dst} ({count} x {size} B)"))
 }
 
-/// `ip netns exec ns ping -c count -i 0.01 -W 2 dst`; succeeds only if every reply came.
+/// `ip netns exec ns ping -c count -i 0.01 -W 2 dst`; succeeds if every request was sent and
+/// at least one reply came. (Pings make ICMP traffic for the counters, which the oracle checks
+/// whatever happened to it; on a loaded 2-core machine an occasional reply comes too late.)
 pub fn ping(ns: &str, dst: IpAddr, count: u32) -> Result<()> {
     if count == 0 {
         return Ok(());
@@ -133,7 +135,7 @@ pub fn ping(ns: &str, dst: IpAddr, count: u32) -> Result<()> {
         .with_context(|| format!("ping {ns} -> {dst}"))?;
     let (sent, received) =
         parse_ping_summary(&out).ok_or_else(|| anyhow!("ping {ns} -> {dst}: cannot parse output: {out}"))?;
-    if sent != count || received != count {
+    if sent != count || received == 0 {
         bail!("ping {ns} -> {dst}: {sent} sent, {received} of {count} replies");
     }
     Ok(())

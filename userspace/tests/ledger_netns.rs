@@ -7,72 +7,32 @@ mod support;
 use std::{
     collections::HashMap,
     net::IpAddr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use support::{PinDir, daemon::Daemon, require_root};
+use support::{daemon::Daemon, require_root};
 use tunmeter::{db::Database, ledger::store};
 use tunmeter_lab::{
-    Lab, LabConfig,
-    oracle::{Direction, Oracle, OracleCounts},
+    oracle::{Direction, OracleCounts},
     traffic,
 };
 
-const SUBNET_ARGS: [&str; 8] =
-    ["--subnet", "10.8.0.0/24", "--subnet", "fd00:8::/64", "--subnet", "10.9.0.0/24", "--subnet", "fd00:9::/64"];
+type Env = support::env::LabEnv;
 
-struct Env {
-    lab: Lab,
-    oracle: Oracle,
-    pins: PinDir,
-    state: PathBuf,
-    log: PathBuf,
-    node: String,
+/// Fast polls and flushes, so tests wait little.
+const FAST: [&str; 4] = ["--poll-interval-ms", "200", "--flush-interval-ms", "500"];
+
+/// The daemon's API through its control socket, and waiting for the ledger.
+trait Ledgered {
+    fn control(&self, method: &str, path: &str) -> (u16, Value);
+    fn settle(&self);
+    fn start(&self, extra: &[&str]) -> Daemon;
 }
 
-impl Env {
-    fn new(prefix: &str, tun_clients: usize, eth_clients: usize) -> Env {
-        let lab = Lab::up(LabConfig { prefix: prefix.into(), tun_clients, eth_clients }).expect("lab up");
-        let oracle = Oracle::install(&lab).expect("oracle");
-        let state = PathBuf::from(format!("/tmp/tmtest-state-{prefix}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&state);
-        let log = PathBuf::from(format!("/tmp/tmtest-{prefix}-{}.log", std::process::id()));
-        let _ = std::fs::remove_file(&log);
-        Env { lab, oracle, pins: PinDir::new(prefix), state, log, node: prefix.into() }
-    }
-
-    fn args(&self, extra: &[&str]) -> Vec<String> {
-        let mut a: Vec<String> = ["--tun", "tun0", "--egress", "eth0"].iter().map(|s| s.to_string()).collect();
-        a.extend(SUBNET_ARGS.iter().map(|s| s.to_string()));
-        a.extend(["--pin-dir".into(), self.pins.path().display().to_string()]);
-        a.extend(["--state-dir".into(), self.state.display().to_string()]);
-        a.extend(["--node-id".into(), self.node.clone()]);
-        a.extend(["--poll-interval-ms", "200", "--flush-interval-ms", "500"].iter().map(|s| s.to_string()));
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    }
-
+impl Ledgered for Env {
     fn start(&self, extra: &[&str]) -> Daemon {
-        let args = self.args(extra);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut d = Daemon::start(&self.lab.server_ns(), &args, &self.log);
-        let n = d.log_text().matches("ledger and API running").count().max(1);
-        d.wait_log("ledger and API running", n, Duration::from_secs(30));
-        d
-    }
-
-    /// (device, address) of every lab client.
-    fn clients(&self) -> Vec<(&'static str, IpAddr)> {
-        let mut v = Vec::new();
-        for (dev, cs) in [("tun0", self.lab.tun_clients()), ("eth0", self.lab.eth_clients())] {
-            for c in cs {
-                v.push((dev, IpAddr::V4(c.v4)));
-                v.push((dev, IpAddr::V6(c.v6)));
-            }
-        }
-        v
+        self.start_daemon(&[&FAST[..], extra].concat())
     }
 
     /// A request on the daemon's local control socket (acts as admin).
@@ -166,7 +126,7 @@ fn a_thousand_resets_under_traffic_sum_to_the_nftables_counters() {
 
     let bg =
         traffic::background_with(env.lab.targets(), traffic::RoundSpec::scaled(1), Duration::from_millis(10)).unwrap();
-    let targets: Vec<(&str, IpAddr)> = env.clients().into_iter().take(4).collect();
+    let targets: Vec<(String, IpAddr)> = env.clients().into_iter().take(4).collect();
     let mut closed: HashMap<IpAddr, [u64; 4]> = HashMap::new();
     let t0 = Instant::now();
     for i in 0..1000 {
@@ -189,7 +149,7 @@ fn a_thousand_resets_under_traffic_sum_to_the_nftables_counters() {
         assert_eq!(s, 200, "{v}");
         let period = four(&v);
         let sum = plus(closed.get(&ip).copied().unwrap_or_default(), period);
-        let oracle = minus(oracle_of(&after, dev, ip), oracle_of(&base, dev, ip));
+        let oracle = minus(oracle_of(&after, &dev, ip), oracle_of(&base, &dev, ip));
         assert_eq!(sum, oracle, "{ip}: closed periods + current period vs nftables (up B/p, down B/p)");
         assert!(oracle[1] > 0 && oracle[3] > 0, "{ip}: no traffic");
     }
@@ -227,7 +187,7 @@ fn assert_ledger_matches(
     let now = db_totals(url, &env.node);
     for (dev, ip) in env.clients() {
         let ledger = minus(now.get(&ip).copied().unwrap_or_default(), before.1.get(&ip).copied().unwrap_or_default());
-        let oracle = minus(oracle_of(after, dev, ip), oracle_of(before.0, dev, ip));
+        let oracle = minus(oracle_of(after, &dev, ip), oracle_of(before.0, &dev, ip));
         assert_eq!(ledger, oracle, "{what}: {ip} ledger vs nftables (up B/p, down B/p)");
         assert!(oracle[1] > 0, "{what}: {ip} had no traffic");
     }

@@ -6,7 +6,6 @@ mod support;
 
 use std::{
     net::IpAddr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -16,66 +15,12 @@ use tunmeter::{
     loader::PinnedMaps,
 };
 use tunmeter_lab::{
-    Lab, LabConfig, LinkStats, link_stats,
-    oracle::{Counter, Direction, Oracle, OracleCounts},
+    LinkStats, link_stats,
+    oracle::{Counter, Direction, OracleCounts},
     traffic,
 };
 
-const SUBNET_ARGS: [&str; 8] =
-    ["--subnet", "10.8.0.0/24", "--subnet", "fd00:8::/64", "--subnet", "10.9.0.0/24", "--subnet", "fd00:9::/64"];
-
-struct Env {
-    lab: Lab,
-    oracle: Oracle,
-    pins: PinDir,
-    state: PathBuf,
-    log: PathBuf,
-}
-
-impl Env {
-    fn new(prefix: &str, tun_clients: usize, eth_clients: usize) -> Env {
-        let lab = Lab::up(LabConfig { prefix: prefix.into(), tun_clients, eth_clients }).expect("lab up");
-        let oracle = Oracle::install(&lab).expect("oracle");
-        let state = PathBuf::from(format!("/tmp/tmtest-state-{prefix}-{}", std::process::id()));
-        let log = PathBuf::from(format!("/tmp/tmtest-{prefix}-{}.log", std::process::id()));
-        let _ = std::fs::remove_file(&log);
-        Env { lab, oracle, pins: PinDir::new(prefix), state, log }
-    }
-
-    fn daemon_args(&self) -> Vec<String> {
-        let mut a: Vec<String> = ["--tun", "tun0", "--egress", "eth0"].iter().map(|s| s.to_string()).collect();
-        a.extend(SUBNET_ARGS.iter().map(|s| s.to_string()));
-        let (pin, state) = self.path_args();
-        a.extend(["--pin-dir".into(), pin, "--state-dir".into(), state]);
-        a
-    }
-
-    fn start_daemon(&self) -> Daemon {
-        let args = self.daemon_args();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Daemon::start(&self.lab.server_ns(), &args, &self.log)
-    }
-
-    /// `--pin-dir` and `--state-dir` values.
-    fn path_args(&self) -> (String, String) {
-        (self.pins.path().display().to_string(), self.state.display().to_string())
-    }
-
-    fn maps(&self) -> PinnedMaps {
-        PinnedMaps::new(self.pins.path())
-    }
-
-    fn clients(&self) -> Vec<(String, IpAddr)> {
-        let mut v = Vec::new();
-        for (dev, cs) in [("tun0", self.lab.tun_clients()), ("eth0", self.lab.eth_clients())] {
-            for c in cs {
-                v.push((dev.to_string(), IpAddr::V4(c.v4)));
-                v.push((dev.to_string(), IpAddr::V6(c.v6)));
-            }
-        }
-        v
-    }
-}
+type Env = support::env::LabEnv;
 
 /// Another tool's TC program on `dev`, after ours (appended to the TCX chain, or at a later
 /// netlink priority): an independent instance of a counting program with its own maps. If
@@ -233,7 +178,7 @@ fn counts_equal_nftables_and_link_stats_for_every_client() {
     // too; nftables and tunmeter agree with or without GSO (the restart test runs with it).
     env.lab.set_gso(false).unwrap();
     let ns = env.lab.server_ns();
-    let _daemon = env.start_daemon();
+    let _daemon = env.start_daemon(&[]);
     let fo = ForeignObserver::attach(&ns, "eth0", false);
     let before = quiet_reading(&env);
     let ff = [fo.packets("upload"), fo.packets("download")];
@@ -274,7 +219,7 @@ fn kill_9_and_restart_under_traffic_lose_and_double_nothing() {
         return;
     }
     let env = Env::new("tmnr", 2, 2);
-    let mut daemon = env.start_daemon();
+    let mut daemon = env.start_daemon(&[]);
     let before = quiet_reading(&env);
 
     let bg =
@@ -288,7 +233,7 @@ fn kill_9_and_restart_under_traffic_lose_and_double_nothing() {
     let total = |s: &ClientsSnapshot| s.clients.iter().map(|c| c.upload.packets + c.download.packets).sum::<u64>();
     assert!(total(&later) > total(&mid), "counting stopped while the daemon was down");
 
-    let mut daemon = env.start_daemon();
+    let mut daemon = env.start_daemon(&[]);
     assert!(
         daemon.log_text().contains("adopted pinned link"),
         "restart must adopt the pinned links:\n{}",
@@ -297,7 +242,7 @@ fn kill_9_and_restart_under_traffic_lose_and_double_nothing() {
     std::thread::sleep(Duration::from_millis(800));
     // And once more, with a clean stop this time.
     assert!(daemon.stop().is_some_and(|s| s.success()), "SIGTERM exits 0");
-    let _daemon = env.start_daemon();
+    let _daemon = env.start_daemon(&[]);
     std::thread::sleep(Duration::from_millis(500));
     let st = bg.stop();
     assert_eq!(st.errors, 0, "traffic errors: {:?}", st.last_error);
@@ -327,7 +272,7 @@ fn a_recreated_tun_device_is_counted_again_within_2_seconds() {
         return;
     }
     let mut env = Env::new("tmnc", 2, 1);
-    let mut daemon = env.start_daemon();
+    let mut daemon = env.start_daemon(&[]);
     let ns = env.lab.server_ns();
     assert_eq!(tcx_programs(&ns, "tun0"), 2);
 
@@ -469,7 +414,7 @@ fn bad_inputs_fail_clearly_and_leave_nothing_behind() {
     check_clean("no permission");
 
     // A second daemon on the same state directory is refused, and leaves the first intact.
-    let args = env.daemon_args();
+    let args = env.daemon_args(&[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let first = Daemon::start(&ns, &args, &env.log);
     let out = support::daemon::command(&ns, &[&["run"], &args[..]].concat()).output().unwrap();
@@ -500,7 +445,7 @@ fn netlink_attachment_counts_restarts_and_detaches() {
     }
     let env = Env::new("tmnl", 1, 1);
     let ns = env.lab.server_ns();
-    let mut args = env.daemon_args();
+    let mut args = env.daemon_args(&[]);
     args.extend(["--attach-mode".into(), "netlink".into()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let filters = |dev: &str| -> usize {
@@ -546,7 +491,7 @@ fn netlink_attachment_counts_restarts_and_detaches() {
 
     // Switching to TCX replaces the filters by links (never both: that would count twice).
     drop(_daemon);
-    let mut tcx_args = env.daemon_args();
+    let mut tcx_args = env.daemon_args(&[]);
     tcx_args.extend(["--attach-mode".into(), "tcx".into()]);
     let tcx_args: Vec<&str> = tcx_args.iter().map(String::as_str).collect();
     let _daemon = Daemon::start(&ns, &tcx_args, &env.log);

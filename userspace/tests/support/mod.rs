@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod env;
 pub mod packets;
 pub mod postgres;
 
