@@ -409,6 +409,24 @@ mod tests {
     }
 
     #[test]
+    fn usage_polled_while_a_reset_is_written_belongs_to_the_new_period() {
+        let mut s = State::default();
+        s.apply_poll("e", &[r("10.8.0.2", t(1000, 0))], 0, None);
+        let rec = s.prepare_reset(ip("10.8.0.2"), 10).unwrap();
+        let batch = s.take_flush(Some(rec.clone()));
+        // A poll lands while the reset's transaction is in flight.
+        s.apply_poll("e", &[r("10.8.0.2", t(1700, 0))], 20, Some(1.0));
+        s.commit_reset(&rec);
+        assert_eq!(rec.closed, t(1000, 0));
+        assert_eq!(s.clients[&ip("10.8.0.2")].period(), t(700, 0));
+        // The next batch carries that usage and the reset's base, so the stored period agrees.
+        let next = s.take_flush(None);
+        assert_eq!(pending_sum(&next, ip("10.8.0.2")), t(700, 0));
+        assert_eq!(next.clients[0].1.base, t(1000, 0));
+        drop(batch);
+    }
+
+    #[test]
     fn restarts_from_a_stored_cursor_neither_lose_nor_double() {
         // Readings of one growing counter; every 7th poll the state is rebuilt from what was
         // written (cursor + total), as after a restart; the total must equal the last reading.
