@@ -157,6 +157,8 @@ fn api_auth_errors_metrics_and_a_stream_with_a_stalled_subscriber() {
         ("GET", "/api/v1/clients/10.8.0.2/usage?from=0&to=99999999999999", 400),
         ("GET", "/api/v1/clients/10.8.0.2/usage?bogus=1", 400),
         ("GET", "/api/v1/nothing-here", 404),
+        ("DELETE", "/api/v1/clients", 405),
+        ("GET", "/api/v1/clients/10.8.0.2/reset", 405),
     ] {
         let (s, _, b) = http(&ns, method, path, Some(&admin));
         assert_eq!(s, want, "{method} {path}: {b}");

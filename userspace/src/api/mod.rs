@@ -93,6 +93,7 @@ pub fn router(app: Arc<App>) -> Router {
         .nest("/api/v1", v1)
         .merge(crate::web::routes())
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .with_state(app)
 }
 

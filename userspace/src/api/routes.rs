@@ -202,3 +202,7 @@ pub async fn openapi(_c: Caller) -> impl IntoResponse {
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no route {}", uri.path()))
 }
+
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", uri.path()))
+}
