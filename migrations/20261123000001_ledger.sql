@@ -6,6 +6,9 @@ CREATE TABLE nodes (
     node_id TEXT PRIMARY KEY,
     -- Which kernel counter map the client cursors below refer to ("<boot id>/<map id>").
     kernel_epoch TEXT NOT NULL DEFAULT '',
+    -- Hour rows before this time are rolled up from minute rows, day rows from hour rows.
+    hours_rolled_until_ms BIGINT NOT NULL DEFAULT 0,
+    days_rolled_until_ms BIGINT NOT NULL DEFAULT 0,
     created_unix_ms BIGINT NOT NULL,
     updated_unix_ms BIGINT NOT NULL
 );
@@ -40,7 +43,9 @@ CREATE TABLE clients (
 );
 
 -- Usage history. Bytes and packets are exact sums; peak_*_rate is the highest rate (bytes/s)
--- of any single poll interval in the bucket.
+-- of any single poll interval in the bucket. Minute rows are written with each batch; hour rows
+-- are rolled up from minute rows once an hour has passed, day rows from hour rows (see
+-- nodes.*_rolled_until_ms); reads combine both for the current hour and day.
 CREATE TABLE usage_minute (
     node_id TEXT NOT NULL,
     ip TEXT NOT NULL,

@@ -286,7 +286,7 @@ impl Config {
             )?,
             flush_interval_ms: ranged(
                 "flush_interval_ms",
-                ov.flush_interval_ms.or(l.flush_interval_ms).unwrap_or(5000),
+                ov.flush_interval_ms.or(l.flush_interval_ms).unwrap_or(10_000),
                 100,
                 300_000,
             )?,
@@ -452,7 +452,7 @@ mod tests {
         let text = include_str!("../../deploy/tunmeter.toml");
         let c = Config::from_toml(text, &ov()).unwrap();
         assert_eq!(c.interfaces.len(), 3);
-        assert_eq!(c.ledger.flush_interval_ms, 5000);
+        assert_eq!(c.ledger.flush_interval_ms, 10_000);
     }
 
     #[test]

@@ -159,7 +159,7 @@ struct RunArgs {
     /// Milliseconds between readings of the kernel counters (default 1000).
     #[arg(long)]
     poll_interval_ms: Option<u64>,
-    /// Milliseconds between ledger writes (default 5000).
+    /// Milliseconds between ledger writes (default 10000).
     #[arg(long)]
     flush_interval_ms: Option<u64>,
     /// Milliseconds between live stream frames (default 1000, at least 250).

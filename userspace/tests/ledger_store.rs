@@ -229,6 +229,30 @@ async fn scenario(url: &str, outage: &mut dyn Outage) {
     let (_, pm) = history_sum(&l.db, "node-a", a, Granularity::Minute).await;
     let (_, ph) = history_sum(&l.db, "node-a", a, Granularity::Hour).await;
     assert_eq!(pm, ph, "hour peak = max of minute peaks");
+    // Once the hours and days are over, they are rolled up into their own rows: the same sums
+    // and peaks, read from those rows now.
+    let later = tunmeter::clock::unix_ms() + 3 * 86_400_000;
+    store::roll_up(&l.db, "node-a", later).await.unwrap();
+    store::roll_up(&l.db, "node-a", later).await.unwrap();
+    let rolled: i64 = sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM usage_day WHERE node_id = 'node-a'")
+        .fetch_one(&l.db.pool)
+        .await
+        .unwrap()
+        .try_get("n")
+        .unwrap();
+    assert!(rolled >= 1, "day rows rolled up");
+    for g in [Granularity::Hour, Granularity::Day] {
+        let (t, p) = history_sum(&l.db, "node-a", a, g).await;
+        assert_eq!(t.up_bytes + t.down_bytes, src.ever(a), "{g:?} history sum after the roll-up");
+        assert_eq!(p, pm, "{g:?} peak after the roll-up");
+    }
+    // A late batch for a rolled-up hour (as after an outage) is rolled up again.
+    add(a, 11, 0);
+    l.poll_once().await.unwrap();
+    l.flush().await.unwrap();
+    store::roll_up(&l.db, "node-a", later).await.unwrap();
+    let (t, _) = history_sum(&l.db, "node-a", a, Granularity::Day).await;
+    assert_eq!(t.up_bytes + t.down_bytes, src.ever(a), "day history after a late batch");
 
     // 7. Another node in the same database is separate.
     let src2 = Arc::new(Scripted::default());

@@ -328,6 +328,7 @@ impl Ledger {
             let mut backoff = Duration::ZERO;
             let mut retry_at = Instant::now();
             let mut next_retention = Instant::now();
+            let mut next_rollup = Instant::now();
             // `stop` wakes only a task that waits; the flag catches one that was busy.
             while !me.stopped.load(Ordering::SeqCst) {
                 tokio::select! {
@@ -342,6 +343,12 @@ impl Ledger {
                             Err(_) => {
                                 backoff = (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
                                 retry_at = Instant::now() + backoff;
+                            }
+                        }
+                        if backoff.is_zero() && Instant::now() >= next_rollup {
+                            next_rollup = Instant::now() + Duration::from_secs(60);
+                            if let Err(e) = store::roll_up(&me.db, &me.cfg.node_id, unix_ms()).await {
+                                warn!(%e, "rolling up hour and day history failed; retrying in a minute");
                             }
                         }
                         if backoff.is_zero() && Instant::now() >= next_retention {

@@ -78,6 +78,8 @@ pub struct ClientState {
     /// Bytes per second over the last poll interval.
     pub up_rate: f64,
     pub down_rate: f64,
+    /// Number of the last poll that had an entry for this client.
+    pub(crate) poll_gen: u64,
 }
 
 impl ClientState {
@@ -91,6 +93,7 @@ impl ClientState {
             base: Totals::default(),
             up_rate: 0.0,
             down_rate: 0.0,
+            poll_gen: 0,
         }
     }
 
@@ -168,6 +171,7 @@ pub struct State {
     pending: HashMap<(u64, IpAddr), Bucket>,
     dirty: HashSet<IpAddr>,
     epoch_dirty: bool,
+    polls: u64,
 }
 
 impl State {
@@ -199,20 +203,18 @@ impl State {
             self.epoch = epoch.to_string();
             self.epoch_dirty = true;
         }
-        let mut seen = HashSet::with_capacity(readings.len());
+        self.polls += 1;
+        let gen_ = self.polls;
         for r in readings {
-            seen.insert(r.ip);
             if self.apply_one(r, now_ms, elapsed_s, &mut out) {
                 out.changed += 1;
             }
         }
         // Clients without an entry this time moved nothing.
-        if seen.len() != self.clients.len() {
-            for (ip, c) in self.clients.iter_mut() {
-                if !seen.contains(ip) {
-                    c.up_rate = 0.0;
-                    c.down_rate = 0.0;
-                }
+        if readings.len() != self.clients.len() {
+            for c in self.clients.values_mut().filter(|c| c.poll_gen != gen_) {
+                c.up_rate = 0.0;
+                c.down_rate = 0.0;
             }
         }
         out
@@ -221,8 +223,13 @@ impl State {
     /// Take in one client's reading (a poll, or the fresh read a reset makes). True if it
     /// added usage.
     pub fn apply_one(&mut self, r: &Reading, now_ms: u64, elapsed_s: Option<f64>, out: &mut PollOutcome) -> bool {
-        let is_new = !self.clients.contains_key(&r.ip);
-        let c = self.clients.entry(r.ip).or_insert_with(|| ClientState::new(now_ms));
+        let gen_ = self.polls;
+        let mut is_new = false;
+        let c = self.clients.entry(r.ip).or_insert_with(|| {
+            is_new = true;
+            ClientState::new(now_ms)
+        });
+        c.poll_gen = gen_;
         let delta = if r.totals.ge(&c.cursor) {
             r.totals.minus(&c.cursor)
         } else {
