@@ -106,6 +106,10 @@ pub struct Ledger {
     /// Held across a kernel read and its application, so two readings are never applied out
     /// of order (a stale reading after a fresh one would look like a re-created entry).
     read_gate: tokio::sync::Mutex<Option<Instant>>,
+    /// Held from taking a batch to its commit: client rows hold absolute values, so batches
+    /// must commit in the order they were taken (an older one committed last would store an
+    /// older cursor under newer usage).
+    write_gate: tokio::sync::Mutex<()>,
     resets: mpsc::Sender<ResetRequest>,
     reset_rx: Mutex<Option<mpsc::Receiver<ResetRequest>>>,
     stopped: AtomicBool,
@@ -132,6 +136,7 @@ impl Ledger {
             state: Mutex::new(State::restore(epoch, clients)),
             health: Mutex::new(Health { database_up: true, ..Health::default() }),
             read_gate: tokio::sync::Mutex::new(None),
+            write_gate: tokio::sync::Mutex::new(()),
             resets: tx,
             reset_rx: Mutex::new(Some(rx)),
             stopped: AtomicBool::new(false),
@@ -206,6 +211,7 @@ impl Ledger {
 
     /// Write everything pending in one transaction. On failure it stays pending.
     pub async fn flush(&self) -> Result<usize, sqlx::Error> {
+        let _writing = self.write_gate.lock().await;
         let batch = self.state().take_flush(None);
         if batch.is_empty() {
             self.set_health(|h| h.flush_cycles += 1);
@@ -261,6 +267,7 @@ impl Ledger {
     async fn do_reset(&self, ip: IpAddr) -> Result<ResetRecord, LedgerError> {
         // The reset's instant is a fresh reading of this client, so bytes counted by the kernel
         // before it belong to the closed period and bytes after it to the new one.
+        let _writing = self.write_gate.lock().await;
         let gate = self.read_gate.lock().await;
         let src = self.source.clone();
         let fresh =
