@@ -295,6 +295,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         metrics,
         hub: Default::default(),
         maps: Some(crate::loader::PinnedMaps::new(&dp.cfg.pin_dir)),
+        list_cache: Default::default(),
     });
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = match api::serve(app, &dp.cfg.state_dir, async move {

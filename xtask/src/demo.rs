@@ -1,7 +1,10 @@
-//! `cargo xtask demo`: lab with traffic + daemon in the server namespace + live client table.
+//! `cargo xtask demo`: lab with traffic + daemon in the server namespace + live client table,
+//! and the dashboard on the host's loopback (a relay into the server namespace) with an admin
+//! token.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,6 +15,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -30,6 +34,12 @@ const PIN_DIR: &str = "/sys/fs/bpf/tunmeter-demo";
 const TUN: &str = "tun0";
 const EGRESS: &str = "eth0";
 const SUBNETS: &[&str] = &["10.8.0.0/24", "fd00:8::/64", "10.9.0.0/24", "fd00:9::/64"];
+/// The daemon's API, on the server namespace's loopback.
+const API_LISTEN: &str = "127.0.0.1:9107";
+/// The host's end of the relay to the API: the same port on the host's loopback if it is free,
+/// else any free port.
+const DASHBOARD_PORT: u16 = 9107;
+const NODE_ID: &str = "demo";
 
 /// `tunmeter-lab up ...`: builds the lab, starts traffic, prints `READY <server netns>`,
 /// then runs until SIGTERM and tears the lab down.
@@ -46,7 +56,15 @@ fn daemon_run_args(state_dir: &Path) -> Vec<String> {
     for subnet in SUBNETS {
         args.extend(strings(&["--subnet", subnet]));
     }
-    args.extend(strings(&["--pin-dir", PIN_DIR, "--state-dir"]));
+    args.extend(strings(&["--node-id", NODE_ID, "--api-listen", API_LISTEN, "--pin-dir", PIN_DIR, "--state-dir"]));
+    args.push(state_dir.display().to_string());
+    args
+}
+
+/// `tunmeter token create`: prints the new token on stdout (only this once).
+fn daemon_token_args(state_dir: &Path) -> Vec<String> {
+    let mut args = strings(&["token", "create", "--role", "admin", "--name", "demo", "--node-id", NODE_ID]);
+    args.extend(strings(&["--state-dir"]));
     args.push(state_dir.display().to_string());
     args
 }
@@ -128,6 +146,8 @@ pub fn demo(seconds: Option<u64>) -> Result<()> {
         lab_reader: None,
         daemon: None,
         ns: None,
+        relay: None,
+        token: None,
     };
     demo.clean_leftovers();
     let result = demo.run(&stop, seconds);
@@ -155,6 +175,10 @@ struct Demo {
     daemon: Option<Child>,
     /// The server network namespace, once the lab said READY.
     ns: Option<String>,
+    /// The host's way to the dashboard.
+    relay: Option<Relay>,
+    /// The admin token for the dashboard.
+    token: Option<String>,
 }
 
 fn lab_log() -> PathBuf {
@@ -168,8 +192,54 @@ fn daemon_log() -> PathBuf {
 impl Demo {
     fn run(&mut self, stop: &AtomicBool, seconds: Option<u64>) -> Result<()> {
         let ns = self.start_lab(stop)?;
+        self.create_token()?;
         self.start_daemon(&ns)?;
+        let relay = Relay::start(&ns)?;
+        self.relay = Some(relay);
+        self.print_dashboard(seconds);
         self.show_clients(&ns, stop, seconds)
+    }
+
+    /// A fresh ledger for every demo, and an admin token in it for the dashboard.
+    fn create_token(&mut self) -> Result<()> {
+        let state_dir = state_dir();
+        if state_dir.exists() {
+            std::fs::remove_dir_all(&state_dir).with_context(|| format!("removing {}", state_dir.display()))?;
+        }
+        std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        let mut c = cmd(&self.daemon_bin);
+        c.args(daemon_token_args(&state_dir)).stdin(Stdio::null()).env("NO_COLOR", "1");
+        let what = describe(&c);
+        let out = c.output().with_context(|| format!("running `{what}`"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("`{what}` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let token = stdout.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default();
+        if !token.starts_with("tm_") {
+            bail!("`{what}` printed {stdout:?}, expected a token tm_...");
+        }
+        self.token = Some(token.to_owned());
+        Ok(())
+    }
+
+    fn dashboard_url(&self) -> String {
+        self.relay.as_ref().map(|r| format!("http://{}/", r.addr)).unwrap_or_default()
+    }
+
+    fn print_dashboard(&self, seconds: Option<u64>) {
+        let url = self.dashboard_url();
+        let token = self.token.as_deref().unwrap_or_default();
+        let stop = match seconds {
+            Some(n) => format!("the demo stops after {n} s (or Ctrl-C)"),
+            None => "Ctrl-C stops the demo and removes everything".to_owned(),
+        };
+        println!();
+        println!("demo: dashboard:   {url}   (paste the admin token into its login form)");
+        println!("demo: admin token: {token}");
+        println!("demo: API:         curl -H 'Authorization: Bearer {token}' {url}api/v1/clients");
+        println!("demo: {stop}");
+        println!();
     }
 
     fn start_lab(&mut self, stop: &AtomicBool) -> Result<String> {
@@ -275,7 +345,12 @@ impl Demo {
                 Some(n) => format!("stops after {n} s"),
                 None => "Ctrl-C to stop".to_owned(),
             };
-            screen.push_str(&format!("tunmeter demo: server netns {ns}, {elapsed} s, {until}\n$ {what}\n\n"));
+            screen.push_str(&format!("tunmeter demo: server netns {ns}, {elapsed} s, {until}\n"));
+            screen.push_str(&format!(
+                "dashboard: {}  admin token: {}\n$ {what}\n\n",
+                self.dashboard_url(),
+                self.token.as_deref().unwrap_or_default()
+            ));
             screen.push_str(&String::from_utf8_lossy(&out.stdout));
             if !out.status.success() && start.elapsed() < DAEMON_START_GRACE {
                 screen.push_str("(waiting for the daemon to load and pin its maps)\n");
@@ -306,6 +381,11 @@ impl Demo {
     /// namespace and no pin is left. Keeps going after failures and reports them all.
     fn cleanup(&mut self) -> Result<()> {
         let mut problems = Vec::new();
+
+        if let Some(relay) = self.relay.take() {
+            println!("demo: closing the dashboard relay");
+            relay.stop();
+        }
 
         if let Some(daemon) = self.daemon.take() {
             println!("demo: stopping the daemon (SIGTERM)");
@@ -377,6 +457,99 @@ impl Demo {
             eprintln!("demo: warning: removing {PIN_DIR}: {e}");
         }
     }
+}
+
+/// Forwards connections to the host's loopback (127.0.0.1:DASHBOARD_PORT, or a free port) to
+/// the daemon's API on the server namespace's loopback, so a browser on the host reaches the
+/// dashboard while the API itself stays loopback-only and the host gets no new address.
+struct Relay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    acceptor: JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(ns: &str) -> Result<Relay> {
+        let listener = match TcpListener::bind(("127.0.0.1", DASHBOARD_PORT)) {
+            Ok(l) => l,
+            Err(e) => {
+                println!("demo: 127.0.0.1:{DASHBOARD_PORT} is not free ({e}); the dashboard gets another port");
+                TcpListener::bind("127.0.0.1:0").context("binding a loopback port for the dashboard")?
+            }
+        };
+        let addr = listener.local_addr()?;
+        // Non-blocking, so the acceptor notices `stop`.
+        listener.set_nonblocking(true)?;
+        let netns = Arc::new(File::open(netns_path(ns)).with_context(|| format!("opening {}", netns_path(ns)))?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let acceptor = thread::Builder::new()
+            .name("dashboard-relay".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((client, _)) => {
+                            let netns = Arc::clone(&netns);
+                            let _ =
+                                thread::Builder::new().name("relay-conn".into()).spawn(move || relay(client, &netns));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(50))
+                        }
+                        Err(e) => {
+                            eprintln!("demo: warning: dashboard relay: accept: {e}");
+                            thread::sleep(Duration::from_millis(200));
+                        }
+                    }
+                }
+            })
+            .context("starting the dashboard relay")?;
+        println!("demo: dashboard relay: {addr} (host) -> {API_LISTEN} in {ns}");
+        Ok(Relay { addr, stop, acceptor })
+    }
+
+    /// Stop accepting. Open connections end when the daemon stops.
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.acceptor.join();
+    }
+}
+
+/// One relayed connection: this thread joins the server namespace (only this thread: setns
+/// on a thread changes its namespace alone), connects to the API there, and copies both ways.
+fn relay(client: TcpStream, netns: &File) {
+    let _ = client.set_nonblocking(false);
+    if let Err(e) = setns(netns, CloneFlags::CLONE_NEWNET) {
+        eprintln!("demo: warning: dashboard relay: entering the server namespace: {e}");
+        return;
+    }
+    let Ok(upstream) = TcpStream::connect(API_LISTEN) else {
+        // The daemon is not listening (yet, or any more): the browser sees a closed connection.
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (Ok(client_w), Ok(upstream_r)) = (client.try_clone(), upstream.try_clone()) else { return };
+    let back = thread::spawn(move || pump(upstream_r, client_w));
+    pump(client, upstream);
+    let _ = back.join();
+}
+
+/// Copy until EOF or error, then pass the EOF on.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
 }
 
 /// Network namespaces with the demo's prefix and the demo's pin directory, if they exist.

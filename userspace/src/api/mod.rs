@@ -42,6 +42,14 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub hub: stream::Hub,
     pub maps: Option<PinnedMaps>,
+    /// The serialised client list of the latest poll.
+    pub list_cache: std::sync::Mutex<Option<ListCache>>,
+}
+
+pub struct ListCache {
+    pub polls: u64,
+    pub at: std::time::Instant,
+    pub body: axum::body::Bytes,
 }
 
 impl App {

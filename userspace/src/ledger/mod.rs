@@ -166,7 +166,7 @@ impl Ledger {
     }
 
     /// Run `f` on the state without copying it (for building stream frames and metrics).
-    pub fn with_clients<R>(&self, f: impl FnOnce(&std::collections::HashMap<IpAddr, ClientState>) -> R) -> R {
+    pub fn with_clients<R>(&self, f: impl FnOnce(&state::ClientMap) -> R) -> R {
         f(&self.state().clients)
     }
 
