@@ -80,6 +80,35 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// BPF_MAP_UPDATE_BATCH (Linux 5.6): write many entries of a per-CPU map in a few system calls;
+/// `keys[i]` gets `values[i * ncpus..][..ncpus]`. `V`'s size must be a multiple of 8 (the kernel's
+/// per-CPU slot), so the slice is laid out as the kernel expects. For filling maps in tests and
+/// benchmarks.
+pub fn update_percpu<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V], ncpus: usize) -> io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    const CHUNK: usize = 8192;
+    assert_eq!(size_of::<V>() % 8, 0, "per-CPU values must fill 8-byte slots");
+    assert_eq!(values.len(), keys.len() * ncpus);
+    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK * ncpus)) {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a complete `batch` attribute of the size passed; its pointers name
+        // `count` keys and `count * ncpus` values that live across the call (read only).
+        let ret = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>())
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// A chunk size that keeps one call's buffers near 256 KiB for this map layout.
 pub fn default_chunk<K, V>(ncpus: usize) -> u32 {
     let entry = size_of::<K>() + ncpus * size_of::<V>().next_multiple_of(8);

@@ -512,7 +512,8 @@ impl Traffic {
                     // One slot per possible CPU, as the kernel program's per-CPU counters are.
                     values.extend(std::iter::repeat_n(c, ncpu));
                 }
-                update_batch(&map, &keys, &values, ncpu).expect("BPF_MAP_UPDATE_BATCH of the client map");
+                tunmeter::batch::update_percpu(&map, &keys, &values, ncpu)
+                    .expect("BPF_MAP_UPDATE_BATCH of the client map");
                 rounds.push(t0.elapsed());
                 next += Duration::from_secs(1);
                 while std::time::Instant::now() < next && !stop2.load(std::sync::atomic::Ordering::Relaxed) {
@@ -539,53 +540,6 @@ impl Drop for Traffic {
             let _ = t.join();
         }
     }
-}
-
-/// BPF_MAP_UPDATE_BATCH (Linux 5.6): `keys[i]` gets `values[i * ncpu..][..ncpu]`, in a few
-/// system calls instead of one per entry, so this process keeps up with 100,000 clients a
-/// second. `ClientCounters` is 40 bytes, a multiple of 8, so its slots are packed as the kernel
-/// expects.
-fn update_batch(
-    map: &aya::maps::MapData,
-    keys: &[tunmeter_common::ClientKey],
-    values: &[ClientCounters],
-    ncpu: usize,
-) -> std::io::Result<()> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    /// The `batch` member of `union bpf_attr`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    const CHUNK: usize = 8192;
-    assert_eq!(values.len(), keys.len() * ncpu);
-    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK * ncpu)) {
-        let mut attr = BatchAttr {
-            keys: k.as_ptr() as u64,
-            values: v.as_ptr() as u64,
-            count: k.len() as u32,
-            map_fd: map.fd().as_fd().as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        // SAFETY: `attr` is a complete `batch` attribute of the size passed; its pointers name
-        // `count` keys and `count * ncpu` values that live across the call (read only).
-        let ret = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>())
-        };
-        if ret != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// utime + stime of a process (all its threads), in clock ticks.
