@@ -5,10 +5,7 @@
 //! Each subscriber sends the newest frame when it can; a slow one skips frames, and one whose
 //! send does not complete within `stall_timeout` is disconnected.
 
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::sync::{Arc, atomic::Ordering};
 
 use axum::{
     extract::{
@@ -137,6 +134,3 @@ async fn serve(socket: WebSocket, app: Arc<App>) {
     }
     app.metrics.stream_subscribers.fetch_sub(1, Ordering::Relaxed);
 }
-
-/// Minimum stream interval.
-pub const MIN_INTERVAL: Duration = Duration::from_millis(250);

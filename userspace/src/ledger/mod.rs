@@ -156,11 +156,6 @@ impl Ledger {
         f(&mut self.health.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    /// A copy of every client's state.
-    pub fn clients(&self) -> Vec<(IpAddr, ClientState)> {
-        self.state().clients.iter().map(|(ip, c)| (*ip, c.clone())).collect()
-    }
-
     pub fn client(&self, ip: IpAddr) -> Option<ClientState> {
         self.state().clients.get(&ip).cloned()
     }
