@@ -12,7 +12,10 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::{App, auth::Caller, error::ApiError, error::ErrorBody, views::*};
-use crate::{clock::unix_ms, ledger::store, ledger::store::Granularity};
+use crate::{
+    clock::unix_ms,
+    ledger::{LedgerError, state::ClientState, store, store::Granularity},
+};
 
 /// Parse a client address from the path: canonical IPv4 or IPv6 text.
 pub fn parse_client(s: &str) -> Result<IpAddr, ApiError> {
@@ -25,6 +28,13 @@ pub fn parse_client(s: &str) -> Result<IpAddr, ApiError> {
         return Err(ApiError::bad_request(format!("{s:?} is IPv4-mapped: use {v4}")));
     }
     Ok(ip)
+}
+
+/// A client address from the path that this node's ledger knows (400 if malformed, 404 if not).
+fn known_client(app: &App, s: &str) -> Result<(IpAddr, ClientState), ApiError> {
+    let ip = parse_client(s)?;
+    let c = app.ledger.client(ip).ok_or(LedgerError::UnknownClient(ip))?;
+    Ok((ip, c))
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "health",
@@ -87,8 +97,7 @@ pub async fn get_client(
     State(app): State<Arc<App>>,
     Path(ip): Path<String>,
 ) -> Result<Json<ClientView>, ApiError> {
-    let ip = parse_client(&ip)?;
-    let c = app.ledger.client(ip).ok_or_else(|| ApiError::not_found(format!("no client {ip} on this node")))?;
+    let (ip, c) = known_client(&app, &ip)?;
     Ok(Json(ClientView::new(ip, &c, unix_ms(), app.cfg.offline_after_ms)))
 }
 
@@ -115,11 +124,8 @@ pub async fn usage(
     Path(ip): Path<String>,
     q: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Result<Json<Usage>, ApiError> {
-    let ip = parse_client(&ip)?;
+    let (ip, _) = known_client(&app, &ip)?;
     let Query(q) = q?;
-    if app.ledger.client(ip).is_none() {
-        return Err(ApiError::not_found(format!("no client {ip} on this node")));
-    }
     let g = q.granularity.unwrap_or(Granularity::Minute);
     let now = unix_ms();
     let to = q.to.unwrap_or(now + 1);
@@ -171,10 +177,7 @@ pub async fn resets(
     State(app): State<Arc<App>>,
     Path(ip): Path<String>,
 ) -> Result<Json<ResetList>, ApiError> {
-    let ip = parse_client(&ip)?;
-    if app.ledger.client(ip).is_none() {
-        return Err(ApiError::not_found(format!("no client {ip} on this node")));
-    }
+    let (ip, _) = known_client(&app, &ip)?;
     let rows = store::resets(&app.ledger.db, &app.ledger.cfg.node_id, ip, 1000).await?;
     Ok(Json(ResetList { ip: ip.to_string(), resets: rows.iter().map(ResetView::from).collect() }))
 }

@@ -132,8 +132,9 @@ pub async fn ensure_node(db: &Database, node: &str, now_ms: u64) -> Result<Strin
     row.try_get("kernel_epoch")
 }
 
+/// The four counter columns `up_bytes` .. `down_packets`, after `prefix` (e.g. "cursor_") if any.
 fn totals(row: &AnyRow, prefix: &str) -> Result<Totals, sqlx::Error> {
-    let g = |c: &str| row.try_get::<i64, _>(format!("{prefix}_{c}").as_str()).map(from_db);
+    let g = |c: &str| row.try_get::<i64, _>(format!("{prefix}{c}").as_str()).map(from_db);
     Ok(Totals {
         up_bytes: g("up_bytes")?,
         up_packets: g("up_packets")?,
@@ -155,9 +156,9 @@ pub async fn load_clients(db: &Database, node: &str) -> Result<Vec<(IpAddr, Clie
                 first_seen_ms: from_db(row.try_get("first_seen_unix_ms")?),
                 last_seen_ms: row.try_get::<Option<i64>, _>("last_seen_unix_ms")?.map(from_db),
                 period_started_ms: from_db(row.try_get("period_started_unix_ms")?),
-                cursor: totals(&row, "cursor")?,
-                total: totals(&row, "total")?,
-                base: totals(&row, "base")?,
+                cursor: totals(&row, "cursor_")?,
+                total: totals(&row, "total_")?,
+                base: totals(&row, "base_")?,
                 up_rate: 0.0,
                 down_rate: 0.0,
                 poll_gen: 0,
@@ -298,10 +299,14 @@ const SUMS: &str = "CAST(SUM(up_bytes) AS BIGINT) AS up_bytes, CAST(SUM(up_packe
      CAST(SUM(down_bytes) AS BIGINT) AS down_bytes, CAST(SUM(down_packets) AS BIGINT) AS down_packets, \
      MAX(peak_up_rate) AS peak_up_rate, MAX(peak_down_rate) AS peak_down_rate";
 
-async fn watermarks(db: &Database, node: &str) -> Result<(u64, u64), sqlx::Error> {
+/// (hours, days) rolled up so far: `nodes.*_rolled_until_ms`.
+async fn watermarks<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    node: &str,
+) -> Result<(u64, u64), sqlx::Error> {
     let row = sqlx::query("SELECT hours_rolled_until_ms, days_rolled_until_ms FROM nodes WHERE node_id = $1")
         .bind(node)
-        .fetch_optional(&db.pool)
+        .fetch_optional(ex)
         .await?;
     Ok(match row {
         Some(r) => (from_db(r.try_get("hours_rolled_until_ms")?), from_db(r.try_get("days_rolled_until_ms")?)),
@@ -338,16 +343,10 @@ async fn bucketed(
 }
 
 fn usage_row(row: &AnyRow) -> Result<UsageRow, sqlx::Error> {
-    let g = |c: &str| row.try_get::<i64, _>(c).map(from_db);
     Ok(UsageRow {
-        start_ms: g("start_unix_ms")?,
+        start_ms: from_db(row.try_get("start_unix_ms")?),
         bucket: Bucket {
-            totals: Totals {
-                up_bytes: g("up_bytes")?,
-                up_packets: g("up_packets")?,
-                down_bytes: g("down_bytes")?,
-                down_packets: g("down_packets")?,
-            },
+            totals: totals(row, "")?,
             peak_up_rate: row.try_get("peak_up_rate")?,
             peak_down_rate: row.try_get("peak_down_rate")?,
         },
@@ -364,7 +363,7 @@ pub async fn history(
     from_ms: u64,
     to_ms: u64,
 ) -> Result<Vec<UsageRow>, sqlx::Error> {
-    let (hours_wm, days_wm) = watermarks(db, node).await?;
+    let (hours_wm, days_wm) = watermarks(&db.pool, node).await?;
     // (table, start of its range, end of its range)
     let pieces: Vec<(Granularity, u64, u64)> = match g {
         Granularity::Minute => vec![(Granularity::Minute, from_ms, to_ms)],
@@ -390,44 +389,11 @@ pub async fn history(
 /// whatever a late batch touched). Idempotent; one transaction.
 pub async fn roll_up(db: &Database, node: &str, now_ms: u64) -> Result<(), sqlx::Error> {
     let mut tx = db.pool.begin().await?;
-    let row = sqlx::query("SELECT hours_rolled_until_ms, days_rolled_until_ms FROM nodes WHERE node_id = $1")
-        .bind(node)
-        .fetch_one(&mut *tx)
-        .await?;
-    let (mut hw, mut dw) =
-        (from_db(row.try_get("hours_rolled_until_ms")?), from_db(row.try_get("days_rolled_until_ms")?));
-    let (this_hour, this_day) = (now_ms - now_ms % HOUR_MS, now_ms - now_ms % DAY_MS);
-    if hw < this_hour {
-        if hw == 0 {
-            // First roll-up: start at the oldest minute row.
-            let m: Option<i64> = sqlx::query("SELECT MIN(start_unix_ms) AS m FROM usage_minute WHERE node_id = $1")
-                .bind(node)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("m")?;
-            hw = m.map_or(this_hour, |m| from_db(m) - from_db(m) % HOUR_MS);
-        }
-        while hw < this_hour {
-            roll_one(&mut tx, node, Granularity::Minute, Granularity::Hour, hw, HOUR_MS).await?;
-            hw += HOUR_MS;
-        }
-    }
+    let (hw, dw) = watermarks(&mut *tx, node).await?;
+    let hw = roll_range(&mut tx, node, Granularity::Minute, Granularity::Hour, hw, now_ms - now_ms % HOUR_MS).await?;
     // Days are rolled from hour rows, so only up to the hours rolled so far.
-    let day_end = this_day.min(hw - hw % DAY_MS);
-    if dw < day_end {
-        if dw == 0 {
-            let m: Option<i64> = sqlx::query("SELECT MIN(start_unix_ms) AS m FROM usage_hour WHERE node_id = $1")
-                .bind(node)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("m")?;
-            dw = m.map_or(day_end, |m| from_db(m) - from_db(m) % DAY_MS);
-        }
-        while dw < day_end {
-            roll_one(&mut tx, node, Granularity::Hour, Granularity::Day, dw, DAY_MS).await?;
-            dw += DAY_MS;
-        }
-    }
+    let day_end = (now_ms - now_ms % DAY_MS).min(hw - hw % DAY_MS);
+    let dw = roll_range(&mut tx, node, Granularity::Hour, Granularity::Day, dw, day_end).await?;
     sqlx::query("UPDATE nodes SET hours_rolled_until_ms = $1, days_rolled_until_ms = $2 WHERE node_id = $3")
         .bind(to_db(hw))
         .bind(to_db(dw))
@@ -435,6 +401,36 @@ pub async fn roll_up(db: &Database, node: &str, now_ms: u64) -> Result<(), sqlx:
         .execute(&mut *tx)
         .await?;
     tx.commit().await
+}
+
+/// Roll `dst` buckets from `from` (0: from the oldest `src` row) up to `end`; returns the new
+/// watermark.
+async fn roll_range(
+    conn: &mut AnyConnection,
+    node: &str,
+    src: Granularity,
+    dst: Granularity,
+    mut from: u64,
+    end: u64,
+) -> Result<u64, sqlx::Error> {
+    let len = dst.len_ms();
+    if from >= end {
+        return Ok(from);
+    }
+    if from == 0 {
+        let oldest: Option<i64> =
+            sqlx::query(&format!("SELECT MIN(start_unix_ms) AS m FROM {} WHERE node_id = $1", src.table()))
+                .bind(node)
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get("m")?;
+        from = oldest.map_or(end, |m| from_db(m) - from_db(m) % len);
+    }
+    while from < end {
+        roll_one(conn, node, src, dst, from, len).await?;
+        from += len;
+    }
+    Ok(from)
 }
 
 /// Replace the `dst` rows of the bucket starting at `start` with sums of the `src` rows.
@@ -479,19 +475,12 @@ pub async fn resets(db: &Database, node: &str, ip: IpAddr, limit: u32) -> Result
     .await?;
     rows.iter()
         .map(|row| {
-            let g = |c: &str| row.try_get::<i64, _>(c).map(from_db);
-            let closed = Totals {
-                up_bytes: g("up_bytes")?,
-                up_packets: g("up_packets")?,
-                down_bytes: g("down_bytes")?,
-                down_packets: g("down_packets")?,
-            };
             Ok(ResetRecord {
                 id: row.try_get("id")?,
                 ip,
-                at_ms: g("at_unix_ms")?,
-                period_started_ms: g("period_started_unix_ms")?,
-                closed,
+                at_ms: from_db(row.try_get("at_unix_ms")?),
+                period_started_ms: from_db(row.try_get("period_started_unix_ms")?),
+                closed: totals(row, "")?,
                 new_base: Totals::default(),
             })
         })
@@ -502,17 +491,17 @@ pub async fn resets(db: &Database, node: &str, ip: IpAddr, limit: u32) -> Result
 /// equal the client's total).
 pub async fn closed_sum(db: &Database, node: &str, ip: IpAddr) -> Result<(u64, Totals), sqlx::Error> {
     let row = sqlx::query(
-        "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(SUM(up_bytes), 0) AS BIGINT) AS ub, \
-         CAST(COALESCE(SUM(up_packets), 0) AS BIGINT) AS up, CAST(COALESCE(SUM(down_bytes), 0) AS BIGINT) AS db, \
-         CAST(COALESCE(SUM(down_packets), 0) AS BIGINT) AS dp \
+        "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(SUM(up_bytes), 0) AS BIGINT) AS up_bytes, \
+         CAST(COALESCE(SUM(up_packets), 0) AS BIGINT) AS up_packets, \
+         CAST(COALESCE(SUM(down_bytes), 0) AS BIGINT) AS down_bytes, \
+         CAST(COALESCE(SUM(down_packets), 0) AS BIGINT) AS down_packets \
          FROM resets WHERE node_id = $1 AND ip = $2",
     )
     .bind(node)
     .bind(ip.to_string())
     .fetch_one(&db.pool)
     .await?;
-    let g = |c: &str| row.try_get::<i64, _>(c).map(from_db);
-    Ok((g("n")?, Totals { up_bytes: g("ub")?, up_packets: g("up")?, down_bytes: g("db")?, down_packets: g("dp")? }))
+    Ok((from_db(row.try_get("n")?), totals(&row, "")?))
 }
 
 /// Delete history older than each granularity's retention (0 = keep forever).
@@ -523,7 +512,7 @@ pub async fn apply_retention(
     keep_days: [(Granularity, u32); 3],
 ) -> Result<u64, sqlx::Error> {
     let mut deleted = 0;
-    let (hours_wm, days_wm) = watermarks(db, node).await?;
+    let (hours_wm, days_wm) = watermarks(&db.pool, node).await?;
     for (g, days) in keep_days {
         if days == 0 {
             continue;
