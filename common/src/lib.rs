@@ -7,6 +7,8 @@
 
 pub mod headers;
 pub mod maps;
+pub mod steer;
 
 pub use headers::*;
 pub use maps::*;
+pub use steer::*;

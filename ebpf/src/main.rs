@@ -1,19 +1,26 @@
 //! tunmeter TC programs: per-client byte and packet counting on tun (L3) and Ethernet (L2)
-//! devices.
+//! devices, then steering (forward and redirect rules).
 //!
-//! Flow: entry (`tunmeter_in` / `tunmeter_out`) -> `try_count` -> small helpers. The counting
-//! programs only observe: they return `TC_ACT_UNSPEC` (TCX_NEXT), so the next TCX program or tc
-//! filter on the device still runs and the packet continues as if tunmeter were not there.
-//! Parse errors fail open. Each packet gets one outcome in `OUTCOME_STATS`; nothing is logged
-//! per packet.
+//! Flow: entry (`tunmeter_in` / `tunmeter_out`) -> `try_count` -> small helpers, then
+//! `steer::ingress` / `steer::egress`. Counting only observes; steering rewrites (forward) or
+//! assigns a socket (redirect) for packets that match a rule. Both return `TC_ACT_UNSPEC`
+//! (TCX_NEXT) for every packet they pass, so the next TCX program or tc filter on the device
+//! still runs; steering returns `TC_ACT_SHOT` only for a packet it must not let through (a
+//! rewrite failed halfway, the proxy is gone). Parse errors fail open. Each packet gets one
+//! outcome in `OUTCOME_STATS` and steering events in `STEER_STATS`; nothing is logged per
+//! packet.
 #![no_std]
 #![no_main]
 
+mod forward;
 mod maps;
+mod packet;
+mod redirect;
+mod steer;
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_jiffies64,
     macros::classifier,
     programs::TcContext,
@@ -23,12 +30,26 @@ use tunmeter_common::{
     client_addr_offset, family, stats_index,
 };
 
-use crate::maps::{CLIENT_COUNTERS, CLIENT_SUBNETS, OUTCOME_STATS};
+use crate::{
+    maps::{CLIENT_COUNTERS, CLIENT_SUBNETS, OUTCOME_STATS},
+    packet::read,
+};
 
 /// Where the IP header starts: 0 on tun/wg devices, 14 on Ethernet. Set by the loader
 /// (`L3_OFFSET`); one object is loaded once per value.
 #[unsafe(no_mangle)]
 static L3_OFFSET: Global<u32> = Global::new(0);
+
+/// `skb->mark` of redirected packets, matched by the daemon's local-delivery policy route
+/// (`REDIRECT_MARK`, from the config).
+#[unsafe(no_mangle)]
+static REDIRECT_MARK: Global<u32> = Global::new(0x746d_0001);
+
+/// The L3 offset as the verifier sees it: a constant, so only one branch is kept.
+#[inline(always)]
+fn l3_offset() -> u32 {
+    L3_OFFSET.load()
+}
 
 const E2BIG: i64 = 7;
 const EEXIST: i64 = 17;
@@ -36,13 +57,13 @@ const EEXIST: i64 = 17;
 #[classifier]
 pub fn tunmeter_in(ctx: TcContext) -> i32 {
     try_count(&ctx, Direction::Upload);
-    TC_ACT_UNSPEC
+    steer::ingress(&ctx)
 }
 
 #[classifier]
 pub fn tunmeter_out(ctx: TcContext) -> i32 {
     try_count(&ctx, Direction::Download);
-    TC_ACT_UNSPEC
+    steer::egress(&ctx)
 }
 
 /// Not attached anywhere: run by the daemon and CLI through BPF_PROG_TEST_RUN to read the
@@ -69,7 +90,7 @@ pub fn tunmeter_empty(_ctx: TcContext) -> i32 {
 fn try_count(ctx: &TcContext, dir: Direction) {
     // The loader freezes L3_OFFSET, so the verifier sees a constant and keeps one branch;
     // each branch is compiled with constant header offsets.
-    if L3_OFFSET.load() == 0 { count::<0>(ctx, dir) } else { count::<{ tunmeter_common::ETH_HLEN as usize }>(ctx, dir) }
+    if l3_offset() == 0 { count::<0>(ctx, dir) } else { count::<{ tunmeter_common::ETH_HLEN as usize }>(ctx, dir) }
 }
 
 #[inline(always)]
@@ -102,25 +123,6 @@ fn client_key<const L3: usize>(ctx: &TcContext, l3_len: u32, dir: Direction) -> 
         Family::V4 => ClientKey::v4_word(read(ctx, at)?),
         Family::V6 => ClientKey::v6_words(read(ctx, at)?),
     })
-}
-
-/// Read a field (`u16`, `u32`, `[u64; 2]`) at a constant offset: straight from the linear
-/// packet data when it is there (the usual case), else through `bpf_skb_load_bytes`. A failed
-/// read means the packet is shorter than its headers claim.
-#[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Outcome> {
-    let start = ctx.data();
-    if start + off + core::mem::size_of::<T>() <= ctx.data_end() {
-        // SAFETY: bounds checked against data_end just above. Whole-word loads, not
-        // `read_unaligned` (which the BPF backend splits into byte loads, ~3x the hot-path
-        // instructions): header fields may sit at 2-byte alignment, and the verifier accepts
-        // such packet loads on the architectures that run this (x86-64, arm64: efficient
-        // unaligned access). A strict-alignment kernel would refuse the program at load time,
-        // loudly, never miscount.
-        #[allow(clippy::cast_ptr_alignment)]
-        return Ok(unsafe { core::ptr::read((start + off) as *const T) });
-    }
-    ctx.load::<T>(off).map_err(|_| Outcome::Truncated)
 }
 
 /// Add the packet to its client's entry. A client unseen so far gets an entry if its address

@@ -1,14 +1,18 @@
 //! Every map of the tunmeter programs, in one place. All are pinned by name under the daemon's
-//! pin directory, so counts survive daemon restarts and both program instances (L2 and L3)
-//! share them.
+//! pin directory, so counts and rules survive daemon restarts and both program instances (L2 and
+//! L3) share them.
 
 use aya_ebpf::{
     macros::map,
-    maps::{LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use tunmeter_common::{
-    ClientCounters, ClientKey, DEFAULT_MAX_CLIENTS, MAX_SUBNETS, OutcomeCounter, STATS_ENTRIES, SubnetKey, SubnetValue,
+    AddrKey, BypassValue, ClientCounters, ClientKey, DEFAULT_MAX_CLIENTS, FWD_FLOW_ENTRIES, FWD_FRAG_ENTRIES, FlowKey,
+    FlowNat, FragKey, FragNat, FwdKey, FwdRule, MAX_BYPASS, MAX_FWD_RULES, MAX_REDIRECT_SOURCES, MAX_RULES,
+    MAX_SUBNETS, OutcomeCounter, RedirectRule, RuleCounters, STATS_ENTRIES, STEER_EVENTS, SubnetKey, SubnetValue,
 };
+
+// ---- counting ----
 
 /// Bytes, packets and last-seen per client address (and the OTHER / OVERFLOW buckets).
 /// Capacity is set by the daemon at load time.
@@ -22,3 +26,33 @@ pub static CLIENT_SUBNETS: LpmTrie<SubnetKey, SubnetValue> = LpmTrie::pinned(MAX
 /// Packets and bytes per (direction, outcome).
 #[map(name = "OUTCOME_STATS")]
 pub static OUTCOME_STATS: PerCpuArray<OutcomeCounter> = PerCpuArray::pinned(STATS_ENTRIES, 0);
+
+// ---- steering ----
+
+/// Forward rules: (protocol, public port) -> device address and port.
+#[map(name = "FWD_RULES")]
+pub static FWD_RULES: HashMap<FwdKey, FwdRule> = HashMap::pinned(MAX_FWD_RULES, 0);
+
+/// Forwarded flows as the reply path sees them -> the public address and port to restore.
+#[map(name = "FWD_FLOWS")]
+pub static FWD_FLOWS: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(FWD_FLOW_ENTRIES, 0);
+
+/// Fragmented datagrams whose first fragment was translated -> the address the rest get.
+#[map(name = "FWD_FRAGS")]
+pub static FWD_FRAGS: LruHashMap<FragKey, FragNat> = LruHashMap::pinned(FWD_FRAG_ENTRIES, 0);
+
+/// Redirect rules by VPN client address or subnet.
+#[map(name = "REDIRECT_SOURCES")]
+pub static REDIRECT_SOURCES: LpmTrie<AddrKey, RedirectRule> = LpmTrie::pinned(MAX_REDIRECT_SOURCES, 0);
+
+/// Destinations that are never redirected (this host's addresses and configured ones).
+#[map(name = "REDIRECT_BYPASS")]
+pub static REDIRECT_BYPASS: LpmTrie<AddrKey, BypassValue> = LpmTrie::pinned(MAX_BYPASS, 0);
+
+/// Bytes and packets per rule id, both directions.
+#[map(name = "RULE_COUNTERS")]
+pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::pinned(MAX_RULES, 0);
+
+/// Packets and bytes per steering event (translated, dropped and why, passed and why).
+#[map(name = "STEER_STATS")]
+pub static STEER_STATS: PerCpuArray<OutcomeCounter> = PerCpuArray::pinned(STEER_EVENTS, 0);

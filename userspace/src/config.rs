@@ -42,6 +42,14 @@ pub enum ConfigError {
         "bad api listen address {0:?}: expected IP:PORT like 127.0.0.1:9107, or \"\" to serve only the control socket"
     )]
     BadListen(String),
+    #[error("steering rule: {0}")]
+    Rule(#[from] crate::steer::RuleError),
+    #[error("redirect_table {0} is one of the kernel's own tables (0, 253 default, 254 main, 255 local)")]
+    ReservedTable(u32),
+    #[error("forward rule {0} is configured twice")]
+    DuplicateForward(String),
+    #[error("redirect rule for {0} is configured twice")]
+    DuplicateRedirect(String),
     #[error("{name} must be between {min} and {max}, got {value}")]
     OutOfRange { name: &'static str, value: u64, min: u64, max: u64 },
 }
@@ -98,7 +106,24 @@ pub struct Config {
     pub node_id: String,
     pub ledger: LedgerSettings,
     pub api: ApiSettings,
+    pub steer: SteerSettings,
 }
+
+/// `[steer]`, `[[forward]]` and `[[redirect]]` (docs/steering.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SteerSettings {
+    pub policy: crate::steer::PolicyRoute,
+    /// Destinations never redirected besides this host's own addresses.
+    pub bypass: Vec<IpNet>,
+    /// Also bypass every address configured on this host (default true).
+    pub bypass_local: bool,
+    pub forward: Vec<crate::steer::ForwardSpec>,
+    pub redirect: Vec<crate::steer::RedirectSpec>,
+}
+
+pub const DEFAULT_REDIRECT_MARK: u32 = 0x746d_0001;
+pub const DEFAULT_REDIRECT_TABLE: u32 = 29549;
+pub const DEFAULT_RULE_PRIORITY: u32 = 29549;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerSettings {
@@ -146,6 +171,33 @@ struct FileApi {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileSteer {
+    redirect_mark: Option<u32>,
+    redirect_table: Option<u32>,
+    rule_priority: Option<u32>,
+    #[serde(default)]
+    bypass: Vec<String>,
+    bypass_local: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileForward {
+    proto: String,
+    public_port: u32,
+    device: String,
+    public_address: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRedirect {
+    source: String,
+    proxy_port: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FileConfig {
     pin_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -159,6 +211,12 @@ struct FileConfig {
     api: FileApi,
     #[serde(default, rename = "interface")]
     interfaces: Vec<FileInterface>,
+    #[serde(default)]
+    steer: FileSteer,
+    #[serde(default)]
+    forward: Vec<FileForward>,
+    #[serde(default)]
+    redirect: Vec<FileRedirect>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +266,40 @@ fn validate_node_id(id: &str) -> Result<(), ConfigError> {
     if ok { Ok(()) } else { Err(ConfigError::BadNodeId(id.into())) }
 }
 
+fn steer_settings(s: FileSteer, fwd: &[FileForward], red: &[FileRedirect]) -> Result<SteerSettings, ConfigError> {
+    use crate::steer::{ForwardSpec, PolicyRoute, RedirectSpec, rules::parse_net};
+    let policy = PolicyRoute {
+        mark: s.redirect_mark.unwrap_or(DEFAULT_REDIRECT_MARK),
+        table: s.redirect_table.unwrap_or(DEFAULT_REDIRECT_TABLE),
+        priority: s.rule_priority.unwrap_or(DEFAULT_RULE_PRIORITY),
+    };
+    if policy.mark == 0 {
+        return Err(ConfigError::OutOfRange { name: "redirect_mark", value: 0, min: 1, max: u32::MAX as u64 });
+    }
+    // Tables 0 and 253..=255 are the kernel's (unspec, default, main, local).
+    if policy.table == 0 || (253..=255).contains(&policy.table) {
+        return Err(ConfigError::ReservedTable(policy.table));
+    }
+    let bypass = s.bypass.iter().map(|b| parse_net(b)).collect::<Result<Vec<_>, _>>()?;
+    let mut forward = Vec::new();
+    for f in fwd {
+        let spec = ForwardSpec::parse(&f.proto, &f.public_port.to_string(), &f.device, f.public_address.as_deref())?;
+        if forward.iter().any(|o: &ForwardSpec| o.proto == spec.proto && o.public_port == spec.public_port) {
+            return Err(ConfigError::DuplicateForward(format!("{}/{}", spec.proto, spec.public_port)));
+        }
+        forward.push(spec);
+    }
+    let mut redirect = Vec::new();
+    for r in red {
+        let spec = RedirectSpec::parse(&r.source, &r.proxy_port.to_string())?;
+        if redirect.iter().any(|o: &RedirectSpec| o.source == spec.source) {
+            return Err(ConfigError::DuplicateRedirect(spec.source.to_string()));
+        }
+        redirect.push(spec);
+    }
+    Ok(SteerSettings { policy, bypass, bypass_local: s.bypass_local.unwrap_or(true), forward, redirect })
+}
+
 impl Config {
     /// Read `path` (a missing file is fine only when it is the default path and flags name
     /// the interfaces), apply `ov`, validate.
@@ -251,7 +343,8 @@ impl Config {
             }
             i.subnets.sort();
             i.subnets.dedup();
-            if i.subnets.is_empty() {
+            // An Ethernet uplink listed only for forward rules has no clients of its own.
+            if i.subnets.is_empty() && i.layer == Layer::L3 {
                 return Err(ConfigError::NoSubnets(i.name.clone()));
             }
         }
@@ -317,7 +410,9 @@ impl Config {
             offline_after_secs: ranged("offline_after_secs", a.offline_after_secs.unwrap_or(120), 1, 30 * 86_400)?,
             metrics_max_clients: a.metrics_max_clients.unwrap_or(1000),
         };
+        let steer = steer_settings(file.steer, &file.forward, &file.redirect)?;
         Ok(Config {
+            steer,
             interfaces,
             pin_dir,
             state_dir,
@@ -445,6 +540,63 @@ mod tests {
         let o =
             Overrides { tun: vec!["tun0".into()], subnets: vec!["10.0.0.0/8".into()], max_clients: Some(1), ..ov() };
         assert!(matches!(Config::build(FileConfig::default(), &o), Err(ConfigError::BadCapacity(1))));
+    }
+
+    #[test]
+    fn steering_sections_parse_and_bad_rules_name_the_problem() {
+        let c = Config::from_toml(
+            r#"
+[[interface]]
+name = "tun0"
+layer = "l3"
+subnets = ["10.8.0.0/24"]
+[[interface]]
+name = "eth0"
+layer = "l2"
+[steer]
+redirect_mark = 7
+redirect_table = 100
+bypass = ["192.0.2.0/24", "2001:db8::1"]
+[[forward]]
+proto = "tcp"
+public_port = 8080
+device = "10.8.0.2:3128"
+[[forward]]
+proto = "udp"
+public_port = 8080
+device = "10.8.0.2:53"
+public_address = "203.0.113.7"
+[[redirect]]
+source = "10.8.0.0/24"
+proxy_port = 12345
+"#,
+            &ov(),
+        )
+        .unwrap();
+        assert_eq!(c.steer.policy, crate::steer::PolicyRoute { mark: 7, table: 100, priority: DEFAULT_RULE_PRIORITY });
+        assert_eq!(c.steer.forward.len(), 2);
+        assert_eq!(c.steer.redirect[0].source.to_string(), "10.8.0.0/24");
+        assert_eq!(c.steer.bypass[1].to_string(), "2001:db8::1/128");
+        assert!(c.steer.bypass_local);
+        assert!(c.interfaces.iter().any(|i| i.name == "eth0" && i.subnets.is_empty()));
+
+        let base = "[[interface]]\nname = \"tun0\"\nlayer = \"l3\"\nsubnets = [\"10.8.0.0/24\"]\n";
+        for (extra, needle) in [
+            ("[[forward]]\nproto = \"icmp\"\npublic_port = 1\ndevice = \"10.8.0.2:1\"\n", "icmp"),
+            ("[[forward]]\nproto = \"tcp\"\npublic_port = 70000\ndevice = \"10.8.0.2:1\"\n", "70000"),
+            ("[[forward]]\nproto = \"tcp\"\npublic_port = 80\ndevice = \"10.8.0.2\"\n", "10.8.0.2"),
+            (
+                "[[forward]]\nproto = \"tcp\"\npublic_port = 80\ndevice = \"10.8.0.2:1\"\n[[forward]]\nproto = \"tcp\"\npublic_port = 80\ndevice = \"10.8.0.3:1\"\n",
+                "tcp/80",
+            ),
+            ("[[redirect]]\nsource = \"nope\"\nproxy_port = 1\n", "nope"),
+            ("[steer]\nredirect_table = 254\n", "254"),
+            ("[steer]\nredirect_mark = 0\n", "redirect_mark"),
+            ("[steer]\nbypass = [\"x/1\"]\n", "x/1"),
+        ] {
+            let e = Config::from_toml(&format!("{base}{extra}"), &ov()).unwrap_err().to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
     }
 
     #[test]

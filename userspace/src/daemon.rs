@@ -25,6 +25,7 @@ use crate::{
     links::{LinkTable, Links, LinksError},
     loader::{Instance, LoadError, PinnedMaps, effective_max_clients},
     metrics::Metrics,
+    steer::{HostError, SteerError, SteerMaps, host},
     system::{self, SystemError},
     tokens::TokenCache,
 };
@@ -57,6 +58,10 @@ pub enum DaemonError {
     Serve(#[from] ServeError),
     #[error("interrupted while waiting for the database")]
     Interrupted,
+    #[error(transparent)]
+    Steer(#[from] SteerError),
+    #[error(transparent)]
+    Host(#[from] HostError),
 }
 
 /// Everything the running daemon owns.
@@ -125,7 +130,8 @@ impl Dataplane {
     fn bring_up(&mut self, links: &LinkTable) -> Result<(), DaemonError> {
         let max = effective_max_clients(&self.cfg.pin_dir, self.cfg.max_clients);
         for layer in self.cfg.interfaces.iter().map(|i| i.layer).collect::<std::collections::BTreeSet<_>>() {
-            self.instances.insert(layer, Instance::load(layer, &self.cfg.pin_dir, max)?);
+            self.instances
+                .insert(layer, Instance::load_with(layer, &self.cfg.pin_dir, max, self.cfg.steer.policy.mark)?);
         }
         self.maps.ensure_reserved_buckets()?;
         // Interfaces attached by an earlier run but no longer configured: stop counting there.
@@ -278,6 +284,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let interval = Duration::from_millis(cfg.reconcile_interval_ms);
     let mut dp = Dataplane::start(cfg, &links.dump().await?)?;
     info!(pin_dir = %dp.cfg.pin_dir.display(), mode = ?dp.mode, interfaces = dp.attached.len(), "counting");
+    let steer = SteerMaps::new(&dp.cfg.pin_dir);
+    start_steering(&dp.cfg, &steer).await?;
 
     let metrics = Arc::new(Metrics::default());
     let ledger = open_ledger(&dp.cfg, metrics.clone(), &mut signals).await?;
@@ -330,6 +338,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             }
             Err(e) => error!(%e, "listing devices failed"),
         }
+        if let Err(e) = refresh_steering(&dp.cfg, &steer) {
+            error!(%e, "refreshing the bypass set or reserved ports failed; retrying on the next tick");
+        }
     }
     info!("stopping; programs stay attached and keep counting (`tunmeter detach` removes them)");
     let _ = api_stop.send(());
@@ -337,6 +348,39 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     tasks.join().await;
     let _ = std::fs::remove_file(api::control_socket(&dp.cfg.state_dir));
+    Ok(())
+}
+
+/// Apply the config's steering rules and what the host needs for them. Runs before the API
+/// serves, so rules are in place when the daemon reports itself running.
+async fn start_steering(cfg: &Config, steer: &SteerMaps) -> Result<(), DaemonError> {
+    steer.sync_config(&cfg.steer.forward, &cfg.steer.redirect)?;
+    // Redirected packets must be delivered locally: the policy route is installed whenever tun
+    // devices are configured (rules can be added at run time) and stays while the programs do.
+    if cfg.interfaces.iter().any(|i| i.layer == Layer::L3) {
+        cfg.steer.policy.install().await?;
+    }
+    refresh_steering(cfg, steer)?;
+    let ports = steer.forward_ports()?;
+    if !ports.is_empty() && !host::ipv4_forwarding() {
+        warn!("forward rules exist but net.ipv4.ip_forward is 0: forwarded traffic cannot reach devices");
+    }
+    Ok(())
+}
+
+/// Keep the bypass set equal to this host's addresses (they change) plus the configured ones,
+/// and reserve the public ports of rules added at run time.
+fn refresh_steering(cfg: &Config, steer: &SteerMaps) -> Result<(), DaemonError> {
+    let mut bypass: std::collections::BTreeSet<ipnet::IpNet> =
+        host::ALWAYS_BYPASS.iter().map(|s| s.parse().expect("valid constant")).collect();
+    bypass.extend(cfg.steer.bypass.iter().copied());
+    if cfg.steer.bypass_local {
+        bypass.extend(host::local_addresses()?);
+    }
+    if steer.sync_bypass(&bypass)? {
+        info!(entries = bypass.len(), "redirect bypass set updated");
+    }
+    host::reserve_ports(&steer.forward_ports()?)?;
     Ok(())
 }
 

@@ -24,6 +24,7 @@ pub mod links;
 pub mod loader;
 pub mod metrics;
 pub mod report;
+pub mod steer;
 pub mod system;
 pub mod tokens;
 pub mod web;

@@ -15,7 +15,8 @@ use aya::{
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 use tunmeter_common::{
-    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, MAP_CLIENTS, MAP_SUBNETS, SUBNET_FLAG_CLIENTS, SubnetKey, SubnetValue,
+    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, MAP_CLIENTS, MAP_SUBNETS, SUBNET_FLAG_CLIENTS,
+    SubnetKey, SubnetValue,
 };
 
 use crate::config::Layer;
@@ -58,12 +59,23 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Load the object for `layer` with its maps under `pin_dir`.
+    /// Load the object for `layer` with its maps under `pin_dir` and the default redirect mark.
     pub fn load(layer: Layer, pin_dir: &Path, max_clients: u32) -> Result<Instance, LoadError> {
+        Self::load_with(layer, pin_dir, max_clients, crate::config::DEFAULT_REDIRECT_MARK)
+    }
+
+    /// Load with `redirect_mark` as the mark of redirected packets (see `steer::PolicyRoute`).
+    pub fn load_with(
+        layer: Layer,
+        pin_dir: &Path,
+        max_clients: u32,
+        redirect_mark: u32,
+    ) -> Result<Instance, LoadError> {
         let offset = layer.l3_offset();
         let mut loader = EbpfLoader::new();
         loader
             .override_global(GLOBAL_L3_OFFSET, &offset, true)
+            .override_global(GLOBAL_REDIRECT_MARK, &redirect_mark, true)
             .map_max_entries(MAP_CLIENTS, max_clients)
             .default_map_pin_directory(pin_dir);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {

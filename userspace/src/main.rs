@@ -1,6 +1,6 @@
-//! The `tunmeter` command line: `run`, `clients`, `stats`, `reset`, `token`, `detach`.
+//! The `tunmeter` command line: `run`, `clients`, `stats`, `reset`, `token`, `steer`, `detach`.
 
-use tunmeter::{attach, clock, config, control, counters, daemon, db, report, system, tokens};
+use tunmeter::{attach, clock, config, control, counters, daemon, db, report, steer, system, tokens};
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -54,10 +54,18 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
-    /// Remove programs, links and pins (this zeroes all counters).
+    /// Forward and redirect rules (docs/steering.md): changes apply at once, no daemon needed.
+    Steer {
+        #[command(subcommand)]
+        cmd: SteerCmd,
+    },
+    /// Remove programs, links, pins and the redirect policy route (this zeroes all counters).
     Detach {
         #[command(flatten)]
         pins: PinArgs,
+        /// Config file naming the redirect policy route to remove (default values otherwise).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
         /// State directory of the daemon, to refuse while it runs.
         #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
@@ -88,6 +96,115 @@ enum TokenCmd {
         #[command(flatten)]
         settings: SettingsArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum SteerCmd {
+    /// Add a rule.
+    Add {
+        #[command(subcommand)]
+        rule: AddRule,
+    },
+    /// Delete a rule (flows of a deleted forward rule stop at once; see docs/steering.md).
+    Del {
+        #[command(subcommand)]
+        rule: DelRule,
+    },
+    /// List rules with their counters, the bypass set and the steering events.
+    List {
+        #[command(flatten)]
+        pins: PinArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AddRule {
+    /// (protocol, public port) on the egress interfaces -> a device's VPN address and port.
+    Forward {
+        /// tcp or udp.
+        #[arg(long)]
+        proto: String,
+        #[arg(long)]
+        public_port: String,
+        /// The device's VPN IPv4 address and port, e.g. 10.8.0.2:3128.
+        #[arg(long)]
+        device: String,
+        /// Only traffic to this address of the host (default: any).
+        #[arg(long)]
+        public_address: Option<String>,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// TCP and UDP from a VPN client address or subnet -> the local transparent proxy.
+    Redirect {
+        /// Client address or subnet, e.g. 10.8.0.5 or 10.8.0.0/24 (IPv6 too).
+        #[arg(long)]
+        source: String,
+        /// The transparent proxy's port (it listens with IP_TRANSPARENT on the wildcard address).
+        #[arg(long)]
+        proxy_port: String,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DelRule {
+    Forward {
+        #[arg(long)]
+        proto: String,
+        #[arg(long)]
+        public_port: String,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    Redirect {
+        #[arg(long)]
+        source: String,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+}
+
+fn steer_cmd(cmd: SteerCmd) -> anyhow::Result<()> {
+    use steer::{ForwardSpec, Origin, RedirectSpec, SteerMaps, host, rules};
+    match cmd {
+        SteerCmd::Add { rule: AddRule::Forward { proto, public_port, device, public_address, pins } } => {
+            let spec = ForwardSpec::parse(&proto, &public_port, &device, public_address.as_deref())?;
+            let id = SteerMaps::new(&pins.pin_dir).add_forward(&spec, Origin::Runtime)?;
+            host::reserve_ports(&[spec.public_port].into_iter().collect())?;
+            if !host::ipv4_forwarding() {
+                eprintln!("warning: net.ipv4.ip_forward is 0: forwarded traffic cannot reach the device");
+            }
+            eprintln!("forward rule {id}: {}/{} -> {}", spec.proto, spec.public_port, spec.device);
+        }
+        SteerCmd::Add { rule: AddRule::Redirect { source, proxy_port, pins } } => {
+            let spec = RedirectSpec::parse(&source, &proxy_port)?;
+            let id = SteerMaps::new(&pins.pin_dir).add_redirect(&spec, Origin::Runtime)?;
+            eprintln!("redirect rule {id}: {} -> proxy port {}", spec.source, spec.proxy_port);
+        }
+        SteerCmd::Del { rule: DelRule::Forward { proto, public_port, pins } } => {
+            let proto: steer::Proto = proto.parse()?;
+            SteerMaps::new(&pins.pin_dir).del_forward(proto, rules::parse_port(&public_port)?)?;
+            eprintln!("forward rule {proto}/{public_port} deleted");
+        }
+        SteerCmd::Del { rule: DelRule::Redirect { source, pins } } => {
+            let net = rules::parse_net(&source)?;
+            SteerMaps::new(&pins.pin_dir).del_redirect(net)?;
+            eprintln!("redirect rule {net} deleted");
+        }
+        SteerCmd::List { pins, json } => {
+            let list = SteerMaps::new(&pins.pin_dir).list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", report::steer_table(&list));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where the ledger lives, for commands other than `run` (same meaning as for `run`).
@@ -254,7 +371,8 @@ fn real_main() -> anyhow::Result<()> {
                 print!("{}", report::stats_table(&rows));
             }
         }
-        Cmd::Detach { pins, state_dir } => {
+        Cmd::Steer { cmd } => steer_cmd(cmd)?,
+        Cmd::Detach { pins, state_dir, config: cfg_path } => {
             if system::daemon_running(&state_dir) {
                 anyhow::bail!(
                     "a tunmeter daemon is running with state directory {}: stop it first",
@@ -262,6 +380,10 @@ fn real_main() -> anyhow::Result<()> {
                 );
             }
             let n = attach::detach_all(&pins.pin_dir)?;
+            let explicit = cfg_path.is_some();
+            let path = cfg_path.unwrap_or_else(|| config::DEFAULT_CONFIG.into());
+            let policy = Config::load_settings(&path, explicit, &Overrides::default())?.steer.policy;
+            runtime()?.block_on(policy.remove())?;
             daemon::remove_pins(&pins.pin_dir).with_context(|| format!("removing {}", pins.pin_dir.display()))?;
             eprintln!("detached {n} attachment(s) and removed {}", pins.pin_dir.display());
         }

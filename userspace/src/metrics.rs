@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{counters::OutcomeRow, ledger::Ledger};
+use crate::{counters::OutcomeRow, ledger::Ledger, steer::SteerList};
 
 /// Metrics updated as events happen.
 pub struct Metrics {
@@ -48,9 +48,57 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    kind: &'static str,
+    rule: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+/// Per-rule and per-event steering counters.
+fn register_steer(reg: &mut Registry, l: &SteerList) {
+    let bytes = Family::<RuleLabels, Counter>::default();
+    let packets = Family::<RuleLabels, Counter>::default();
+    let add = |kind, rule: String, direction, b, p| {
+        let l = RuleLabels { kind, rule, direction };
+        bytes.get_or_create(&l).inc_by(b);
+        packets.get_or_create(&l).inc_by(p);
+    };
+    for f in &l.forward {
+        let rule = format!("{}/{}", f.proto, f.public_port);
+        let c = f.counters;
+        add("forward", rule.clone(), "to_target", c.to_target_bytes, c.to_target_packets);
+        add("forward", rule, "from_target", c.from_target_bytes, c.from_target_packets);
+    }
+    for r in &l.redirect {
+        add("redirect", r.source.to_string(), "to_target", r.to_target_bytes, r.to_target_packets);
+    }
+    reg.register("steer_rule_bytes", "L3 bytes steered per rule and direction", bytes);
+    reg.register("steer_rule_packets", "Packets steered per rule and direction", packets);
+    let eb = Family::<EventLabels, Counter>::default();
+    let ep = Family::<EventLabels, Counter>::default();
+    for (event, c) in &l.events {
+        eb.get_or_create(&EventLabels { event }).inc_by(c.bytes);
+        ep.get_or_create(&EventLabels { event }).inc_by(c.packets);
+    }
+    reg.register("steer_event_bytes", "L3 bytes per steering event (docs/steering.md)", eb);
+    reg.register("steer_event_packets", "Packets per steering event (docs/steering.md)", ep);
+}
+
 /// Render every metric. `max_clients` caps the per-client label sets (the clients with the most
 /// bytes are kept).
-pub fn render(m: &Metrics, ledger: &Ledger, outcomes: &[OutcomeRow], max_clients: usize) -> String {
+pub fn render(
+    m: &Metrics,
+    ledger: &Ledger,
+    outcomes: &[OutcomeRow],
+    steer: Option<&SteerList>,
+    max_clients: usize,
+) -> String {
     let mut reg = Registry::with_prefix("tunmeter");
     let bytes = Family::<ClientLabels, Counter>::default();
     let packets = Family::<ClientLabels, Counter>::default();
@@ -84,6 +132,9 @@ pub fn render(m: &Metrics, ledger: &Ledger, outcomes: &[OutcomeRow], max_clients
     reg.register("packets", "Packets seen by the kernel programs, by outcome", op);
     reg.register("bytes", "Bytes seen by the kernel programs, by outcome", ob);
 
+    if let Some(l) = steer {
+        register_steer(&mut reg, l);
+    }
     reg.register("poll_duration_seconds", "Time to read the kernel client map", m.poll_seconds.clone());
     reg.register("flush_duration_seconds", "Time to write one ledger batch", m.flush_seconds.clone());
     let gauge = |v: i64| {

@@ -125,6 +125,71 @@ pub fn stats_table(rows: &[OutcomeRow]) -> String {
     out
 }
 
+/// `tunmeter steer list`: rules with counters, then the steering events that happened.
+pub fn steer_table(l: &crate::steer::SteerList) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "forward rules: {}", l.forward.len());
+    if !l.forward.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:>5}  {:<5} {:>6}  {:<15} {:<21} {:<7} {:>14} {:>10} {:>14} {:>10}",
+            "id",
+            "proto",
+            "port",
+            "public address",
+            "device",
+            "origin",
+            "to dev bytes",
+            "pkts",
+            "from dev bytes",
+            "pkts"
+        );
+        for f in &l.forward {
+            let _ = writeln!(
+                out,
+                "{:>5}  {:<5} {:>6}  {:<15} {:<21} {:<7} {:>14} {:>10} {:>14} {:>10}",
+                f.id,
+                f.proto.to_string(),
+                f.public_port,
+                f.public_address.map_or_else(|| "any".to_string(), |a| a.to_string()),
+                f.device.to_string(),
+                format!("{:?}", f.origin).to_lowercase(),
+                f.counters.to_target_bytes,
+                f.counters.to_target_packets,
+                f.counters.from_target_bytes,
+                f.counters.from_target_packets
+            );
+        }
+    }
+    let _ = writeln!(out, "redirect rules: {}", l.redirect.len());
+    if !l.redirect.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:>5}  {:<43} {:>10} {:<7} {:>14} {:>10}",
+            "id", "source", "proxy port", "origin", "bytes", "pkts"
+        );
+        for r in &l.redirect {
+            let _ = writeln!(
+                out,
+                "{:>5}  {:<43} {:>10} {:<7} {:>14} {:>10}",
+                r.id,
+                r.source.to_string(),
+                r.proxy_port,
+                format!("{:?}", r.origin).to_lowercase(),
+                r.to_target_bytes,
+                r.to_target_packets
+            );
+        }
+    }
+    let _ = writeln!(out, "bypass: {}", l.bypass.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" "));
+    let _ = writeln!(out, "events:");
+    for (name, c) in &l.events {
+        let _ = writeln!(out, "  {name:<20} {:>12} packets {:>16} bytes", c.packets, c.bytes);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

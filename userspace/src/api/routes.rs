@@ -212,7 +212,9 @@ pub async fn stats(_c: Caller, State(app): State<Arc<App>>) -> Json<serde_json::
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(_c: Caller, State(app): State<Arc<App>>) -> impl IntoResponse {
     let outcomes = app.kernel_outcomes().unwrap_or_default();
-    let body = crate::metrics::render(&app.metrics, &app.ledger, &outcomes, app.cfg.metrics_max_clients);
+    let steer = app.maps.as_ref().and_then(|m| crate::steer::SteerMaps::new(&m.dir).list().ok());
+    let body =
+        crate::metrics::render(&app.metrics, &app.ledger, &outcomes, steer.as_ref(), app.cfg.metrics_max_clients);
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
 }
 

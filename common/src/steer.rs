@@ -1,0 +1,262 @@
+//! Steering maps: forward rules (the DNAT of old), redirect rules (the REDIRECT of old), the
+//! flow and fragment tables that translate replies back, and the per-rule counters.
+//!
+//! Forward rules are IPv4: a (protocol, public port) on an Ethernet (`--egress`) interface goes
+//! to a device's VPN address and port. Redirect rules match VPN client addresses (IPv4 and IPv6)
+//! on tun (`--tun`) interfaces and hand TCP/UDP to a local transparent proxy with
+//! `bpf_sk_assign`. Addresses are in network byte order: an IPv4 address held in a `u32` has the
+//! packet's bytes in memory order (`u32::from_ne_bytes(octets)`).
+
+use core::mem::size_of;
+
+/// `HASH<FwdKey, FwdRule>`: forward rules by (protocol, public port).
+pub const MAP_FWD_RULES: &str = "FWD_RULES";
+/// `LRU_HASH<FlowKey, FlowNat>`: forwarded flows, written by the inbound path, read by the
+/// reply path (replies and ICMP errors about the flow).
+pub const MAP_FWD_FLOWS: &str = "FWD_FLOWS";
+/// `LRU_HASH<FragKey, FragNat>`: IPv4 datagrams whose first fragment was translated, so that
+/// their later fragments (which carry no ports) get the same address.
+pub const MAP_FWD_FRAGS: &str = "FWD_FRAGS";
+/// `LPM_TRIE<LpmKey<AddrKey>, RedirectRule>`: redirect rules by client address or subnet.
+pub const MAP_REDIRECT_SOURCES: &str = "REDIRECT_SOURCES";
+/// `LPM_TRIE<LpmKey<AddrKey>, BypassValue>`: destinations never redirected.
+pub const MAP_REDIRECT_BYPASS: &str = "REDIRECT_BYPASS";
+/// `PERCPU_ARRAY<RuleCounters>` indexed by rule id.
+pub const MAP_RULE_COUNTERS: &str = "RULE_COUNTERS";
+/// `PERCPU_ARRAY<OutcomeCounter>` indexed by [`SteerEvent`].
+pub const MAP_STEER_STATS: &str = "STEER_STATS";
+/// Load-time global: the `skb->mark` put on redirected packets, for the policy route that
+/// delivers them locally.
+pub const GLOBAL_REDIRECT_MARK: &str = "REDIRECT_MARK";
+
+/// Rule ids (forward and redirect share them): indexes of [`MAP_RULE_COUNTERS`].
+pub const MAX_RULES: u32 = 65_536;
+pub const MAX_FWD_RULES: u32 = MAX_RULES;
+pub const MAX_REDIRECT_SOURCES: u32 = MAX_RULES;
+pub const MAX_BYPASS: u32 = 4_096;
+pub const FWD_FLOW_ENTRIES: u32 = 262_144;
+pub const FWD_FRAG_ENTRIES: u32 = 8_192;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Rule flag: the rule comes from the config file (the daemon re-applies and prunes these at
+/// start); without it the rule was added at run time (CLI or API) and stays until deleted.
+pub const RULE_FROM_CONFIG: u32 = 1;
+
+/// Key of [`MAP_FWD_RULES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FwdKey {
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+    pub port_be: u16,
+}
+const _: () = assert!(size_of::<FwdKey>() == 4);
+
+/// Value of [`MAP_FWD_RULES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwdRule {
+    /// Only packets to this address are forwarded; 0 = any address the packet is sent to.
+    pub public_addr: u32,
+    pub device_addr: u32,
+    pub device_port_be: u16,
+    pub _pad: u16,
+    pub rule_id: u32,
+    /// `RULE_FROM_CONFIG` or 0.
+    pub flags: u32,
+    pub _pad2: u32,
+}
+const _: () = assert!(size_of::<FwdRule>() == 24);
+
+/// Key of [`MAP_FWD_FLOWS`]: a forwarded flow as the reply path sees it (from the device to the
+/// customer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub device_addr: u32,
+    pub customer_addr: u32,
+    pub device_port_be: u16,
+    pub customer_port_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey>() == 16);
+
+/// Value of [`MAP_FWD_FLOWS`]: what the customer addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowNat {
+    pub public_addr: u32,
+    pub public_port_be: u16,
+    pub _pad: u16,
+    pub rule_id: u32,
+    pub _pad2: u32,
+}
+const _: () = assert!(size_of::<FlowNat>() == 16);
+
+/// Which way a fragment travels, in [`FragKey::dir`].
+pub const FRAG_TO_DEVICE: u8 = 0;
+pub const FRAG_FROM_DEVICE: u8 = 1;
+
+/// Key of [`MAP_FWD_FRAGS`]: an IPv4 datagram before translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: u32,
+    pub dst: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    /// [`FRAG_TO_DEVICE`] (rewrite the destination) or [`FRAG_FROM_DEVICE`] (the source).
+    pub dir: u8,
+}
+const _: () = assert!(size_of::<FragKey>() == 12);
+
+/// Value of [`MAP_FWD_FRAGS`]: the address the datagram's fragments get.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragNat {
+    pub addr: u32,
+    pub rule_id: u32,
+}
+const _: () = assert!(size_of::<FragNat>() == 8);
+
+/// LPM key data of the redirect maps: an address, IPv4 mapped as in `ClientKey`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrKey {
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<AddrKey>() == 16);
+
+/// Bits of a full [`AddrKey`].
+pub const ADDR_KEY_BITS: u32 = 128;
+
+impl AddrKey {
+    /// LPM prefix length of an IPv4 prefix `/len` (within the mapped address).
+    pub const fn v4_prefix_len(len: u8) -> u32 {
+        96 + len as u32
+    }
+    pub const fn v6_prefix_len(len: u8) -> u32 {
+        len as u32
+    }
+}
+
+/// Value of [`MAP_REDIRECT_SOURCES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectRule {
+    /// The transparent proxy's port (TCP and UDP), on the wildcard address.
+    pub proxy_port_be: u16,
+    pub _pad: u16,
+    pub rule_id: u32,
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<RedirectRule>() == 12);
+
+/// Value of [`MAP_REDIRECT_BYPASS`]. Reserved for flags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BypassValue {
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<BypassValue>() == 4);
+
+/// Per-CPU counters of one rule, L3 bytes. For a forward rule "to target" is customer ->
+/// device and "from target" device -> customer. A redirect rule counts what it steered to the
+/// proxy in "to target"; the proxy's answers are ordinary download traffic of the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounters {
+    pub to_target_bytes: u64,
+    pub to_target_packets: u64,
+    pub from_target_bytes: u64,
+    pub from_target_packets: u64,
+}
+const _: () = assert!(size_of::<RuleCounters>() == 32);
+
+/// What the steering code did with a packet, counted in [`MAP_STEER_STATS`] (packets and L3
+/// bytes). Packets steering has nothing to do with are not counted here.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SteerEvent {
+    /// Customer -> device: translated to the device's address and port.
+    Forwarded = 0,
+    /// Device -> customer: translated back to the public address and port.
+    ReplyTranslated = 1,
+    /// An ICMP error about a forwarded flow, translated (either way).
+    IcmpTranslated = 2,
+    /// A later fragment of a translated datagram, translated.
+    FragmentTranslated = 3,
+    /// A later fragment of a datagram whose first fragment was not seen: passed untouched.
+    FragmentUnknown = 4,
+    /// The flow table refused a new flow: dropped (its replies could not be translated).
+    FlowTableError = 5,
+    /// A rewrite failed halfway: dropped, never sent half-translated.
+    RewriteFailed = 6,
+    /// Handed to the transparent proxy.
+    Redirected = 7,
+    /// From a redirected client, to a bypassed destination: passed.
+    Bypassed = 8,
+    /// From a redirected client, but the proxy has no socket: dropped.
+    ProxyMissing = 9,
+    /// From a redirected client, not redirectable (fragment, IPv6 extension header): passed.
+    NotRedirectable = 10,
+    /// `bpf_sk_assign` failed: dropped.
+    AssignFailed = 11,
+}
+pub const STEER_EVENTS: u32 = 12;
+
+impl SteerEvent {
+    pub const ALL: [SteerEvent; STEER_EVENTS as usize] = [
+        SteerEvent::Forwarded,
+        SteerEvent::ReplyTranslated,
+        SteerEvent::IcmpTranslated,
+        SteerEvent::FragmentTranslated,
+        SteerEvent::FragmentUnknown,
+        SteerEvent::FlowTableError,
+        SteerEvent::RewriteFailed,
+        SteerEvent::Redirected,
+        SteerEvent::Bypassed,
+        SteerEvent::ProxyMissing,
+        SteerEvent::NotRedirectable,
+        SteerEvent::AssignFailed,
+    ];
+
+    /// Stable snake_case name used in CLI and JSON output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SteerEvent::Forwarded => "forwarded",
+            SteerEvent::ReplyTranslated => "reply_translated",
+            SteerEvent::IcmpTranslated => "icmp_translated",
+            SteerEvent::FragmentTranslated => "fragment_translated",
+            SteerEvent::FragmentUnknown => "fragment_unknown",
+            SteerEvent::FlowTableError => "flow_table_error",
+            SteerEvent::RewriteFailed => "rewrite_failed",
+            SteerEvent::Redirected => "redirected",
+            SteerEvent::Bypassed => "bypassed",
+            SteerEvent::ProxyMissing => "proxy_missing",
+            SteerEvent::NotRedirectable => "not_redirectable",
+            SteerEvent::AssignFailed => "assign_failed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)], Copy, integers only, no implicit padding (size assertions above).
+    unsafe impl aya::Pod for super::FwdKey {}
+    unsafe impl aya::Pod for super::FwdRule {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowNat {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragNat {}
+    unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::RedirectRule {}
+    unsafe impl aya::Pod for super::BypassValue {}
+    unsafe impl aya::Pod for super::RuleCounters {}
+}

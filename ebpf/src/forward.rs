@@ -1,0 +1,278 @@
+//! Forward rules (what iptables DNAT did), on Ethernet (`--egress`) interfaces.
+//!
+//! Ingress: a packet to a forwarded (protocol, public port) gets the device's VPN address and
+//! port, and its flow is remembered in `FWD_FLOWS`. Egress: a packet of a remembered flow (the
+//! device's reply) gets the public address and port back. ICMP errors about a forwarded flow
+//! and later fragments of a translated datagram are translated too. Checksums are updated
+//! incrementally; a rewrite that fails part way drops the packet.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    programs::TcContext,
+};
+use tunmeter_common::{
+    FRAG_FROM_DEVICE, FRAG_TO_DEVICE, FlowKey, FlowNat, FragKey, FragNat, FwdKey, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, SteerEvent,
+};
+
+use crate::{
+    maps::{FWD_FLOWS, FWD_FRAGS, FWD_RULES},
+    packet::{
+        Ipv4Hdr, L4_DPORT, L4_SPORT, RewriteFailed, V4_DST, V4_SRC, ipv4, l4_csum_field, ports, set_u16, set_v4_addr,
+    },
+    steer::{Toward, count_rule, event},
+};
+
+/// ICMP error types that quote the offending packet: destination unreachable (incl.
+/// fragmentation needed), time exceeded, parameter problem.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Offset of the checksum in the ICMP header; the quoted packet starts at 8.
+const ICMP_CSUM: usize = 2;
+const ICMP_QUOTE: usize = 8;
+
+/// Customer -> device, on the ingress of an Ethernet interface.
+#[inline(always)]
+pub fn inbound<const L3: usize>(ctx: &TcContext) -> i32 {
+    let Some(h) = ipv4::<L3>(ctx) else { return TC_ACT_UNSPEC };
+    let r = if h.is_later_fragment() {
+        later_fragment::<L3>(ctx, &h, FRAG_TO_DEVICE)
+    } else if h.proto == IPPROTO_ICMP {
+        icmp_inbound::<L3>(ctx, &h)
+    } else {
+        to_device::<L3>(ctx, &h)
+    };
+    verdict::<L3>(ctx, r)
+}
+
+/// Device -> customer, on the egress of an Ethernet interface.
+#[inline(always)]
+pub fn outbound<const L3: usize>(ctx: &TcContext) -> i32 {
+    let Some(h) = ipv4::<L3>(ctx) else { return TC_ACT_UNSPEC };
+    let r = if h.is_later_fragment() {
+        later_fragment::<L3>(ctx, &h, FRAG_FROM_DEVICE)
+    } else if h.proto == IPPROTO_ICMP {
+        icmp_outbound::<L3>(ctx, &h)
+    } else {
+        from_device::<L3>(ctx, &h)
+    };
+    verdict::<L3>(ctx, r)
+}
+
+#[inline(always)]
+fn verdict<const L3: usize>(ctx: &TcContext, r: Result<(), Drop>) -> i32 {
+    match r {
+        Ok(()) => TC_ACT_UNSPEC,
+        Err(Drop(e)) => {
+            event(e, l3_len::<L3>(ctx));
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Why a packet is dropped.
+struct Drop(SteerEvent);
+
+impl From<RewriteFailed> for Drop {
+    fn from(_: RewriteFailed) -> Self {
+        Drop(SteerEvent::RewriteFailed)
+    }
+}
+
+#[inline(always)]
+fn l3_len<const L3: usize>(ctx: &TcContext) -> u32 {
+    ctx.len().saturating_sub(L3 as u32)
+}
+
+#[inline(always)]
+fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Drop> {
+    let l4 = L3 + h.ihl();
+    let Some([sport, dport]) = ports(ctx, l4, h.proto) else { return Ok(()) };
+    // SAFETY: the value is copied out at once; entries are only replaced whole by userspace.
+    let Some(rule) = (unsafe { FWD_RULES.get(&FwdKey { proto: h.proto, _pad: 0, port_be: dport }) }).copied() else {
+        return Ok(());
+    };
+    if rule.public_addr != 0 && rule.public_addr != h.dst {
+        return Ok(());
+    }
+    let key = FlowKey {
+        device_addr: rule.device_addr,
+        customer_addr: h.src,
+        device_port_be: rule.device_port_be,
+        customer_port_be: sport,
+        proto: h.proto,
+        _pad: [0; 3],
+    };
+    let nat = FlowNat { public_addr: h.dst, public_port_be: dport, _pad: 0, rule_id: rule.rule_id, _pad2: 0 };
+    // Written only when new or changed: most packets of a flow only read it.
+    // SAFETY: read-only copy of the value.
+    if unsafe { FWD_FLOWS.get(&key) }.copied() != Some(nat) && FWD_FLOWS.insert(&key, &nat, 0).is_err() {
+        return Err(Drop(SteerEvent::FlowTableError));
+    }
+    if h.is_first_fragment() {
+        remember_fragment(h, FRAG_TO_DEVICE, rule.device_addr, rule.rule_id)?;
+    }
+    let csum = l4 + l4_csum_field(h.proto);
+    set_v4_addr(ctx, L3, V4_DST, h.dst, rule.device_addr, Some((csum, h.proto)))?;
+    set_u16(ctx, l4 + L4_DPORT, dport, rule.device_port_be, csum, h.proto)?;
+    let len = l3_len::<L3>(ctx);
+    count_rule(rule.rule_id, Toward::Target, len);
+    event(SteerEvent::Forwarded, len);
+    Ok(())
+}
+
+#[inline(always)]
+fn from_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Drop> {
+    let l4 = L3 + h.ihl();
+    let Some([sport, dport]) = ports(ctx, l4, h.proto) else { return Ok(()) };
+    let key = FlowKey {
+        device_addr: h.src,
+        customer_addr: h.dst,
+        device_port_be: sport,
+        customer_port_be: dport,
+        proto: h.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: read-only copy of the value.
+    let Some(nat) = (unsafe { FWD_FLOWS.get(&key) }).copied() else { return Ok(()) };
+    if h.is_first_fragment() {
+        remember_fragment(h, FRAG_FROM_DEVICE, nat.public_addr, nat.rule_id)?;
+    }
+    let csum = l4 + l4_csum_field(h.proto);
+    set_v4_addr(ctx, L3, V4_SRC, h.src, nat.public_addr, Some((csum, h.proto)))?;
+    set_u16(ctx, l4 + L4_SPORT, sport, nat.public_port_be, csum, h.proto)?;
+    let len = l3_len::<L3>(ctx);
+    count_rule(nat.rule_id, Toward::Back, len);
+    event(SteerEvent::ReplyTranslated, len);
+    Ok(())
+}
+
+#[inline(always)]
+fn remember_fragment(h: &Ipv4Hdr, dir: u8, addr: u32, rule_id: u32) -> Result<(), Drop> {
+    let key = FragKey { src: h.src, dst: h.dst, id_be: h.id, proto: h.proto, dir };
+    FWD_FRAGS.insert(&key, &FragNat { addr, rule_id }, 0).map_err(|_| Drop(SteerEvent::FlowTableError))
+}
+
+/// A fragment after the first: no ports, so the datagram's first fragment decided.
+#[inline(always)]
+fn later_fragment<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr, dir: u8) -> Result<(), Drop> {
+    let key = FragKey { src: h.src, dst: h.dst, id_be: h.id, proto: h.proto, dir };
+    // SAFETY: read-only copy of the value.
+    let Some(nat) = (unsafe { FWD_FRAGS.get(&key) }).copied() else {
+        if h.proto == IPPROTO_TCP || h.proto == IPPROTO_UDP {
+            event(SteerEvent::FragmentUnknown, l3_len::<L3>(ctx));
+        }
+        return Ok(());
+    };
+    let (field, old, toward) =
+        if dir == FRAG_TO_DEVICE { (V4_DST, h.dst, Toward::Target) } else { (V4_SRC, h.src, Toward::Back) };
+    set_v4_addr(ctx, L3, field, old, nat.addr, None)?;
+    let len = l3_len::<L3>(ctx);
+    count_rule(nat.rule_id, toward, len);
+    event(SteerEvent::FragmentTranslated, len);
+    Ok(())
+}
+
+/// The packet an ICMP error quotes: its IPv4 header, the header's offset, and its ports.
+struct Quoted {
+    at: usize,
+    h: Ipv4Hdr,
+    sport: u16,
+    dport: u16,
+}
+
+/// The quoted TCP/UDP packet of an ICMP error at `icmp`, if this is one.
+#[inline(always)]
+fn quoted(ctx: &TcContext, icmp: usize) -> Option<Quoted> {
+    let ty: u8 = ctx.load::<[u8; 2]>(icmp).ok()?[0];
+    if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED && ty != ICMP_PARAMETER_PROBLEM {
+        return None;
+    }
+    let at = icmp + ICMP_QUOTE;
+    let h: Ipv4Hdr = ctx.load(at).ok()?;
+    if h.ver_ihl >> 4 != 4 || h.ver_ihl & 0x0f < 5 || h.is_later_fragment() {
+        return None;
+    }
+    if h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP {
+        return None;
+    }
+    // Quotes carry at least the first 8 bytes of the transport header: the ports.
+    let [sport, dport] = ctx.load::<[u16; 2]>(at + h.ihl()).ok()?;
+    Some(Quoted { at, h, sport, dport })
+}
+
+/// An ICMP error from the customer's side about a reply we translated (quoted: public address
+/// and port -> customer): the error goes to the device, about the device's own packet.
+#[inline(always)]
+fn icmp_inbound<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Drop> {
+    if h.is_fragment() {
+        return Ok(());
+    }
+    let icmp = L3 + h.ihl();
+    let Some(q) = quoted(ctx, icmp) else { return Ok(()) };
+    if h.dst != q.h.src {
+        return Ok(());
+    }
+    // SAFETY: read-only copy of the value.
+    let Some(rule) = (unsafe { FWD_RULES.get(&FwdKey { proto: q.h.proto, _pad: 0, port_be: q.sport }) }).copied()
+    else {
+        return Ok(());
+    };
+    let key = FlowKey {
+        device_addr: rule.device_addr,
+        customer_addr: q.h.dst,
+        device_port_be: rule.device_port_be,
+        customer_port_be: q.dport,
+        proto: q.h.proto,
+        _pad: [0; 3],
+    };
+    // Only errors about a flow that exists: the flow table knows the public side.
+    // SAFETY: read-only copy of the value.
+    match unsafe { FWD_FLOWS.get(&key) }.copied() {
+        Some(nat) if nat.public_addr == q.h.src && nat.public_port_be == q.sport => {}
+        _ => return Ok(()),
+    }
+    // The quoted header's own checksum absorbs its address change, so the ICMP checksum only
+    // changes with the port.
+    set_v4_addr(ctx, L3, V4_DST, h.dst, rule.device_addr, None)?;
+    set_v4_addr(ctx, q.at, V4_SRC, q.h.src, rule.device_addr, None)?;
+    set_u16(ctx, q.at + q.h.ihl() + L4_SPORT, q.sport, rule.device_port_be, icmp + ICMP_CSUM, IPPROTO_ICMP)?;
+    let len = l3_len::<L3>(ctx);
+    count_rule(rule.rule_id, Toward::Target, len);
+    event(SteerEvent::IcmpTranslated, len);
+    Ok(())
+}
+
+/// An ICMP error about a packet going to the device (quoted: customer -> device address and
+/// port), from the device or a router on the way: the customer must see it about what it sent.
+#[inline(always)]
+fn icmp_outbound<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Drop> {
+    if h.is_fragment() {
+        return Ok(());
+    }
+    let icmp = L3 + h.ihl();
+    let Some(q) = quoted(ctx, icmp) else { return Ok(()) };
+    if h.dst != q.h.src {
+        return Ok(());
+    }
+    let key = FlowKey {
+        device_addr: q.h.dst,
+        customer_addr: q.h.src,
+        device_port_be: q.dport,
+        customer_port_be: q.sport,
+        proto: q.h.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: read-only copy of the value.
+    let Some(nat) = (unsafe { FWD_FLOWS.get(&key) }).copied() else { return Ok(()) };
+    if h.src == q.h.dst {
+        set_v4_addr(ctx, L3, V4_SRC, h.src, nat.public_addr, None)?;
+    }
+    set_v4_addr(ctx, q.at, V4_DST, q.h.dst, nat.public_addr, None)?;
+    set_u16(ctx, q.at + q.h.ihl() + L4_DPORT, q.dport, nat.public_port_be, icmp + ICMP_CSUM, IPPROTO_ICMP)?;
+    let len = l3_len::<L3>(ctx);
+    count_rule(nat.rule_id, Toward::Back, len);
+    event(SteerEvent::IcmpTranslated, len);
+    Ok(())
+}

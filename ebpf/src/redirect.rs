@@ -1,0 +1,179 @@
+//! Redirect rules (what iptables REDIRECT did, with TPROXY semantics), on tun devices.
+//!
+//! A TCP or UDP packet from a redirected VPN client to a destination outside the bypass set is
+//! assigned to the local transparent proxy's socket (`bpf_sk_assign`) and marked, so the policy
+//! route the daemon installs delivers it locally. Not one byte changes: the proxy sees the
+//! original destination as its socket's local address.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6,
+    },
+    helpers::{bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use tunmeter_common::{ADDR_KEY_BITS, AddrKey, ClientKey, IPPROTO_TCP, IPPROTO_UDP, RedirectRule, SteerEvent};
+
+use crate::{
+    REDIRECT_MARK,
+    maps::{REDIRECT_BYPASS, REDIRECT_SOURCES},
+    packet::{ipv4, ports, read},
+    steer::{Toward, count_rule, event},
+};
+
+/// IPv6 next-header value of a fragment header.
+const IPPROTO_FRAGMENT: u8 = 44;
+
+/// A packet entering a tun device (L3: the IP header is at 0).
+#[inline(always)]
+pub fn from_client(ctx: &TcContext) -> i32 {
+    let Ok(first) = read::<u16>(ctx, 0) else { return TC_ACT_UNSPEC };
+    let r = match first.to_ne_bytes()[0] >> 4 {
+        4 => v4(ctx),
+        6 => v6(ctx),
+        _ => Ok(()),
+    };
+    match r {
+        Ok(()) => TC_ACT_UNSPEC,
+        Err(e) => {
+            event(e, ctx.len());
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn rule_for(src: ClientKey) -> Option<RedirectRule> {
+    REDIRECT_SOURCES.get(&Key::new(ADDR_KEY_BITS, AddrKey { addr: src.addr })).copied()
+}
+
+#[inline(always)]
+fn bypassed(dst: ClientKey) -> bool {
+    REDIRECT_BYPASS.get(&Key::new(ADDR_KEY_BITS, AddrKey { addr: dst.addr })).is_some()
+}
+
+#[inline(always)]
+fn v4(ctx: &TcContext) -> Result<(), SteerEvent> {
+    let Some(h) = ipv4::<0>(ctx) else { return Ok(()) };
+    let Some(rule) = rule_for(ClientKey::v4_word(h.src)) else { return Ok(()) };
+    if h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP {
+        return Ok(());
+    }
+    if bypassed(ClientKey::v4_word(h.dst)) {
+        event(SteerEvent::Bypassed, ctx.len());
+        return Ok(());
+    }
+    if h.is_fragment() {
+        event(SteerEvent::NotRedirectable, ctx.len());
+        return Ok(());
+    }
+    let Some([sport, dport]) = ports(ctx, h.ihl(), h.proto) else {
+        event(SteerEvent::NotRedirectable, ctx.len());
+        return Ok(());
+    };
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: Tuple4 { saddr: h.src, daddr: h.dst, sport, dport },
+        },
+    };
+    let size = core::mem::size_of::<Tuple4>() as u32;
+    assign(ctx, &mut tuple, size, h.proto, rule, |t, port| t.__bindgen_anon_1.ipv4.dport = port)
+}
+
+#[inline(always)]
+fn v6(ctx: &TcContext) -> Result<(), SteerEvent> {
+    // Fixed IPv6 header: next header at 6, source at 8, destination at 24.
+    let Ok(src) = read::<[u64; 2]>(ctx, 8) else { return Ok(()) };
+    let Some(rule) = rule_for(ClientKey::v6_words(src)) else { return Ok(()) };
+    let Ok(next) = read::<u16>(ctx, 6) else { return Ok(()) };
+    let next = next.to_ne_bytes()[0];
+    if next == IPPROTO_FRAGMENT {
+        event(SteerEvent::NotRedirectable, ctx.len());
+        return Ok(());
+    }
+    if next != IPPROTO_TCP && next != IPPROTO_UDP {
+        return Ok(());
+    }
+    let Ok(dst) = read::<[u64; 2]>(ctx, 24) else { return Ok(()) };
+    if bypassed(ClientKey::v6_words(dst)) {
+        event(SteerEvent::Bypassed, ctx.len());
+        return Ok(());
+    }
+    let Some([sport, dport]) = ports(ctx, 40, next) else {
+        event(SteerEvent::NotRedirectable, ctx.len());
+        return Ok(());
+    };
+    // SAFETY: [u64; 2] and [u32; 4] have the same size; every bit pattern is valid.
+    let (saddr, daddr) = unsafe { (core::mem::transmute::<[u64; 2], [u32; 4]>(src), core::mem::transmute(dst)) };
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+            ipv6: Tuple6 { saddr, daddr, sport, dport },
+        },
+    };
+    let size = core::mem::size_of::<Tuple6>() as u32;
+    assign(ctx, &mut tuple, size, next, rule, |t, port| t.__bindgen_anon_1.ipv6.dport = port)
+}
+
+/// Find the socket the packet belongs to and assign it: for TCP an established connection of
+/// the proxy (its local address is the original destination) or else the proxy's listener; for
+/// UDP the proxy's socket. Then mark the packet for the local-delivery policy route.
+#[inline(always)]
+fn assign(
+    ctx: &TcContext,
+    tuple: &mut bpf_sock_tuple,
+    size: u32,
+    proto: u8,
+    rule: RedirectRule,
+    set_dport: impl Fn(&mut bpf_sock_tuple, u16),
+) -> Result<(), SteerEvent> {
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let skb = ctx.as_ptr();
+    // SAFETY: helpers called with a stack tuple of the size given; every socket they return is
+    // released on every path below.
+    let sk: *mut bpf_sock = unsafe {
+        if proto == IPPROTO_TCP {
+            let sk = bpf_skc_lookup_tcp(skb, tuple, size, netns, 0);
+            if !sk.is_null() {
+                if (*sk).state != BPF_TCP_LISTEN {
+                    return assign_sock(ctx, sk, rule);
+                }
+                bpf_sk_release(sk as *mut _);
+            }
+            set_dport(tuple, rule.proxy_port_be);
+            let sk = bpf_skc_lookup_tcp(skb, tuple, size, netns, 0);
+            if !sk.is_null() && (*sk).state != BPF_TCP_LISTEN {
+                bpf_sk_release(sk as *mut _);
+                return Err(SteerEvent::ProxyMissing);
+            }
+            sk
+        } else {
+            set_dport(tuple, rule.proxy_port_be);
+            bpf_sk_lookup_udp(skb, tuple, size, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return Err(SteerEvent::ProxyMissing);
+    }
+    assign_sock(ctx, sk, rule)
+}
+
+#[inline(always)]
+fn assign_sock(ctx: &TcContext, sk: *mut bpf_sock, rule: RedirectRule) -> Result<(), SteerEvent> {
+    // SAFETY: `sk` is a referenced socket from a lookup; released right after.
+    let r = unsafe {
+        let r = bpf_sk_assign(ctx.as_ptr(), sk as *mut _, 0);
+        bpf_sk_release(sk as *mut _);
+        r
+    };
+    if r != 0 {
+        return Err(SteerEvent::AssignFailed);
+    }
+    ctx.set_mark(REDIRECT_MARK.load());
+    let len = ctx.len();
+    count_rule(rule.rule_id, Toward::Target, len);
+    event(SteerEvent::Redirected, len);
+    Ok(())
+}
