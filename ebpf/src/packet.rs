@@ -85,6 +85,12 @@ pub fn ipv4<const L3: usize>(ctx: &TcContext) -> Option<Ipv4Hdr> {
     if h.ver_ihl >> 4 != 4 || h.ver_ihl & 0x0f < 5 {
         return None;
     }
+    // A total length shorter than the header is malformed. 0 is left alone: BIG TCP GSO
+    // packets carry 0 there.
+    let tot = u16::from_be(h.tot_len) as usize;
+    if tot != 0 && tot < h.ihl() {
+        return None;
+    }
     Some(h)
 }
 

@@ -24,8 +24,9 @@ use crate::{
     steer::{Toward, count_rule, event},
 };
 
-/// IPv6 next-header value of a fragment header.
-const IPPROTO_FRAGMENT: u8 = 44;
+/// IPv6 next-header values of extension headers a TCP or UDP header may hide behind:
+/// hop-by-hop options, routing, fragment, destination options.
+const IPV6_EXTENSION_HEADERS: [u8; 4] = [0, 43, 44, 60];
 
 /// A packet entering a tun device (L3: the IP header is at 0).
 #[inline(always)]
@@ -90,7 +91,7 @@ fn v6(ctx: &TcContext) -> Result<(), SteerEvent> {
     let Some(rule) = rule_for(ClientKey::v6_words(src)) else { return Ok(()) };
     let Ok(next) = read::<u16>(ctx, 6) else { return Ok(()) };
     let next = next.to_ne_bytes()[0];
-    if next == IPPROTO_FRAGMENT {
+    if IPV6_EXTENSION_HEADERS.contains(&next) {
         event(SteerEvent::NotRedirectable, ctx.len());
         return Ok(());
     }

@@ -23,6 +23,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
     "iperf3",
+    // the steering benchmark compares forward rules with iptables DNAT (iptables-nft on Debian 12)
+    "iptables",
     "iputils-ping",
     "util-linux", // nsenter
     "procps",
@@ -32,7 +34,18 @@ const APT_PACKAGES: &[&str] = &[
     "postgresql",
     "chromium",
     "sqlite3",
+    // steering tests (userspace/tests/steer_netns.rs) run their own HTTP and SOCKS5 proxies in
+    // the lab namespaces, with configs of their own: tinyproxy-bin is the binary without the
+    // tinyproxy service; dante-server comes with a danted service, which setup disables
+    // (PROXY_SERVICES)
+    "tinyproxy-bin",
+    "dante-server",
 ];
+
+/// System services of the proxy packages: the tests never use them (they start their own
+/// instances inside namespaces), so setup stops and disables them where they run. `tinyproxy`
+/// is the full package's service, in case it is installed too. (service, its binary)
+const PROXY_SERVICES: &[(&str, &str)] = &[("danted", "/usr/sbin/danted"), ("tinyproxy", "/usr/bin/tinyproxy")];
 
 /// Node.js major version that `playwright-core` (web/e2e) needs; Debian 12's `nodejs` is 18.
 const NODE_MIN_MAJOR: u32 = 20;
@@ -46,6 +59,7 @@ pub fn setup() -> Result<()> {
     check_os()?;
     let llvm = tunmeter_metadata("llvm-major")?;
     apt_packages(&llvm)?;
+    proxy_services();
     node_and_npm()?;
     e2e_node_modules()?;
     rust_toolchains()?;
@@ -101,6 +115,56 @@ fn apt_packages(llvm: &str) -> Result<()> {
         }
     }
     apt_install(missing)
+}
+
+/// Stops and disables the system services of the proxy packages ([`PROXY_SERVICES`]): the
+/// steering tests start their own proxies, and a distro service would only listen on the host.
+/// Never fails: with systemd it uses `systemctl`, without it (a container) the init script.
+fn proxy_services() {
+    let ok = |c: &mut std::process::Command| probe(c).is_some_and(|o| o.status.success());
+    let systemd = std::path::Path::new("/run/systemd/system").is_dir();
+    for &(svc, binary) in PROXY_SERVICES {
+        let (running, enabled, stop): (bool, bool, Vec<String>) = if systemd {
+            let unit = format!("{svc}.service");
+            if !ok(cmd("systemctl").args(["cat", &unit])) {
+                continue;
+            }
+            let running = ok(cmd("systemctl").args(["is-active", "--quiet", &unit]));
+            let enabled = ok(cmd("systemctl").args(["is-enabled", "--quiet", &unit]));
+            (running, enabled, vec!["systemctl".into(), "disable".into(), "--now".into(), unit])
+        } else {
+            let script = format!("/etc/init.d/{svc}");
+            if !std::path::Path::new(&script).is_file() {
+                continue;
+            }
+            // Without systemd nothing starts services at boot: only a running one matters. The
+            // init scripts' `status` exits 0 either way, so look for the binary in /proc.
+            let running = runs(binary);
+            (running, false, vec![script, "stop".into()])
+        };
+        if !running && !enabled {
+            println!("ok: service {svc} is not running");
+            continue;
+        }
+        if !is_root() {
+            println!(
+                "warning: service {svc} is running or enabled; the tests do not need it (run setup as root to stop it)"
+            );
+            continue;
+        }
+        println!("stopping: service {svc} (the tests start their own proxies)");
+        if !ok(cmd(&stop[0]).args(&stop[1..])) {
+            println!("warning: `{}` failed; the service is not needed, ignoring", stop.join(" "));
+        }
+    }
+}
+
+/// Whether a process of `binary` runs (visible in /proc).
+fn runs(binary: &str) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return false };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .any(|e| std::fs::read_link(e.path().join("exe")).is_ok_and(|p| p == std::path::Path::new(binary)))
 }
 
 /// `apt-get update` and `apt-get install --no-install-recommends` of `missing` (if any).

@@ -161,12 +161,11 @@ impl SteerMaps {
         PerCpuArray::try_from(Map::PerCpuArray(self.open(MAP_STEER_STATS)?)).map_err(map_err(MAP_STEER_STATS))
     }
 
-    /// Serialise rule changes (CLI, API, daemon) on this pin directory.
+    /// Serialise rule changes (CLI, API, daemon). One host-wide lock file (not one per pin
+    /// directory, which would pile up): changes are rare and short.
     fn lock(&self) -> Result<Flock<File>, SteerError> {
         let base = if Path::new("/run/lock").is_dir() { PathBuf::from("/run/lock") } else { std::env::temp_dir() };
-        let tag: String =
-            self.dir.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-        let path = base.join(format!("tunmeter-steer{tag}.lock"));
+        let path = base.join("tunmeter-steer.lock");
         let f = File::options()
             .create(true)
             .truncate(false)

@@ -2,10 +2,13 @@
 //! packet builders and a BPF_PROG_TEST_RUN harness around the real eBPF object.
 #![allow(dead_code)]
 
+pub mod checksum;
 pub mod daemon;
 pub mod env;
 pub mod packets;
 pub mod postgres;
+pub mod proxies;
+pub mod steerbench;
 
 use std::{
     collections::BTreeMap,
@@ -107,6 +110,55 @@ impl Harness {
         p.test_run(TestRunOptions { data_in: Some(data), repeat: 1, ..TestRunOptions::new() }).map(|r| r.return_value)
     }
 
+    /// Run `prog` once on `data`; returns the return code and the packet as the program left
+    /// it (BPF_PROG_TEST_RUN `data_out`).
+    pub fn run_out(&mut self, prog: &'static str, data: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run_out(prog, data).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {} bytes: {e:?}", data.len()))
+    }
+
+    pub fn try_run_out(
+        &mut self,
+        prog: &'static str,
+        data: &[u8],
+    ) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+        let (ret, out, _) = self.test_run_io(prog, data, false)?;
+        Ok((ret, out))
+    }
+
+    /// Like `run_out`, also returning the `struct __sk_buff` after the run (BPF_PROG_TEST_RUN
+    /// `ctx_out`): see `SkbOut` for the fields read from it.
+    pub fn try_run_skb(
+        &mut self,
+        prog: &'static str,
+        data: &[u8],
+    ) -> Result<(u32, Vec<u8>, SkbOut), aya::programs::ProgramError> {
+        let (ret, out, skb) = self.test_run_io(prog, data, true)?;
+        Ok((ret, out, skb.unwrap_or_default()))
+    }
+
+    fn test_run_io(
+        &mut self,
+        prog: &'static str,
+        data: &[u8],
+        with_ctx: bool,
+    ) -> Result<(u32, Vec<u8>, Option<SkbOut>), aya::programs::ProgramError> {
+        let p = self.inst.program_mut(prog);
+        // Room for programs that grow the packet.
+        let mut out = vec![0u8; data.len() + 512];
+        let mut ctx = [0u8; SKB_CTX_SIZE];
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(data),
+            data_out: Some(&mut out),
+            ctx_out: if with_ctx { Some(&mut ctx) } else { None },
+            repeat: 1,
+            ..TestRunOptions::new()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        let word = |off: usize| u32::from_ne_bytes(ctx[off..off + 4].try_into().unwrap());
+        let skb = with_ctx.then(|| SkbOut { mark: word(8), priority: word(32), tc_index: word(44) });
+        Ok((r.return_value, out, skb))
+    }
+
     /// Average nanoseconds per run over `repeat` runs of the same packet.
     pub fn time(&mut self, prog: &'static str, data: &[u8], repeat: u32) -> f64 {
         let p = self.inst.program_mut(prog);
@@ -135,4 +187,15 @@ impl Harness {
             .map(|r| ((r.direction.to_string(), r.outcome.to_string()), (r.packets, r.bytes)))
             .collect()
     }
+}
+
+/// Size of `struct __sk_buff` (uapi) as BPF_PROG_TEST_RUN copies it out.
+pub const SKB_CTX_SIZE: usize = 192;
+
+/// Fields of the `struct __sk_buff` a program left (BPF_PROG_TEST_RUN `ctx_out`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkbOut {
+    pub mark: u32,
+    pub priority: u32,
+    pub tc_index: u32,
 }

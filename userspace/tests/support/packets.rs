@@ -100,3 +100,97 @@ pub fn arp() -> Vec<u8> {
     v.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 9, 0, 1]);
     v
 }
+
+// ---- Builders with valid TCP/UDP/ICMP checksums (steering fixtures) ----
+
+use super::checksum;
+
+fn v4(a: &str) -> [u8; 4] {
+    a.parse::<Ipv4Addr>().unwrap().octets()
+}
+
+/// TCP segment with a SYN (`flags` 0x02) or other flags, 20-byte header, valid checksum over
+/// the IPv4 pseudo-header `src` -> `dst`.
+pub fn tcp_valid(src: &str, dst: &str, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&sport.to_be_bytes());
+    v.extend_from_slice(&dport.to_be_bytes());
+    v.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+    v.extend_from_slice(&(if flags & 0x10 != 0 { 0x5566_7788u32 } else { 0 }).to_be_bytes());
+    v.extend_from_slice(&[0x50, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
+    v.extend_from_slice(payload);
+    checksum::fill_l4_checksum(v4(src), v4(dst), TCP, &mut v);
+    v
+}
+
+/// UDP datagram with a valid checksum over the IPv4 pseudo-header `src` -> `dst` (a computed
+/// 0 is sent as 0xffff).
+pub fn udp_valid(src: &str, dst: &str, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = udp(sport, dport, payload);
+    checksum::fill_l4_checksum(v4(src), v4(dst), UDP, &mut v);
+    v
+}
+
+/// IPv4 packet with an explicit identification and flags+offset field; header checksum valid.
+/// `total_len` overrides the total length field (None = header + `l4`).
+#[allow(clippy::too_many_arguments)]
+pub fn ipv4_with(
+    src: &str,
+    dst: &str,
+    proto: u8,
+    l4: &[u8],
+    options: &[u8],
+    id: u16,
+    frag: u16,
+    total_len: Option<u16>,
+) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let ihl = 5 + options.len() / 4;
+    let total = total_len.unwrap_or((ihl * 4 + l4.len()) as u16);
+    let mut v = vec![0x40 | ihl as u8, 0];
+    v.extend_from_slice(&total.to_be_bytes());
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(&frag.to_be_bytes());
+    v.extend_from_slice(&[64, proto, 0, 0]);
+    v.extend_from_slice(&v4(src));
+    v.extend_from_slice(&v4(dst));
+    v.extend_from_slice(options);
+    checksum::fill_ipv4_checksum(&mut v);
+    v.extend_from_slice(l4);
+    v
+}
+
+/// IPv4 flag: more fragments.
+pub const IP_MF: u16 = 0x2000;
+/// IPv4 flag: don't fragment.
+pub const IP_DF: u16 = 0x4000;
+
+/// Split the whole L4 datagram `datagram` (header included) into IPv4 fragments with
+/// identification `id`: fragment payload sizes `sizes` (each but the last a multiple of 8;
+/// what remains goes into a last fragment). Valid header checksums.
+pub fn ipv4_fragments(src: &str, dst: &str, proto: u8, id: u16, datagram: &[u8], sizes: &[usize]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    let mut sizes = sizes.to_vec();
+    let used: usize = sizes.iter().sum();
+    assert!(used < datagram.len());
+    sizes.push(datagram.len() - used);
+    for (i, n) in sizes.iter().enumerate() {
+        let last = i + 1 == sizes.len();
+        assert!(last || n % 8 == 0, "fragment sizes must be multiples of 8");
+        let field = ((off / 8) as u16) | if last { 0 } else { IP_MF };
+        out.push(ipv4_with(src, dst, proto, &datagram[off..off + n], &[], id, field, None));
+        off += n;
+    }
+    out
+}
+
+/// ICMPv4 message `typ`/`code` with the 4 bytes after the checksum `rest` (unused, or the
+/// next-hop MTU for fragmentation-needed) and the quoted datagram; valid ICMP checksum.
+pub fn icmp_error(typ: u8, code: u8, rest: u32, quote: &[u8]) -> Vec<u8> {
+    let mut v = vec![typ, code, 0, 0];
+    v.extend_from_slice(&rest.to_be_bytes());
+    v.extend_from_slice(quote);
+    checksum::fill_icmp_checksum(&mut v);
+    v
+}
