@@ -82,7 +82,8 @@ pub fn parse_port(s: &str) -> Result<u16, RuleError> {
 pub struct ForwardSpec {
     pub proto: Proto,
     pub public_port: u16,
-    /// Only packets to this address; None: any address of this host.
+    /// Only packets to this address; None: any destination address (of packets arriving on an
+    /// egress interface, which on a VPN server are addressed to the server).
     pub public_address: Option<Ipv4Addr>,
     pub device: SocketAddrV4,
 }
