@@ -179,6 +179,18 @@ pub struct RuleCounters {
 }
 const _: () = assert!(size_of::<RuleCounters>() == 32);
 
+impl RuleCounters {
+    /// Field-wise sum: folds the per-CPU copies of one rule.
+    pub const fn plus(self, o: RuleCounters) -> RuleCounters {
+        RuleCounters {
+            to_target_bytes: self.to_target_bytes + o.to_target_bytes,
+            to_target_packets: self.to_target_packets + o.to_target_packets,
+            from_target_bytes: self.from_target_bytes + o.from_target_bytes,
+            from_target_packets: self.from_target_packets + o.from_target_packets,
+        }
+    }
+}
+
 /// What the steering code did with a packet, counted in [`MAP_STEER_STATS`] (packets and L3
 /// bytes). Packets steering has nothing to do with are not counted here.
 #[repr(u32)]

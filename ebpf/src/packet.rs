@@ -106,7 +106,7 @@ pub fn ports(ctx: &TcContext, l4: usize, proto: u8) -> Option<[u16; 2]> {
     if (ctx.len() as usize) < l4 + need {
         return None;
     }
-    ctx.load::<[u16; 2]>(l4).ok()
+    read::<[u16; 2]>(ctx, l4).ok()
 }
 
 /// Offset of the transport checksum within a TCP or UDP header.

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
@@ -176,16 +176,15 @@ impl SteerMaps {
     }
 
     fn rule_totals(&self, counters: &PerCpuArray<MapData, RuleCounters>, id: u32) -> RuleTotals {
-        let mut t = RuleTotals::default();
-        if let Ok(values) = counters.get(&id, 0) {
-            for c in values.iter() {
-                t.to_target_bytes += c.to_target_bytes;
-                t.to_target_packets += c.to_target_packets;
-                t.from_target_bytes += c.from_target_bytes;
-                t.from_target_packets += c.from_target_packets;
-            }
+        let c = counters
+            .get(&id, 0)
+            .map_or(RuleCounters::default(), |v| v.iter().fold(RuleCounters::default(), |s, c| s.plus(*c)));
+        RuleTotals {
+            to_target_bytes: c.to_target_bytes,
+            to_target_packets: c.to_target_packets,
+            from_target_bytes: c.from_target_bytes,
+            from_target_packets: c.from_target_packets,
         }
-        t
     }
 
     pub fn list(&self) -> Result<SteerList, SteerError> {
@@ -418,11 +417,6 @@ impl SteerMaps {
     pub fn forward_ports(&self) -> Result<BTreeSet<u16>, SteerError> {
         Ok(self.fwd_rules()?.keys().filter_map(Result::ok).map(|k| u16::from_be(k.port_be)).collect())
     }
-
-    /// True if any redirect rule exists.
-    pub fn has_redirects(&self) -> Result<bool, SteerError> {
-        Ok(self.redirects()?.keys().next().is_some())
-    }
 }
 
 fn fwd_key(proto: Proto, port: u16) -> FwdKey {
@@ -453,11 +447,6 @@ pub fn net_of(k: &Key<AddrKey>) -> IpNet {
         }
         _ => IpNet::V6(Ipv6Net::new(Ipv6Addr::from(data.addr), k.prefix_len().min(128) as u8).expect("prefix <= 128")),
     }
-}
-
-/// Single addresses as host subnets.
-pub fn host_net(a: IpAddr) -> IpNet {
-    IpNet::from(a)
 }
 
 #[cfg(test)]

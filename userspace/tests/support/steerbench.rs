@@ -136,12 +136,7 @@ impl SteerTables {
     /// A rule's counters, all CPUs.
     pub fn rule(&self, id: u32) -> RuleCounters {
         let a: PerCpuArray<MapData, RuleCounters> = PerCpuArray::try_from(self.open(MAP_RULE_COUNTERS)).unwrap();
-        a.get(&id, 0).unwrap().iter().fold(RuleCounters::default(), |s, c| RuleCounters {
-            to_target_bytes: s.to_target_bytes + c.to_target_bytes,
-            to_target_packets: s.to_target_packets + c.to_target_packets,
-            from_target_bytes: s.from_target_bytes + c.from_target_bytes,
-            from_target_packets: s.from_target_packets + c.from_target_packets,
-        })
+        a.get(&id, 0).unwrap().iter().fold(RuleCounters::default(), |s, c| s.plus(*c))
     }
 }
 
