@@ -15,12 +15,22 @@
 //! Everything is removed on [`Lab::down`] and on drop (also when a test panics). A lab left over by
 //! a killed process is removed by the next [`Lab::up`] with the same prefix, or by
 //! [`cleanup_prefix`] (`tunmeter-lab down --prefix P`).
+//!
+//! Two labs with real VPN software live in their own modules: [`openvpn::OvpnLab`] (two OpenVPN 2.6
+//! server instances, UDP and TCP, with real clients, management ports, hooks and an nftables
+//! oracle on `tun0`/`tun1`) and [`wireguard::WgLab`] (wireguard-go server and peers). Exact-size
+//! asymmetric transfers for them are in [`transfer`].
 
+pub mod certs;
+pub mod openvpn;
 pub mod oracle;
+mod procs;
 mod relay;
 mod sinks;
 mod sys;
 pub mod traffic;
+pub mod transfer;
+pub mod wireguard;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
@@ -152,24 +162,10 @@ impl Lab {
     fn add_ns(&mut self, ns: &str) -> Result<()> {
         run("ip", &["netns", "add", ns])?;
         self.namespaces.push(ns.to_string());
+        // The bridge namespace carries no IPv6 at all (its ports would otherwise send RS/MLD
+        // into the LAN).
         let lan = ns == self.lan_ns();
-        in_netns(ns, move || {
-            // Less IPv6 noise: no RAs, no router solicitations, no DAD. The bridge namespace
-            // carries no IPv6 at all (its ports would otherwise send RS/MLD into the LAN).
-            let mut settings = vec![("accept_ra", "0"), ("router_solicitations", "0"), ("accept_dad", "0")];
-            if lan {
-                settings.push(("disable_ipv6", "1"));
-            }
-            for (key, val) in settings {
-                for scope in ["all", "default"] {
-                    let p = format!("/proc/sys/net/ipv6/conf/{scope}/{key}");
-                    std::fs::write(&p, val).with_context(|| format!("write {p}"))?;
-                }
-            }
-            Ok(())
-        })?;
-        ipn(ns, &["link", "set", "lo", "up"])?;
-        Ok(())
+        init_ns(ns, lan)
     }
 
     fn build(&mut self) -> Result<()> {
@@ -428,7 +424,7 @@ pub fn netns_exec(ns: &str, args: &[&str]) -> Result<String> {
 }
 
 /// `ip -n ns args...`
-fn ipn(ns: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn ipn(ns: &str, args: &[&str]) -> Result<String> {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
     run("ip", &full)
@@ -493,4 +489,24 @@ pub fn cleanup_prefix(prefix: &str) -> Result<()> {
         }
     }
     if errors.is_empty() { Ok(()) } else { Err(anyhow!("{}", errors.join("; "))) }
+}
+
+/// Quiet IPv6 settings for a fresh namespace (no RAs, no router solicitations, no DAD; no IPv6
+/// at all with `disable_ipv6`) and `lo` up.
+pub(crate) fn init_ns(ns: &str, disable_ipv6: bool) -> Result<()> {
+    in_netns(ns, move || {
+        let mut settings = vec![("accept_ra", "0"), ("router_solicitations", "0"), ("accept_dad", "0")];
+        if disable_ipv6 {
+            settings.push(("disable_ipv6", "1"));
+        }
+        for (key, val) in settings {
+            for scope in ["all", "default"] {
+                let p = format!("/proc/sys/net/ipv6/conf/{scope}/{key}");
+                std::fs::write(&p, val).with_context(|| format!("write {p}"))?;
+            }
+        }
+        Ok(())
+    })?;
+    ipn(ns, &["link", "set", "lo", "up"])?;
+    Ok(())
 }

@@ -18,6 +18,21 @@
 //! subtracts `14 * packets` from every `eth0` egress counter so that all byte counts it returns
 //! are L3 bytes (IP header + payload).
 //!
+//! [`Oracle::install_on`] installs the same chains on any set of devices ([`OracleDevice`]), e.g.
+//! `tun0`, `tun1` and `eth0` of the OpenVPN lab ([`crate::openvpn::OvpnLab::install_oracle`]).
+//!
+//! Why netdev ingress/egress, and not inet prerouting/postrouting: the oracle must see exactly
+//! the packets a TC (clsact) program on the same device sees. On receive, the kernel runs TC
+//! ingress and then, in the same function (`__netif_receive_skb_core`), the netdev ingress hook,
+//! both before the IP stack, so nothing can drop a packet between them (prerouting would miss
+//! packets dropped by conntrack, rp_filter or a bad header). On transmit, `__dev_queue_xmit` runs
+//! the netdev egress hook and then TC egress, both after routing, POSTROUTING and the
+//! neighbour layer, and both before GSO segmentation and the qdisc, so again no packet reaches
+//! one but not the other (postrouting would also count packets later dropped by the neighbour
+//! layer). Both hooks count `skb->len`, which on a TUN device is the IP packet length. The only
+//! difference would be a TC program that drops or redirects a packet on ingress: the netdev
+//! ingress hook then never sees it.
+//!
 //! Note on GSO: locally generated TCP is handed to the device as GSO "super packets" and
 //! segmented only after the egress hook, so egress counters (like any tc/netdev egress hook)
 //! count such a super packet as one packet whose length holds the headers once (over veth the
@@ -128,13 +143,36 @@ impl OracleCounts {
     }
 }
 
+/// One device the oracle counts on, with the client addresses that get their own counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OracleDevice {
+    /// Interface name in the oracle's namespace (e.g. `tun0`, `tun1`, `eth0`).
+    pub name: String,
+    /// Client addresses: ingress rules match the source, egress rules the destination.
+    pub addrs: Vec<IpAddr>,
+    /// `true` for an Ethernet device: [`Oracle::read`] removes the 14-byte header the netdev
+    /// egress hook includes, so every byte count is an L3 byte count. `false` for TUN devices.
+    pub ethernet: bool,
+}
+
+impl OracleDevice {
+    /// A TUN (L3) device.
+    pub fn tun(name: &str, addrs: Vec<IpAddr>) -> OracleDevice {
+        OracleDevice { name: name.to_string(), addrs, ethernet: false }
+    }
+
+    /// An Ethernet device.
+    pub fn ethernet(name: &str, addrs: Vec<IpAddr>) -> OracleDevice {
+        OracleDevice { name: name.to_string(), addrs, ethernet: true }
+    }
+}
+
 /// The installed nftables counters in the server namespace. Removed on [`Oracle::remove`] and on
 /// drop (best effort).
 #[derive(Debug)]
 pub struct Oracle {
     ns: String,
-    tun_addrs: Vec<IpAddr>,
-    eth_addrs: Vec<IpAddr>,
+    devices: Vec<OracleDevice>,
     removed: bool,
 }
 
@@ -183,19 +221,45 @@ impl Oracle {
         let addrs = |cs: Vec<crate::Client>| -> Vec<IpAddr> {
             cs.iter().flat_map(|c| [IpAddr::V4(c.v4), IpAddr::V6(c.v6)]).collect()
         };
-        let o = Oracle {
-            ns: lab.server_ns(),
-            tun_addrs: addrs(lab.tun_clients()),
-            eth_addrs: addrs(lab.eth_clients()),
-            removed: false,
-        };
+        Oracle::install_on(
+            &lab.server_ns(),
+            vec![
+                OracleDevice::tun(TUN_DEV, addrs(lab.tun_clients())),
+                OracleDevice::ethernet(ETH_DEV, addrs(lab.eth_clients())),
+            ],
+        )
+    }
+
+    /// Install `table netdev tmoracle` in `ns` (replacing an old one) with ingress and egress
+    /// chains on every device of `devices`. The devices need not exist yet: kernel 6.18 binds a
+    /// netdev chain by name (see [`Oracle::rebind`]).
+    pub fn install_on(ns: &str, devices: Vec<OracleDevice>) -> Result<Oracle> {
+        if devices.is_empty() {
+            bail!("oracle: no devices");
+        }
+        for (k, d) in devices.iter().enumerate() {
+            if d.name.is_empty() || d.name.len() > 15 || !d.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                bail!("oracle: bad device name {:?}", d.name);
+            }
+            if devices[..k].iter().any(|o| o.name == d.name) {
+                bail!("oracle: device {} listed twice", d.name);
+            }
+        }
+        let o = Oracle { ns: ns.to_string(), devices, removed: false };
         // "add" + "delete" makes the delete succeed whether or not an old table exists.
         let mut script = format!("add table netdev {TABLE}\ndelete table netdev {TABLE}\n");
         script += &format!("add table netdev {TABLE}\n");
-        script += &chain_script(TUN_DEV, &o.tun_addrs);
-        script += &chain_script(ETH_DEV, &o.eth_addrs);
+        for d in &o.devices {
+            script += &chain_script(&d.name, &d.addrs);
+        }
         o.nft_script(&script).context("installing oracle")?;
         Ok(o)
+    }
+
+    /// The devices the oracle counts on.
+    pub fn devices(&self) -> &[OracleDevice] {
+        &self.devices
     }
 
     /// The namespace the oracle lives in.
@@ -222,6 +286,17 @@ impl Oracle {
     /// and re-attaches it by name to a new `tun0`, counters continuing; calling this anyway gives
     /// the same, known state (fresh chains at 0) on every kernel.
     pub fn rebind_tun(&self) -> Result<()> {
+        self.rebind(TUN_DEV)
+    }
+
+    /// Rebuild the two chains of device `dev` (one of [`Oracle::devices`]); **its counters
+    /// restart at 0**, the other devices' counters are untouched. See [`Oracle::rebind_tun`].
+    pub fn rebind(&self, dev: &str) -> Result<()> {
+        let d = self
+            .devices
+            .iter()
+            .find(|d| d.name == dev)
+            .ok_or_else(|| anyhow!("oracle: {dev} is not one of its devices"))?;
         let v = self.list_json()?;
         let existing: Vec<String> = items(&v)
             .filter_map(|i| i.get("chain"))
@@ -230,19 +305,20 @@ impl Oracle {
             .collect();
         let mut script = String::new();
         for dir in [Direction::Ingress, Direction::Egress] {
-            let chain = chain_name(TUN_DEV, dir);
+            let chain = chain_name(dev, dir);
             if existing.contains(&chain) {
                 script += &format!("flush chain netdev {TABLE} {chain}\n");
                 script += &format!("delete chain netdev {TABLE} {chain}\n");
             }
         }
-        script += &chain_script(TUN_DEV, &self.tun_addrs);
-        self.nft_script(&script).context("rebinding tun0 chains")
+        script += &chain_script(dev, &d.addrs);
+        self.nft_script(&script).with_context(|| format!("rebinding {dev} chains"))
     }
 
     /// Read all counters (`nft -j list table netdev tmoracle`), bytes as L3 bytes.
     pub fn read(&self) -> Result<OracleCounts> {
-        parse_counts(&self.list_json()?)
+        let eth: Vec<&str> = self.devices.iter().filter(|d| d.ethernet).map(|d| d.name.as_str()).collect();
+        parse_counts(&self.list_json()?, &eth)
     }
 
     /// Delete the table.
@@ -265,7 +341,7 @@ fn items(v: &Value) -> impl Iterator<Item = &Value> {
     v.get("nftables").and_then(Value::as_array).into_iter().flatten()
 }
 
-fn parse_counts(v: &Value) -> Result<OracleCounts> {
+fn parse_counts(v: &Value, ethernet: &[&str]) -> Result<OracleCounts> {
     let mut out = OracleCounts::default();
     let mut rules = 0;
     for rule in items(v).filter_map(|i| i.get("rule")) {
@@ -291,7 +367,7 @@ fn parse_counts(v: &Value) -> Result<OracleCounts> {
         let get =
             |k: &str| counter.get(k).and_then(Value::as_u64).ok_or_else(|| anyhow!("counter of {comment:?} lacks {k}"));
         let mut c = Counter { packets: get("packets")?, bytes: get("bytes")? };
-        if dev == ETH_DEV && dir == Direction::Egress {
+        if ethernet.contains(&dev) && dir == Direction::Egress {
             // netdev egress on an Ethernet device counts skb->len *with* the 14-byte Ethernet
             // header (ingress does not): convert to L3 bytes.
             c.bytes = c.bytes.saturating_sub(ETH_HLEN * c.packets);
@@ -379,7 +455,7 @@ mod tests {
             {"rule":{"chain":"tun0_in","comment":"tun0 ingress 10.8.0.2","expr":[{"counter":{"packets":2,"bytes":168}}]}}]}"#,
         )
         .unwrap();
-        let c = parse_counts(&v).unwrap();
+        let c = parse_counts(&v, &["eth0"]).unwrap();
         let a: IpAddr = "10.9.0.2".parse().unwrap();
         assert_eq!(c.client("eth0", a, Direction::Egress), Counter { packets: 2, bytes: 168 });
         assert_eq!(c.total("eth0", Direction::Egress).bytes, 238 - 42);

@@ -253,6 +253,12 @@ pub fn background(lab: &Lab, interval: Duration) -> Result<Background> {
 
 /// [`background`] with an explicit round spec.
 pub fn background_with(targets: Targets, spec: RoundSpec, interval: Duration) -> Result<Background> {
+    background_fn(move || round_with(&targets, spec), interval)
+}
+
+/// Run `round` on a thread every `interval` until [`Background::stop`], counting successful and
+/// failed rounds. `round` must itself be bounded in time (it is never interrupted).
+pub fn background_fn(round: impl Fn() -> Result<()> + Send + 'static, interval: Duration) -> Result<Background> {
     let stop = Arc::new(crate::sys::StopSignal::new()?);
     let rounds = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -261,7 +267,7 @@ pub fn background_with(targets: Targets, spec: RoundSpec, interval: Duration) ->
         let (stop, rounds, errors, last_error) = (stop.clone(), rounds.clone(), errors.clone(), last_error.clone());
         std::thread::Builder::new().name("lab-traffic".into()).spawn(move || {
             while !stop.is_set() {
-                match round_with(&targets, spec) {
+                match round() {
                     Ok(()) => {
                         rounds.fetch_add(1, Ordering::SeqCst);
                     }

@@ -50,6 +50,14 @@ pub enum ConfigError {
     DuplicateForward(String),
     #[error("redirect rule for {0} is configured twice")]
     DuplicateRedirect(String),
+    #[error("[[openvpn]] {name:?}: {reason}")]
+    BadOpenvpn { name: String, reason: String },
+    #[error("[[wireguard]] interface {0:?}: bad or duplicate interface name")]
+    BadWireguard(String),
+    #[error("[[webhook]] {name:?}: {reason}")]
+    BadWebhook { name: String, reason: String },
+    #[error("cannot read {what} {path}: {source}")]
+    ReadSecret { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{name} must be between {min} and {max}, got {value}")]
     OutOfRange { name: &'static str, value: u64, min: u64, max: u64 },
 }
@@ -107,6 +115,22 @@ pub struct Config {
     pub ledger: LedgerSettings,
     pub api: ApiSettings,
     pub steer: SteerSettings,
+    pub identity: IdentitySettings,
+    pub webhooks: Vec<crate::webhook::Endpoint>,
+}
+
+/// `[identity]`, `[[openvpn]]` and `[[wireguard]]`: where client names come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentitySettings {
+    pub openvpn: Vec<crate::identity::openvpn::mgmt::InstanceConfig>,
+    /// Instance name -> its tun device (`dev` in the hook's environment).
+    pub openvpn_interfaces: std::collections::BTreeMap<String, String>,
+    /// WireGuard interfaces whose peers are read.
+    pub wireguard: Vec<String>,
+    /// How often management `status 3` and WireGuard peers are re-read (safety net).
+    pub reconcile_interval_ms: u64,
+    /// A device is offline after this long without a packet or a WireGuard handshake.
+    pub device_offline_after_secs: u64,
 }
 
 /// `[steer]`, `[[forward]]` and `[[redirect]]` (docs/steering.md).
@@ -198,6 +222,42 @@ struct FileRedirect {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileIdentity {
+    reconcile_interval_ms: Option<u64>,
+    device_offline_after_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOpenvpn {
+    name: String,
+    protocol: String,
+    management: String,
+    interface: Option<String>,
+    password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWireguard {
+    interface: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWebhook {
+    name: String,
+    url: String,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    events: Option<Vec<String>>,
+    timeout_ms: Option<u64>,
+    min_backoff_ms: Option<u64>,
+    max_backoff_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FileConfig {
     pin_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -217,6 +277,14 @@ struct FileConfig {
     forward: Vec<FileForward>,
     #[serde(default)]
     redirect: Vec<FileRedirect>,
+    #[serde(default)]
+    identity: FileIdentity,
+    #[serde(default)]
+    openvpn: Vec<FileOpenvpn>,
+    #[serde(default)]
+    wireguard: Vec<FileWireguard>,
+    #[serde(default)]
+    webhook: Vec<FileWebhook>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -298,6 +366,141 @@ fn steer_settings(s: FileSteer, fwd: &[FileForward], red: &[FileRedirect]) -> Re
         redirect.push(spec);
     }
     Ok(SteerSettings { policy, bypass, bypass_local: s.bypass_local.unwrap_or(true), forward, redirect })
+}
+
+fn read_secret(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+        .map_err(|source| ConfigError::ReadSecret { what, path: path.into(), source })
+}
+
+fn identity_settings(
+    s: FileIdentity,
+    ovpn: Vec<FileOpenvpn>,
+    wg: Vec<FileWireguard>,
+) -> Result<IdentitySettings, ConfigError> {
+    use crate::identity::openvpn::mgmt::{InstanceConfig, MgmtAddr};
+    let reconcile_interval_ms = ranged("reconcile_interval_ms", s.reconcile_interval_ms.unwrap_or(2000), 200, 60_000)?;
+    let device_offline_after_secs =
+        ranged("device_offline_after_secs", s.device_offline_after_secs.unwrap_or(120), 1, 30 * 86_400)?;
+    let mut openvpn: Vec<InstanceConfig> = Vec::new();
+    let mut openvpn_interfaces = std::collections::BTreeMap::new();
+    for o in ovpn {
+        let bad = |reason: String| ConfigError::BadOpenvpn { name: o.name.clone(), reason };
+        if o.name.is_empty()
+            || o.name.len() > 32
+            || !o.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(bad("name must be 1 to 32 characters from A-Z a-z 0-9 - _".into()));
+        }
+        if openvpn.iter().any(|i| i.name == o.name) {
+            return Err(bad("configured twice".into()));
+        }
+        let protocol = match o.protocol.as_str() {
+            "udp" => "openvpn-udp",
+            "tcp" => "openvpn-tcp",
+            p => return Err(bad(format!("protocol {p:?}: expected \"udp\" or \"tcp\""))),
+        };
+        let addr = match o.management.strip_prefix("unix:") {
+            Some(p) if p.starts_with('/') => MgmtAddr::Unix(p.into()),
+            Some(p) => return Err(bad(format!("management unix:{p}: the socket path must be absolute"))),
+            None => {
+                let ok = o
+                    .management
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !ok {
+                    return Err(bad(format!(
+                        "management {:?}: expected HOST:PORT like 127.0.0.1:7505 or unix:/run/openvpn/udp.sock",
+                        o.management
+                    )));
+                }
+                MgmtAddr::Tcp(o.management.clone())
+            }
+        };
+        if let Some(dev) = &o.interface {
+            if validate_ifname(dev).is_err() {
+                return Err(bad(format!("interface {dev:?}: bad interface name")));
+            }
+            openvpn_interfaces.insert(o.name.clone(), dev.clone());
+        }
+        let password = o.password_file.as_deref().map(|p| read_secret("management password file", p)).transpose()?;
+        openvpn.push(InstanceConfig {
+            name: o.name.clone(),
+            protocol: protocol.into(),
+            addr,
+            password,
+            reconcile: std::time::Duration::from_millis(reconcile_interval_ms),
+        });
+    }
+    let mut wireguard: Vec<String> = Vec::new();
+    for w in wg {
+        if validate_ifname(&w.interface).is_err() || wireguard.contains(&w.interface) {
+            return Err(ConfigError::BadWireguard(w.interface));
+        }
+        wireguard.push(w.interface);
+    }
+    Ok(IdentitySettings { openvpn, openvpn_interfaces, wireguard, reconcile_interval_ms, device_offline_after_secs })
+}
+
+fn webhook_settings(hooks: Vec<FileWebhook>) -> Result<Vec<crate::webhook::Endpoint>, ConfigError> {
+    use crate::webhook::{Endpoint, EventKind};
+    use std::time::Duration;
+    let mut out: Vec<Endpoint> = Vec::new();
+    for h in hooks {
+        let bad = |reason: String| ConfigError::BadWebhook { name: h.name.clone(), reason };
+        if h.name.is_empty() || h.name.len() > 64 || h.name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("name must be 1 to 64 characters without spaces".into()));
+        }
+        if out.iter().any(|e| e.name == h.name) {
+            return Err(bad("configured twice".into()));
+        }
+        if !(h.url.starts_with("http://") || h.url.starts_with("https://")) || h.url.len() < 10 {
+            return Err(bad(format!("url {:?} must start with http:// or https://", h.url)));
+        }
+        let secret = match (&h.secret, &h.secret_file) {
+            (Some(s), None) => s.clone(),
+            (None, Some(p)) => read_secret("webhook secret file", p)?,
+            _ => return Err(bad("give exactly one of secret or secret_file".into())),
+        };
+        if secret.len() < 16 {
+            return Err(bad("the secret must be at least 16 characters".into()));
+        }
+        let events = match &h.events {
+            None => EventKind::ALL.to_vec(),
+            Some(list) if list.is_empty() => {
+                return Err(bad("events is empty: leave it out to send every event".into()));
+            }
+            Some(list) => {
+                let mut v = Vec::new();
+                for e in list {
+                    let k = EventKind::parse(e).ok_or_else(|| {
+                        bad(format!(
+                            "unknown event {e:?}: expected one of {}",
+                            EventKind::ALL.map(|k| k.as_str()).join(", ")
+                        ))
+                    })?;
+                    if !v.contains(&k) {
+                        v.push(k);
+                    }
+                }
+                v
+            }
+        };
+        let timeout_ms = ranged("webhook timeout_ms", h.timeout_ms.unwrap_or(5000), 100, 120_000)?;
+        let min_backoff_ms = ranged("webhook min_backoff_ms", h.min_backoff_ms.unwrap_or(1000), 10, 3_600_000)?;
+        let max_backoff_secs = ranged("webhook max_backoff_secs", h.max_backoff_secs.unwrap_or(300), 1, 86_400)?;
+        out.push(Endpoint {
+            name: h.name.clone(),
+            url: h.url.clone(),
+            secret: secret.into_bytes(),
+            events,
+            timeout: Duration::from_millis(timeout_ms),
+            min_backoff: Duration::from_millis(min_backoff_ms),
+            max_backoff: Duration::from_secs(max_backoff_secs).max(Duration::from_millis(min_backoff_ms)),
+        });
+    }
+    Ok(out)
 }
 
 impl Config {
@@ -411,8 +614,12 @@ impl Config {
             metrics_max_clients: a.metrics_max_clients.unwrap_or(1000),
         };
         let steer = steer_settings(file.steer, &file.forward, &file.redirect)?;
+        let identity = identity_settings(file.identity, file.openvpn, file.wireguard)?;
+        let webhooks = webhook_settings(file.webhook)?;
         Ok(Config {
             steer,
+            identity,
+            webhooks,
             interfaces,
             pin_dir,
             state_dir,
@@ -600,11 +807,70 @@ proxy_port = 12345
     }
 
     #[test]
+    fn identity_and_webhook_sections() {
+        let dir = std::env::temp_dir().join(format!("tm-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let base = "[[interface]]\nname = \"tun0\"\nlayer = \"l3\"\nsubnets = [\"10.8.0.0/24\"]\n";
+        let c = Config::from_toml(
+            &format!(
+                "{base}[identity]\nreconcile_interval_ms = 500\n\
+                 [[openvpn]]\nname = \"udp\"\nprotocol = \"udp\"\nmanagement = \"127.0.0.1:7505\"\ninterface = \"tun0\"\npassword_file = {:?}\n\
+                 [[openvpn]]\nname = \"tcp\"\nprotocol = \"tcp\"\nmanagement = \"unix:/run/ovpn-tcp.sock\"\n\
+                 [[wireguard]]\ninterface = \"wg0\"\n\
+                 [[webhook]]\nname = \"panel\"\nurl = \"http://127.0.0.1:9000/h\"\nsecret = \"0123456789abcdef\"\nevents = [\"reset\", \"device.offline\"]\n",
+                pw.display().to_string()
+            ),
+            &ov(),
+        )
+        .unwrap();
+        let i = &c.identity;
+        assert_eq!(i.openvpn.len(), 2);
+        assert_eq!(i.openvpn[0].password.as_deref(), Some("s3cret"));
+        assert_eq!(i.openvpn[0].protocol, "openvpn-udp");
+        assert_eq!(i.openvpn[1].addr, crate::identity::openvpn::mgmt::MgmtAddr::Unix("/run/ovpn-tcp.sock".into()));
+        assert_eq!(i.openvpn[0].reconcile, std::time::Duration::from_millis(500));
+        assert_eq!(i.openvpn_interfaces["udp"], "tun0");
+        assert_eq!(i.wireguard, ["wg0"]);
+        assert_eq!(c.webhooks[0].events, [crate::webhook::EventKind::Reset, crate::webhook::EventKind::DeviceOffline]);
+        assert_eq!(c.webhooks[0].timeout, std::time::Duration::from_secs(5));
+        for (extra, needle) in [
+            ("[[openvpn]]\nname = \"u\"\nprotocol = \"sctp\"\nmanagement = \"127.0.0.1:1\"\n", "sctp"),
+            ("[[openvpn]]\nname = \"u\"\nprotocol = \"udp\"\nmanagement = \"localhost\"\n", "localhost"),
+            ("[[openvpn]]\nname = \"u\"\nprotocol = \"udp\"\nmanagement = \"unix:rel.sock\"\n", "absolute"),
+            (
+                "[[openvpn]]\nname = \"u\"\nprotocol = \"udp\"\nmanagement = \"127.0.0.1:1\"\npassword_file = \"/nonexistent/pw\"\n",
+                "/nonexistent/pw",
+            ),
+            (
+                "[[openvpn]]\nname = \"u\"\nprotocol = \"udp\"\nmanagement = \"127.0.0.1:1\"\n[[openvpn]]\nname = \"u\"\nprotocol = \"tcp\"\nmanagement = \"127.0.0.1:2\"\n",
+                "twice",
+            ),
+            ("[[wireguard]]\ninterface = \"a/b\"\n", "a/b"),
+            ("[[webhook]]\nname = \"p\"\nurl = \"ftp://x/y/z\"\nsecret = \"0123456789abcdef\"\n", "ftp://"),
+            ("[[webhook]]\nname = \"p\"\nurl = \"http://x/y/z\"\nsecret = \"short\"\n", "16"),
+            ("[[webhook]]\nname = \"p\"\nurl = \"http://x/y/z\"\n", "exactly one"),
+            (
+                "[[webhook]]\nname = \"p\"\nurl = \"http://x/y/z\"\nsecret = \"0123456789abcdef\"\nevents = [\"device.gone\"]\n",
+                "device.gone",
+            ),
+            ("[identity]\nreconcile_interval_ms = 5\n", "reconcile_interval_ms"),
+        ] {
+            let e = Config::from_toml(&format!("{base}{extra}"), &ov()).unwrap_err().to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_deployed_example_is_valid() {
         let text = include_str!("../../deploy/tunmeter.toml");
         let c = Config::from_toml(text, &ov()).unwrap();
         assert_eq!(c.interfaces.len(), 3);
         assert_eq!(c.ledger.flush_interval_ms, 10_000);
+        assert_eq!(c.identity.openvpn.len(), 2);
+        assert_eq!(c.identity.wireguard, ["wg0"]);
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub enum DaemonError {
     Steer(#[from] SteerError),
     #[error(transparent)]
     Host(#[from] HostError),
+    #[error(transparent)]
+    Webhook(#[from] crate::webhook::WebhookError),
 }
 
 /// Everything the running daemon owns.
@@ -290,6 +292,38 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::default());
     let ledger = open_ledger(&dp.cfg, metrics.clone(), &mut signals).await?;
     let tasks = ledger.spawn();
+    let webhooks =
+        match crate::webhook::Webhooks::new(ledger.db.clone(), dp.cfg.node_id.clone(), dp.cfg.webhooks.clone()).await {
+            Ok(w) => w,
+            Err(e) => {
+                ledger.shutdown().await;
+                return Err(e.into());
+            }
+        };
+    let webhook_task = webhooks.spawn();
+    // Forward rules of http/socks5 connections live in the pinned maps; re-add any that are
+    // missing (new pins after a reboot or a detach).
+    match crate::registry::connections::sync_forward_rules(&ledger.db, &dp.cfg.node_id, &steer).await {
+        Ok(0) => {}
+        Ok(n) => info!(rules = n, "forward rules of connections restored"),
+        Err(e) => error!(%e, "restoring the forward rules of connections failed"),
+    }
+    let identity = crate::identity::Identity::new(
+        crate::identity::IdentityOptions {
+            node_id: dp.cfg.node_id.clone(),
+            state_dir: dp.cfg.state_dir.clone(),
+            openvpn: dp.cfg.identity.openvpn.clone(),
+            openvpn_interfaces: dp.cfg.identity.openvpn_interfaces.clone(),
+            wireguard: dp.cfg.identity.wireguard.clone(),
+            reconcile: Duration::from_millis(dp.cfg.identity.reconcile_interval_ms),
+            device_offline_after_ms: dp.cfg.identity.device_offline_after_secs * 1000,
+        },
+        ledger.db.clone(),
+        ledger.clone(),
+        webhooks.clone(),
+        Some(SteerMaps::new(&dp.cfg.pin_dir)),
+    );
+    let identity_task = identity.spawn();
     let app = Arc::new(App {
         cfg: ApiConfig {
             listen: dp.cfg.api.listen,
@@ -304,6 +338,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         hub: Default::default(),
         maps: Some(crate::loader::PinnedMaps::new(&dp.cfg.pin_dir)),
         list_cache: Default::default(),
+        webhooks: webhooks.clone(),
+        identity: Some(identity.clone()),
     });
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = match api::serve(app, &dp.cfg.state_dir, async move {
@@ -313,6 +349,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     {
         Ok(s) => s,
         Err(e) => {
+            identity.shutdown();
+            webhooks.shutdown().await;
             ledger.shutdown().await;
             return Err(e.into());
         }
@@ -344,6 +382,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     info!("stopping; programs stay attached and keep counting (`tunmeter detach` removes them)");
     let _ = api_stop.send(());
+    identity.shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(5), identity_task).await;
+    webhooks.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), webhook_task).await;
     ledger.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     tasks.join().await;

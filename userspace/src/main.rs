@@ -1,4 +1,4 @@
-//! The `tunmeter` command line: `run`, `clients`, `stats`, `reset`, `token`, `steer`, `detach`.
+//! The `tunmeter` command line: `run`, `clients`, `stats`, `reset`, `token`, `steer`, `hook`, `detach`.
 
 use tunmeter::{attach, clock, config, control, counters, daemon, db, report, steer, system, tokens};
 
@@ -49,6 +49,21 @@ enum Cmd {
         #[command(flatten)]
         settings: SettingsArgs,
     },
+    /// List sessions (who is connected, from where, with what bytes). Needs the running daemon.
+    Sessions {
+        /// Also closed sessions (the newest first).
+        #[arg(long)]
+        all: bool,
+        /// Only this client address.
+        #[arg(long)]
+        client: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
     /// Manage API bearer tokens.
     Token {
         #[command(subcommand)]
@@ -58,6 +73,11 @@ enum Cmd {
     Steer {
         #[command(subcommand)]
         cmd: SteerCmd,
+    },
+    /// Scripts that other programs run (docs/openvpn.md).
+    Hook {
+        #[command(subcommand)]
+        cmd: HookCmd,
     },
     /// Remove programs, links, pins and the redirect policy route (this zeroes all counters).
     Detach {
@@ -69,6 +89,20 @@ enum Cmd {
         /// State directory of the daemon, to refuse while it runs.
         #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum HookCmd {
+    /// OpenVPN client-connect / client-disconnect script: tells the daemon over its control
+    /// socket; exits 1 when the daemon did not accept (OpenVPN then rejects the client).
+    Openvpn {
+        /// State directory of the daemon (its control socket is STATE_DIR/control.sock).
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// The temporary file OpenVPN passes to client-connect (ignored).
+        #[arg(hide = true)]
+        _file: Option<PathBuf>,
     },
 }
 
@@ -360,6 +394,28 @@ fn real_main() -> anyhow::Result<()> {
             }
             println!("{body}");
         }
+        Cmd::Sessions { all, client, limit, json, settings } => {
+            let cfg = settings.load()?;
+            let mut path = format!("/api/v1/sessions?limit={limit}");
+            if !all {
+                path.push_str("&active=true");
+            }
+            if let Some(c) = client {
+                let ip = tunmeter::api::routes::parse_client(&c).map_err(|e| anyhow::anyhow!(e.message))?;
+                path.push_str(&format!("&client={ip}"));
+            }
+            let (status, body) =
+                runtime()?.block_on(control::request(&cfg.state_dir, hyper::Method::GET, &path, 30))?;
+            if status != 200 {
+                anyhow::bail!("{}", api_error_message(status, &body));
+            }
+            if json {
+                println!("{body}");
+            } else {
+                let v: serde_json::Value = serde_json::from_str(&body).context("the daemon's answer is not JSON")?;
+                print!("{}", report::sessions_table(v["sessions"].as_array().map(Vec::as_slice).unwrap_or_default()));
+            }
+        }
         Cmd::Token { cmd } => runtime()?.block_on(token(cmd))?,
         Cmd::Clients { pins, json, watch, count } => clients(&pins.pin_dir, json, watch, count)?,
         Cmd::Stats { pins, json } => {
@@ -372,6 +428,7 @@ fn real_main() -> anyhow::Result<()> {
             }
         }
         Cmd::Steer { cmd } => steer_cmd(cmd)?,
+        Cmd::Hook { cmd: HookCmd::Openvpn { state_dir, _file } } => hook_openvpn(&state_dir)?,
         Cmd::Detach { pins, state_dir, config: cfg_path } => {
             if system::daemon_running(&state_dir) {
                 anyhow::bail!(
@@ -389,6 +446,24 @@ fn real_main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `tunmeter hook openvpn`: one line on stderr and exit 1 on any failure (fail closed).
+fn hook_openvpn(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    use tunmeter::identity::openvpn::hook;
+    let call = hook::call_from_env(&|k| std::env::var(k).ok()).map_err(|e| anyhow::anyhow!("hook openvpn: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    rt.block_on(hook::send(state_dir, &call)).map_err(|e| {
+        anyhow::anyhow!(
+            "hook openvpn: {} {} ({}): {e}",
+            match call.kind {
+                hook::HookKind::ClientConnect => "client-connect",
+                hook::HookKind::ClientDisconnect => "client-disconnect",
+            },
+            call.common_name,
+            call.real_address
+        )
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

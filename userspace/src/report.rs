@@ -190,6 +190,54 @@ pub fn steer_table(l: &crate::steer::SteerList) -> String {
     out
 }
 
+/// `tunmeter sessions`: one row per session (the API's session objects).
+pub fn sessions_table(sessions: &[serde_json::Value]) -> String {
+    let text = |v: &serde_json::Value, k: &str| match &v[k] {
+        serde_json::Value::String(s) if !s.is_empty() => s.clone(),
+        _ => "-".to_string(),
+    };
+    let num = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let mut out = format!(
+        "{:<24} {:<14} {:<12} {:<12} {:<22} {:>10} {:>10}  {:<20}  {}\n",
+        "CLIENT", "USERNAME", "PROTOCOL", "INSTANCE", "FROM", "UPLOAD", "DOWNLOAD", "OPENED", "SESSION"
+    );
+    let now = crate::clock::unix_ms();
+    for s in sessions {
+        let opened = num(s, "opened_unix_ms");
+        let state = match s["closed_unix_ms"].as_u64() {
+            None => format!("{} ago", human_duration(now.saturating_sub(opened))),
+            Some(_) => format!("closed: {}", text(s, "close_reason")),
+        };
+        let user = match text(s, "username").as_str() {
+            "-" => text(s, "common_name"),
+            u => u.to_string(),
+        };
+        out.push_str(&format!(
+            "{:<24} {:<14} {:<12} {:<12} {:<22} {:>10} {:>10}  {:<20}  {}\n",
+            text(s, "client_ip"),
+            user,
+            text(s, "protocol"),
+            text(s, "instance"),
+            text(s, "real_address"),
+            human_bytes(num(s, "up_bytes")),
+            human_bytes(num(s, "down_bytes")),
+            state,
+            text(s, "id"),
+        ));
+    }
+    out.push_str(&format!("{} session(s)\n", sessions.len()));
+    out
+}
+
+fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +280,20 @@ mod tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bps(999), "999 bit/s");
         assert_eq!(human_bps(12_500_000), "12.5 Mbit/s");
+    }
+
+    #[test]
+    fn sessions_table_shows_names_and_states() {
+        let rows = vec![
+            serde_json::json!({"client_ip": "10.8.0.2", "username": "alice", "protocol": "openvpn-udp",
+                "instance": "udp", "real_address": "172.30.1.2:4000", "up_bytes": 2048, "down_bytes": 1,
+                "opened_unix_ms": 1, "id": "u1"}),
+            serde_json::json!({"client_ip": "10.8.0.3", "username": "", "common_name": "bob", "protocol": "openvpn-tcp",
+                "closed_unix_ms": 5, "close_reason": "disconnected", "opened_unix_ms": 1, "id": "u2"}),
+        ];
+        let t = sessions_table(&rows);
+        assert!(t.contains("alice") && t.contains("2.0 KiB") && t.contains("ago"), "{t}");
+        assert!(t.contains("bob") && t.contains("closed: disconnected"), "{t}");
+        assert!(t.ends_with("2 session(s)\n"), "{t}");
     }
 }

@@ -4,8 +4,13 @@
 //! Node and Chromium run inside the lab's server namespace, next to the daemon, and talk to it on
 //! that namespace's loopback. The namespace has no route to the internet, so this also shows that
 //! the dashboard needs none. The script logs in with a read token (live rates move; resetting is
-//! refused with 403) and then with an admin token (history chart; reset with confirmation zeroes
-//! the row), and saves a screenshot to `target/dashboard.png`.
+//! refused with 403; the registry forms are disabled) and then with an admin token (history chart;
+//! reset with confirmation zeroes the row; a device, and http, socks5 and openvpn connections
+//! created through the forms and checked against the API; a duplicate public port answered with
+//! the 409 message; a connection deleted with confirmation; a session opened through the API shows
+//! its username in the client table, the device's client row shows the device), saves a
+//! screenshot to `target/dashboard.png`, and logs in with the read token again: the tampered forms
+//! get the server's 403 message.
 
 mod support;
 
@@ -24,7 +29,7 @@ use support::{
 use tunmeter_lab::{Lab, LabConfig, traffic};
 
 const API: &str = "127.0.0.1:9107";
-const SCRIPT_TIMEOUT: Duration = Duration::from_secs(150);
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(210);
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
@@ -164,6 +169,10 @@ fn dashboard_in_real_chromium() {
     expect.push(lab.tun_clients()[0].v6.to_string());
     expect.extend(lab.eth_clients().iter().map(|c| c.v4.to_string()));
 
+    // One client becomes a device through the form, another gets a session through the API.
+    let device_client = lab.tun_clients()[1].v4.to_string();
+    let session_client = lab.tun_clients()[2].v4.to_string();
+
     let shot = target_dir().join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
     let mut cmd = Command::new("nsenter");
@@ -176,6 +185,8 @@ fn dashboard_in_real_chromium() {
         .env("TUNMETER_READ_TOKEN", &read)
         .env("TUNMETER_SCREENSHOT", &shot)
         .env("TUNMETER_EXPECT_CLIENTS", expect.join(","))
+        .env("TUNMETER_DEVICE_CLIENT", &device_client)
+        .env("TUNMETER_SESSION_CLIENT", &session_client)
         .env("TUNMETER_CHROMIUM", &chromium)
         .env("TUNMETER_E2E_TIMEOUT_MS", (SCRIPT_TIMEOUT - Duration::from_secs(10)).as_millis().to_string());
     let t0 = Instant::now();
@@ -208,6 +219,29 @@ fn dashboard_in_real_chromium() {
         let (before, closed, after) = (get("before"), get("closed"), get("after"));
         assert!(closed >= before && after < before, "{dir}: before {before}, closed {closed}, after {after}");
     }
+
+    // The registry as the script read it back from the API (GET /api/v1/connections, devices).
+    let reg = &summary["registry"];
+    assert_eq!(reg["device"]["vpn_ip"], device_client.as_str(), "{summary}");
+    assert_eq!(reg["device"]["name"], "e2e-phone", "{summary}");
+    let conns =
+        reg["connections"].as_array().unwrap_or_else(|| panic!("summary lacks registry.connections: {summary}"));
+    let has =
+        |proto: &str, f: &dyn Fn(&serde_json::Value) -> bool| conns.iter().any(|c| c["protocol"] == proto && f(c));
+    assert!(has("http", &|c| c["public_port"] == 18080 && c["device_port"] == 3128 && c["rule"].is_u64()), "{summary}");
+    assert!(
+        has("socks5", &|c| c["public_port"] == 18081 && c["device_port"] == 1080 && c["rule"].is_u64()),
+        "{summary}"
+    );
+    assert!(has("openvpn", &|c| c["username"] == "e2e-alice" && c["proxy_port"] == 12345), "{summary}");
+    assert_eq!(reg["conflict"]["status"], 409, "{summary}");
+    assert_eq!(reg["deleted"]["protocol"], "socks5", "{summary}");
+    assert!(reg["device_delete_refused"].as_str().is_some_and(|m| m.contains("HTTP 409")), "{summary}");
+    assert_eq!(reg["deleted"]["remaining"], 2, "{summary}");
+    assert_eq!(reg["session"]["client_ip"], session_client.as_str(), "{summary}");
+    assert_eq!(reg["session_row"][1], "carol", "the client table's username cell: {summary}");
+    assert_eq!(reg["device_client_row"][9], "e2e-phone (self)", "the client table's device cell: {summary}");
+    assert_eq!(summary["read_forms"]["status"], 403, "{summary}");
 
     let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", shot.display()));
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{} is not a PNG", shot.display());

@@ -1,5 +1,7 @@
-// tunmeter dashboard: token login, a live virtualised client table fed by the WebSocket stream,
-// per-client history chart and reset. Plain JS, no dependencies, works offline.
+// tunmeter dashboard: token login, a live virtualised client table fed by the WebSocket stream
+// (with who is behind each address, from GET /api/v1/clients), per-client history chart and
+// reset, and the registry: devices, connections and active sessions. Plain JS, no dependencies,
+// works offline.
 'use strict';
 
 (() => {
@@ -7,6 +9,11 @@
   const ROW_H = 32; // px; must match --row-h in app.css
   const OVERSCAN = 8; // rows rendered above and below the visible window
   const USAGE_REFRESH_MS = 10000;
+  // Identities come from GET /api/v1/clients, not the stream: every 3 s, slower for big lists
+  // (1 ms per client, at most 15 s).
+  const IDENTITY_REFRESH_MS = 3000;
+  const IDENTITY_REFRESH_MAX_MS = 15000;
+  const REGISTRY_REFRESH_MS = 5000;
   const BUCKET_MS = { minute: 60e3, hour: 3600e3, day: 86400e3 };
   const SPAN_MS = { minute: 3600e3, hour: 48 * 3600e3, day: 60 * 86400e3 };
   // Columns whose first click sorts descending (largest first); the others start ascending.
@@ -22,6 +29,17 @@
     chart: $('chart'), tooltip: $('tooltip'), legendStats: $('legend-stats'),
     reset: $('reset'), resetNote: $('reset-note'), resetResult: $('reset-result'),
     dialog: $('reset-dialog'), dialogText: $('reset-dialog-text'),
+    registry: $('registry'),
+    devicesBody: $('devices-body'), devicesEmpty: $('devices-empty'), devicesLoad: $('devices-load'), devicesCount: $('devices-count'),
+    deviceForm: $('device-form'), deviceFields: $('device-fields'), deviceName: $('device-name'), deviceIp: $('device-ip'), deviceMsg: $('device-msg'),
+    connectionsBody: $('connections-body'), connectionsEmpty: $('connections-empty'), connectionsLoad: $('connections-load'),
+    connectionsCount: $('connections-count'),
+    connForm: $('conn-form'), connFields: $('conn-fields'), connProtocol: $('conn-protocol'), connDevice: $('conn-device'),
+    connPublicPort: $('conn-public-port'), connDevicePort: $('conn-device-port'), connUsername: $('conn-username'),
+    connProxyPort: $('conn-proxy-port'), connMsg: $('conn-msg'),
+    sessionsBody: $('sessions-body'), sessionsEmpty: $('sessions-empty'), sessionsLoad: $('sessions-load'),
+    sessionsCount: $('sessions-count'), sessionsMsg: $('sessions-msg'),
+    confirm: $('confirm-dialog'), confirmTitle: $('confirm-title'), confirmText: $('confirm-text'), confirmOk: $('confirm-ok'),
   };
 
   const state = {
@@ -53,6 +71,15 @@
     chart: null, // geometry of the last drawing, for the tooltip
     resetIp: null,
     statusTimer: 0,
+    idents: new Map(), // ip -> identity of GET /api/v1/clients, prepared for display (see prepIdent)
+    identTimer: 0,
+    identSeq: 0,
+    devices: [],
+    connections: [],
+    sessions: [],
+    registryTimer: 0,
+    registrySeq: 0,
+    confirmAction: null, // what the confirmation dialog does on "confirm"
   };
 
   // ---------- formatting ----------
@@ -82,6 +109,18 @@
     if (s < 3600) return `${Math.floor(s / 60)} min ago`;
     if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
     return new Date(ms).toLocaleString();
+  }
+
+  // A length of time: "45 s", "12 min", "3 h 05 min", "2 d 4 h".
+  function fmtDuration(ms) {
+    if (ms == null || !Number.isFinite(ms)) return '—';
+    const s = Math.max(0, Math.floor(ms / 1000));
+    if (s < 60) return `${s} s`;
+    const m = Math.floor(s / 60);
+    if (m < 60) return `${m} min`;
+    const h = Math.floor(m / 60);
+    if (h < 24) return `${h} h ${String(m % 60).padStart(2, '0')} min`;
+    return `${Math.floor(h / 24)} d ${h % 24} h`;
   }
 
   const pad = (n) => String(n).padStart(2, '0');
@@ -138,34 +177,38 @@
     }
   }
 
-  // JSON request with the bearer token. Errors become ApiError with the server's code and message.
-  async function api(path, { method = 'GET', token = state.token } = {}) {
+  // JSON request with the bearer token (and a JSON body if given). Errors become ApiError with the
+  // server's code and message.
+  async function api(path, { method = 'GET', token = state.token, body } = {}) {
     let res;
+    const headers = { Authorization: `Bearer ${token}`, Accept: 'application/json' };
+    if (body !== undefined) headers['Content-Type'] = 'application/json';
     try {
       res = await fetch(path, {
         method,
-        headers: { Authorization: `Bearer ${token}`, Accept: 'application/json' },
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
         cache: 'no-store',
       });
     } catch (e) {
       throw new ApiError(0, 'network', `cannot reach the tunmeter daemon: ${e.message}`);
     }
-    let body = null;
+    let data = null;
     const text = await res.text();
     try {
-      body = text ? JSON.parse(text) : null;
+      data = text ? JSON.parse(text) : null;
     } catch {
-      body = null;
+      data = null;
     }
     if (!res.ok) {
-      const err = body && body.error;
+      const err = data && data.error;
       throw new ApiError(
         res.status,
         (err && err.code) || 'http_error',
         (err && err.message) || `${method} ${path} failed: HTTP ${res.status} ${res.statusText}`,
       );
     }
-    return body;
+    return data;
   }
 
   const clientPath = (ip) => `/api/v1/clients/${encodeURIComponent(ip).replace(/%3A/gi, ':')}`;
@@ -197,6 +240,7 @@
   function showLogin() {
     el.login.hidden = false;
     el.dashboard.hidden = true;
+    el.registry.hidden = true;
     el.logout.hidden = true;
     el.whoami.textContent = '';
     setConn('idle');
@@ -216,6 +260,10 @@
     el.reset.disabled = !isAdmin;
     el.reset.title = isAdmin ? '' : 'Resetting needs an admin token';
     el.resetNote.textContent = isAdmin ? '' : 'Read-only token: resetting needs an admin token.';
+    el.registry.hidden = false;
+    applyRole();
+    for (const m of [el.deviceMsg, el.connMsg, el.sessionsMsg]) showMsg(m, '', '');
+    startRefresh();
     state.wsWanted = true;
     state.wsFailures = 0;
     state.wsBackoff = 500;
@@ -245,6 +293,7 @@
     state.token = null;
     state.me = null;
     delete document.body.dataset.role;
+    stopRefresh();
     state.rows = [];
     state.byIp = new Map();
     state.viewDirty = true;
@@ -356,11 +405,9 @@
       const ip = String(r[iIp]);
       const name = iName < 0 ? null : r[iName] ?? null;
       let c = prev.get(ip);
-      if (!c) c = { ip, key: ipKey(ip), name: undefined, search: '' };
-      if (c.name !== name) {
-        c.name = name;
-        c.search = (ip + ' ' + (name || '')).toLowerCase();
-      }
+      if (!c) c = { ip, key: ipKey(ip), name: undefined, ident: null, username: null, search: '' };
+      const ident = state.idents.get(ip) || null;
+      if (c.name !== name || c.ident !== ident) describe(c, name, ident);
       c.up_rate = num(r, iUr);
       c.down_rate = num(r, iDr);
       c.up_bytes = num(r, iUb);
@@ -380,6 +427,14 @@
     scheduleRender();
   }
 
+  // Who a client is: the stream's name (if it ever sends one) and the identity from the API.
+  function describe(c, name, ident) {
+    c.name = name;
+    c.ident = ident;
+    c.username = (ident && ident.username) || name || null;
+    c.search = `${c.ip} ${c.username || ''} ${name || ''} ${ident ? ident.deviceName : ''}`.toLowerCase();
+  }
+
   // ---------- table ----------
 
   function compare(a, b) {
@@ -387,7 +442,15 @@
     let d = 0;
     if (k === 'ip') d = a.key < b.key ? -1 : a.key > b.key ? 1 : 0;
     else if (k === 'name') d = (a.name || '').localeCompare(b.name || '');
-    else if (k === 'online') d = (a.online ? 1 : 0) - (b.online ? 1 : 0);
+    else if (k === 'username') d = (a.username || '\uffff').localeCompare(b.username || '\uffff');
+    else if (k === 'protocol' || k === 'device') {
+      const p = k === 'device' ? 'deviceName' : 'protocol';
+      d = ((a.ident && a.ident[p]) || '\uffff').localeCompare((b.ident && b.ident[p]) || '\uffff');
+    } else if (k === 'session') {
+      const x = (a.ident && a.ident.opened) || Infinity;
+      const y = (b.ident && b.ident.opened) || Infinity;
+      d = x < y ? -1 : x > y ? 1 : 0;
+    } else if (k === 'online') d = (a.online ? 1 : 0) - (b.online ? 1 : 0);
     else {
       const x = a[k] ?? -Infinity;
       const y = b[k] ?? -Infinity;
@@ -416,7 +479,7 @@
     row.className = 'row';
     row.setAttribute('role', 'row');
     row.tabIndex = -1;
-    const cls = ['c-online', 'c-name', 'c-ip', 'c-num', 'c-num', 'c-num', 'c-num', 'c-seen'];
+    const cls = ['c-online', 'c-name', 'c-ip', 'c-num', 'c-num', 'c-num', 'c-num', 'c-seen', 'c-proto', 'c-device', 'c-session'];
     row.cells_ = cls.map((c) => {
       const d = document.createElement('div');
       d.className = `cell ${c}`;
@@ -437,6 +500,15 @@
     if (row.cache_[i] !== text) {
       row.cache_[i] = text;
       row.cells_[i].textContent = text;
+    }
+  }
+
+  // The cell's tooltip (the full text where the cell abbreviates).
+  function putTitle(row, i, text) {
+    const k = 100 + i;
+    if (row.cache_[k] !== text) {
+      row.cache_[k] = text;
+      row.cells_[i].title = text;
     }
   }
 
@@ -519,6 +591,11 @@
       row.setAttribute('aria-selected', String(c.ip === state.selected));
       setData(row, 'ip', c.ip);
       setData(row, 'name', c.name || '');
+      const id = c.ident;
+      setData(row, 'username', c.username || '');
+      setData(row, 'protocol', (id && id.protocol) || '');
+      setData(row, 'device', (id && id.deviceName) || '');
+      setData(row, 'sessionId', (id && id.sessionId) || '');
       setData(row, 'upRate', c.up_rate);
       setData(row, 'downRate', c.down_rate);
       setData(row, 'upBytes', c.up_bytes);
@@ -533,13 +610,18 @@
         row.cells_[0].title = c.online ? 'online' : 'offline';
         row.cells_[0].setAttribute('aria-label', c.online ? 'online' : 'offline');
       }
-      put(row, 1, c.name || '—');
+      put(row, 1, c.username || '—');
       put(row, 2, c.ip);
       put(row, 3, fmtRate(c.up_rate));
       put(row, 4, fmtRate(c.down_rate));
       put(row, 5, fmtBytes(c.up_bytes));
       put(row, 6, fmtBytes(c.down_bytes));
       put(row, 7, fmtAgo(c.last_seen_unix_ms, now));
+      put(row, 8, (id && id.protocol) || '—');
+      put(row, 9, (id && id.device) || '—');
+      putTitle(row, 9, (id && id.deviceTitle) || '');
+      put(row, 10, id && id.sessionId ? sessionText(id, now) : '—');
+      putTitle(row, 10, id && id.sessionId ? id.sessionTitle : '');
     }
     renderFacts(now);
   }
@@ -565,6 +647,7 @@
     state.selected = ip;
     el.detail.hidden = false;
     el.detail.dataset.ip = ip;
+    el.table.classList.add('narrow');
     el.detailTitle.textContent = ip;
     if (changed) {
       el.resetResult.hidden = true;
@@ -583,6 +666,7 @@
     clearInterval(state.usageTimer);
     el.detail.hidden = true;
     delete el.detail.dataset.ip;
+    el.table.classList.remove('narrow');
     el.tooltip.hidden = true;
     scheduleRender();
   }
@@ -593,7 +677,7 @@
     const facts = c
       ? [
           ['Status', c.online ? 'online' : 'offline'],
-          ['Client', c.name || '—'],
+          ['Username', c.username || '—'],
           ['Upload rate', fmtRate(c.up_rate)],
           ['Download rate', fmtRate(c.down_rate)],
           ['Uploaded', `${fmtBytes(c.up_bytes)} · ${fmtInt(c.up_packets)} packets`],
@@ -601,6 +685,21 @@
           ['Last seen', fmtAgo(c.last_seen_unix_ms, now)],
         ]
       : [['Status', 'not in the latest update']];
+    const id = c && c.ident;
+    if (id) {
+      const r = id.raw;
+      const more = [
+        ['Common name', r.common_name],
+        ['Protocol', r.protocol],
+        ['Instance', r.instance],
+        ['Real address', r.real_address],
+        ['WireGuard key', r.wg_public_key],
+        ['Last handshake', r.latest_handshake_unix_ms != null ? fmtAgo(r.latest_handshake_unix_ms, now) : null],
+        ['Session', id.sessionId ? `${id.sessionId} · ${fmtDuration(now - id.opened)} · ↑ ${fmtBytes(id.up)}, ↓ ${fmtBytes(id.down)}` : null],
+        ['Device', r.device ? `${id.device} · ${r.device.status}` : null],
+      ];
+      for (const f of more) if (f[1] != null && f[1] !== '') facts.push(f);
+    }
     const html = facts.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v)}</dd>`).join('');
     if (el.facts.innerHTML !== html) el.facts.innerHTML = html;
     if (c) {
@@ -848,6 +947,339 @@
     }
   }
 
+  // ---------- identities (who is behind each address) ----------
+
+  // Display form of a client's `identity` (GET /api/v1/clients). An unchanged identity keeps its
+  // object, so rows only re-describe themselves when something changed.
+  function prepIdent(raw, prev) {
+    const sig = JSON.stringify(raw);
+    if (prev && prev.sig === sig) return prev;
+    const d = raw.device || null;
+    const s = raw.session || null;
+    const via = d && d.relation === 'via';
+    const up = (s && s.upload_bytes) || 0;
+    const down = (s && s.download_bytes) || 0;
+    return {
+      sig,
+      raw,
+      username: raw.username || raw.common_name || null,
+      protocol: raw.protocol || null,
+      deviceName: d ? d.name : '',
+      device: d ? (via ? `→ ${d.name}` : `${d.name} (self)`) : null,
+      deviceTitle: d
+        ? via
+          ? `Traffic goes to device ${d.name} (${d.status})`
+          : `This client is device ${d.name} (${d.status})`
+        : '',
+      sessionId: s ? s.id : '',
+      opened: s ? s.opened_unix_ms : null,
+      up,
+      down,
+      sessionTitle: s
+        ? `Session ${s.id}, opened ${new Date(s.opened_unix_ms).toLocaleString()}: ↑ ${fmtBytes(up)}, ↓ ${fmtBytes(down)}`
+        : '',
+    };
+  }
+
+  const sessionText = (id, now) =>
+    `${id.sessionId.slice(0, 8)} · ${fmtDuration(now - id.opened)} · ${fmtBytes(id.up + id.down)}`;
+
+  async function refreshIdents() {
+    if (!state.token) return;
+    // One chain of refreshes: a sign-out or a new sign-in makes an answer in flight stale.
+    const seq = ++state.identSeq;
+    let delay = IDENTITY_REFRESH_MS;
+    try {
+      const list = await api('/api/v1/clients');
+      if (seq !== state.identSeq || !state.token) return;
+      const n = ((list && list.clients) || []).length;
+      delay = Math.min(IDENTITY_REFRESH_MAX_MS, Math.max(IDENTITY_REFRESH_MS, n));
+      const next = new Map();
+      for (const c of (list && list.clients) || []) {
+        if (c && c.ip && c.identity) next.set(c.ip, prepIdent(c.identity, state.idents.get(c.ip)));
+      }
+      state.idents = next;
+      let changed = false;
+      for (const c of state.rows) {
+        const ident = next.get(c.ip) || null;
+        if (c.ident !== ident) {
+          describe(c, c.name, ident);
+          changed = true;
+        }
+      }
+      el.table.dataset.identities = String(next.size);
+      if (changed) {
+        state.viewDirty = true;
+        scheduleRender();
+      }
+    } catch (e) {
+      // The table keeps the identities it has; the next refresh tries again.
+      if (e.status === 401 && seq === state.identSeq) logout(`Signed out: ${e.describe()}`);
+    } finally {
+      // The next refresh, unless signed out (or signed in again: that started its own).
+      if (seq === state.identSeq && state.token) state.identTimer = setTimeout(refreshIdents, delay);
+    }
+  }
+
+  // ---------- registry: devices, connections, active sessions ----------
+
+  const isAdmin = () => !!(state.me && state.me.role === 'admin');
+
+  // A message next to a form or list: kind ok, error or busy; an error keeps the server's code
+  // and HTTP status in data attributes.
+  function showMsg(p, kind, text, err) {
+    p.hidden = !text;
+    p.textContent = text || '';
+    p.dataset.kind = kind || '';
+    p.dataset.code = (err && err.code) || '';
+    p.dataset.httpStatus = err && err.status ? String(err.status) : '';
+    p.setAttribute('role', kind === 'error' ? 'alert' : 'status');
+  }
+
+  // Forms and delete buttons need an admin token: a read token sees them disabled, with a note.
+  function applyRole() {
+    const admin = isAdmin();
+    el.deviceFields.disabled = !admin;
+    el.connFields.disabled = !admin;
+    for (const n of el.registry.querySelectorAll('.ro-note')) n.hidden = admin;
+    for (const b of el.registry.querySelectorAll('button[data-action]')) {
+      b.disabled = !admin;
+      b.title = admin ? '' : 'Needs an admin token';
+    }
+  }
+
+  function startRefresh() {
+    stopRefresh();
+    refreshIdents();
+    loadRegistry();
+    state.registryTimer = setInterval(loadRegistry, REGISTRY_REFRESH_MS);
+  }
+
+  function stopRefresh() {
+    clearTimeout(state.identTimer);
+    clearInterval(state.registryTimer);
+    state.identSeq++;
+    state.registrySeq++;
+    state.idents = new Map();
+    state.devices = [];
+    state.connections = [];
+    state.sessions = [];
+    renderRegistry();
+    if (el.confirm.open) el.confirm.close('cancel');
+  }
+
+  async function loadRegistry() {
+    if (!state.token) return;
+    const seq = ++state.registrySeq;
+    const [d, c, s] = await Promise.allSettled([
+      api('/api/v1/devices'),
+      api('/api/v1/connections'),
+      api('/api/v1/sessions?active=true'),
+    ]);
+    if (seq !== state.registrySeq || !state.token) return;
+    const take = (r, key, load, what) => {
+      if (r.status === 'fulfilled') {
+        state[key] = (r.value && r.value[key]) || [];
+        showMsg(load, '', '');
+        return;
+      }
+      const e = r.reason;
+      if (e && e.status === 401) logout(`Signed out: ${e.describe()}`);
+      else showMsg(load, 'error', `Cannot load ${what}: ${e && e.describe ? e.describe() : e}`, e);
+    };
+    take(d, 'devices', el.devicesLoad, 'devices');
+    take(c, 'connections', el.connectionsLoad, 'connections');
+    take(s, 'sessions', el.sessionsLoad, 'sessions');
+    if (state.token) renderRegistry();
+  }
+
+  // Replace a list's rows only when they changed (a periodic refresh must not steal focus).
+  function setRows(body, empty, count, html, n, noun) {
+    if (body.dataset.html !== html) {
+      body.innerHTML = html;
+      body.dataset.html = html;
+    }
+    body.dataset.count = String(n);
+    empty.hidden = n > 0 || !state.token;
+    count.textContent = state.token ? `${n} ${noun}${n === 1 ? '' : 's'}` : '';
+  }
+
+  const delButton = (action, id, label, text) =>
+    `<button type="button" class="small" data-action="${action}" data-id="${esc(id)}" aria-label="${esc(label)}"` +
+    `${isAdmin() ? '' : ' disabled title="Needs an admin token"'}>${esc(text)}</button>`;
+
+  function renderRegistry() {
+    const now = Date.now();
+    const devices = state.devices.map((d) => {
+      const when = d.status_changed_unix_ms ? ` <span class="muted">${esc(fmtAgo(d.status_changed_unix_ms, now))}</span>` : '';
+      return (
+        `<tr data-id="${esc(d.id)}" data-name="${esc(d.name)}" data-vpn-ip="${esc(d.vpn_ip)}" data-online="${!!d.online}">` +
+        `<td>${esc(d.name)}</td><td class="mono">${esc(d.vpn_ip)}</td>` +
+        `<td><span class="dot${d.online ? ' on' : ''}"></span> ${d.online ? 'online' : 'offline'}</td>` +
+        `<td>${esc(d.status || 'unknown')}${when}</td><td class="num">${fmtInt(d.connections ?? 0)}</td>` +
+        `<td class="actions">${delButton('delete-device', d.id, `Delete device ${d.name}`, 'Delete')}</td></tr>`
+      );
+    });
+    setRows(el.devicesBody, el.devicesEmpty, el.devicesCount, devices.join(''), devices.length, 'device');
+
+    const conns = state.connections.map((c) => {
+      const ovpn = c.protocol === 'openvpn';
+      const first = ovpn ? `<span class="muted">user</span> ${esc(c.username ?? '—')}` : esc(c.public_port ?? '—');
+      const second = ovpn ? `<span class="muted">proxy</span> ${esc(c.proxy_port ?? '—')}` : esc(c.device_port ?? '—');
+      const dev = c.device_name
+        ? `${esc(c.device_name)}${c.device_vpn_ip ? ` <span class="muted mono">${esc(c.device_vpn_ip)}</span>` : ''}`
+        : esc(c.device_id);
+      const label = ovpn ? `Delete the openvpn connection of ${c.username}` : `Delete the ${c.protocol} connection on port ${c.public_port}`;
+      return (
+        `<tr data-id="${esc(c.id)}" data-protocol="${esc(c.protocol)}" data-device="${esc(c.device_name || '')}"` +
+        ` data-public-port="${esc(c.public_port ?? '')}" data-device-port="${esc(c.device_port ?? '')}"` +
+        ` data-username="${esc(c.username ?? '')}" data-proxy-port="${esc(c.proxy_port ?? '')}" data-rule="${esc(c.rule ?? '')}">` +
+        `<td>${esc(c.protocol)}</td><td>${dev}</td><td>${first}</td><td>${second}</td>` +
+        `<td>${c.rule != null ? `#${esc(c.rule)}` : '<span class="muted">—</span>'}</td>` +
+        `<td class="actions">${delButton('delete-connection', c.id, label, 'Delete')}</td></tr>`
+      );
+    });
+    setRows(el.connectionsBody, el.connectionsEmpty, el.connectionsCount, conns.join(''), conns.length, 'connection');
+
+    const sessions = state.sessions.map((s) => {
+      const who = s.username || s.common_name || '';
+      return (
+        `<tr data-id="${esc(s.id)}" data-client-ip="${esc(s.client_ip)}" data-username="${esc(who)}">` +
+        `<td class="mono">${esc(s.client_ip)}</td><td>${esc(who || '—')}</td><td>${esc(s.protocol || '—')}</td>` +
+        `<td title="${esc(new Date(s.opened_unix_ms).toLocaleString())}">${esc(fmtDuration(now - s.opened_unix_ms))} ago</td>` +
+        `<td class="num">${esc(fmtBytes(s.up_bytes))}</td><td class="num">${esc(fmtBytes(s.down_bytes))}</td>` +
+        `<td class="actions">${delButton('close-session', s.id, `Close the session of ${s.client_ip}`, 'Close')}</td></tr>`
+      );
+    });
+    setRows(el.sessionsBody, el.sessionsEmpty, el.sessionsCount, sessions.join(''), sessions.length, 'session');
+
+    // The device choice of the connection form follows the device list.
+    const opts = state.devices.length
+      ? state.devices.map((d) => `<option value="${esc(d.id)}">${esc(d.name)} (${esc(d.vpn_ip)})</option>`).join('')
+      : '<option value="">— add a device first —</option>';
+    if (el.connDevice.dataset.html !== opts) {
+      const cur = el.connDevice.value;
+      el.connDevice.innerHTML = opts;
+      el.connDevice.dataset.html = opts;
+      if (cur && state.devices.some((d) => d.id === cur)) el.connDevice.value = cur;
+    }
+  }
+
+  // Show the fields of the chosen protocol: ports for http/socks5, username and proxy port for openvpn.
+  function syncProtocol() {
+    const ovpn = el.connProtocol.value === 'openvpn';
+    for (const l of el.connForm.querySelectorAll('.when-port')) l.hidden = ovpn;
+    for (const l of el.connForm.querySelectorAll('.when-user')) l.hidden = !ovpn;
+    el.connPublicPort.required = !ovpn;
+    el.connDevicePort.required = !ovpn;
+    el.connUsername.required = ovpn;
+    el.connProxyPort.required = ovpn;
+    el.connForm.dataset.protocol = el.connProtocol.value;
+  }
+
+  // POST a form's body; the API's answer (or its error, code and HTTP status) goes next to the form.
+  async function submit(fields, msg, path, body, done) {
+    fields.disabled = true;
+    showMsg(msg, 'busy', 'Saving…');
+    try {
+      const r = await api(path, { method: 'POST', body });
+      showMsg(msg, 'ok', done(r));
+      loadRegistry();
+      return true;
+    } catch (e) {
+      showMsg(msg, 'error', e.describe(), e);
+      if (e.status === 401) logout(`Signed out: ${e.describe()}`);
+      return false;
+    } finally {
+      fields.disabled = !isAdmin();
+    }
+  }
+
+  async function submitDevice(ev) {
+    ev.preventDefault();
+    const body = { name: el.deviceName.value.trim(), vpn_ip: el.deviceIp.value.trim() };
+    const ok = await submit(el.deviceFields, el.deviceMsg, '/api/v1/devices', body, (d) => `Device ${d.name} (${d.vpn_ip}) added.`);
+    if (ok) el.deviceForm.reset();
+  }
+
+  async function submitConnection(ev) {
+    ev.preventDefault();
+    const port = (input) => (input.value.trim() === '' ? undefined : Number(input.value));
+    const protocol = el.connProtocol.value;
+    const body = { device_id: el.connDevice.value, protocol };
+    if (protocol === 'openvpn') {
+      body.username = el.connUsername.value.trim();
+      body.proxy_port = port(el.connProxyPort);
+    } else {
+      body.public_port = port(el.connPublicPort);
+      body.device_port = port(el.connDevicePort);
+    }
+    const ok = await submit(el.connFields, el.connMsg, '/api/v1/connections', body, (c) =>
+      c.protocol === 'openvpn'
+        ? `Connection added: user ${c.username} → proxy port ${c.proxy_port}.`
+        : `Connection added: ${c.protocol} on public port ${c.public_port} → device port ${c.device_port}.`,
+    );
+    if (ok) for (const i of [el.connPublicPort, el.connDevicePort, el.connUsername, el.connProxyPort]) i.value = '';
+  }
+
+  function askConfirm(title, text, okLabel, action) {
+    state.confirmAction = action;
+    el.confirmTitle.textContent = title;
+    el.confirmText.textContent = text;
+    el.confirmOk.textContent = okLabel;
+    el.confirm.returnValue = '';
+    el.confirm.showModal();
+  }
+
+  // A confirmed delete (or close): `what` names it ("Delete device phone-1"), `done` says it worked.
+  async function remove(method, path, msg, what, done) {
+    showMsg(msg, 'busy', `${what}…`);
+    try {
+      await api(path, { method });
+      showMsg(msg, 'ok', done);
+      loadRegistry();
+    } catch (e) {
+      showMsg(msg, 'error', `${what} failed: ${e.describe()}`, e);
+      if (e.status === 401) logout(`Signed out: ${e.describe()}`);
+    }
+  }
+
+  function onRegistryAction(ev) {
+    const b = ev.target.closest('button[data-action]');
+    if (!b || b.disabled) return;
+    const id = b.dataset.id;
+    const enc = encodeURIComponent(id);
+    if (b.dataset.action === 'delete-device') {
+      const d = state.devices.find((x) => x.id === id);
+      if (!d) return;
+      askConfirm(
+        'Delete device?',
+        `Delete device ${d.name} (${d.vpn_ip})? A device that still has connections cannot be deleted.`,
+        'Delete device',
+        () => remove('DELETE', `/api/v1/devices/${enc}`, el.deviceMsg, `Delete device ${d.name}`, `Device ${d.name} deleted.`),
+      );
+    } else if (b.dataset.action === 'delete-connection') {
+      const c = state.connections.find((x) => x.id === id);
+      if (!c) return;
+      const what =
+        c.protocol === 'openvpn'
+          ? `the openvpn connection of user ${c.username} (proxy port ${c.proxy_port})`
+          : `the ${c.protocol} connection on public port ${c.public_port} (device ${c.device_name || c.device_id}, port ${c.device_port}); its forward rule is removed`;
+      askConfirm('Delete connection?', `Delete ${what}?`, 'Delete connection', () =>
+        remove('DELETE', `/api/v1/connections/${enc}`, el.connMsg, `Delete the ${c.protocol} connection`, `The ${c.protocol} connection was deleted.`),
+      );
+    } else if (b.dataset.action === 'close-session') {
+      const s = state.sessions.find((x) => x.id === id);
+      if (!s) return;
+      askConfirm(
+        'Close session?',
+        `Close the session of ${s.client_ip}${s.username ? ` (${s.username})` : ''}? Its byte counts become final now.`,
+        'Close session',
+        () => remove('POST', `/api/v1/sessions/${enc}/close`, el.sessionsMsg, `Close the session of ${s.client_ip}`, `The session of ${s.client_ip} was closed.`),
+      );
+    }
+  }
+
   // ---------- wiring ----------
 
   el.loginForm.addEventListener('submit', (ev) => {
@@ -905,9 +1337,21 @@
     state.resetIp = null;
     if (el.dialog.returnValue === 'confirm' && ip) doReset(ip);
   });
-  document.addEventListener('keydown', (ev) => {
-    if (ev.key === 'Escape' && !el.detail.hidden && !el.dialog.open) closeDetail();
+  el.deviceForm.addEventListener('submit', submitDevice);
+  el.connForm.addEventListener('submit', submitConnection);
+  el.connProtocol.addEventListener('change', syncProtocol);
+  el.registry.addEventListener('click', onRegistryAction);
+  el.confirm.addEventListener('close', () => {
+    const action = state.confirmAction;
+    state.confirmAction = null;
+    if (el.confirm.returnValue === 'confirm' && action) action();
   });
+  document.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Escape' && !el.detail.hidden && !el.dialog.open && !el.confirm.open) closeDetail();
+  });
+
+  syncProtocol();
+  renderRegistry();
 
   const saved = sessionStorage.getItem(TOKEN_KEY);
   if (saved) login(saved, { fromStorage: true });

@@ -7,6 +7,8 @@
 //   TUNMETER_READ_TOKEN      a read token
 //   TUNMETER_SCREENSHOT      where to save the full-page PNG of the dashboard
 //   TUNMETER_EXPECT_CLIENTS  comma-separated client IPs that carry traffic
+//   TUNMETER_DEVICE_CLIENT   optional, the client made a device through the form (default: the 2nd)
+//   TUNMETER_SESSION_CLIENT  optional, the client given a session through the API (default: the 3rd)
 //   TUNMETER_CHROMIUM        optional, default /usr/bin/chromium
 //   TUNMETER_E2E_TIMEOUT_MS  optional overall limit, default 110000
 //
@@ -39,6 +41,10 @@ const EXPECT = env('TUNMETER_EXPECT_CLIENTS')
 const CHROMIUM = env('TUNMETER_CHROMIUM', '/usr/bin/chromium');
 const TOTAL_MS = Number(env('TUNMETER_E2E_TIMEOUT_MS', '110000'));
 if (!EXPECT.length) die('TUNMETER_EXPECT_CLIENTS names no client');
+const DEVICE_IP = env('TUNMETER_DEVICE_CLIENT', EXPECT[1] ?? EXPECT[0]);
+const SESSION_IP = env('TUNMETER_SESSION_CLIENT', EXPECT[2] ?? EXPECT[0]);
+const DEVICE_NAME = 'e2e-phone';
+const SESSION_USER = 'carol';
 
 let browser = null;
 let page = null;
@@ -115,6 +121,9 @@ function readRow(ip) {
       upBytes: Number(d.upBytes),
       downBytes: Number(d.downBytes),
       online: d.online === 'true',
+      username: d.username,
+      device: d.device,
+      sessionId: d.sessionId,
       cells: [...r.querySelectorAll('[role=cell]')].map((c) => c.textContent),
       frame: Number(document.getElementById('table').dataset.frameUnixMs || 0),
     };
@@ -134,6 +143,46 @@ async function statusArea() {
     const s = document.getElementById('status');
     return { visible: !s.hidden, text: s.textContent, kind: s.dataset.kind, code: s.dataset.code, http: s.dataset.httpStatus };
   });
+}
+
+// The API from the script itself (Node's fetch, same namespace): what the daemon really holds.
+async function apiCall(method, path, token, body) {
+  const headers = { Authorization: `Bearer ${token}` };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const r = await fetch(`${BASE}${path}`, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await r.text();
+  let json = null;
+  try {
+    json = text ? JSON.parse(text) : null;
+  } catch {
+    // reported by the caller with the status
+  }
+  return { status: r.status, body: json, text };
+}
+
+async function apiOk(method, path, token, body, want = 200) {
+  const r = await apiCall(method, path, token, body);
+  if (r.status !== want) throw new Error(`${method} ${path} returned ${r.status}, expected ${want}: ${r.text.slice(0, 300)}`);
+  return r.body;
+}
+
+// A message next to a form: its text, kind and the HTTP status/code of an API error.
+function formMsg(id) {
+  return page.evaluate((id) => {
+    const p = document.getElementById(id);
+    return { visible: !p.hidden, text: p.textContent, kind: p.dataset.kind, code: p.dataset.code, http: p.dataset.httpStatus };
+  }, id);
+}
+
+async function waitMsg(id, kind, what) {
+  return waitFor(what, async () => {
+    const m = await formMsg(id);
+    return m.visible && m.kind === kind ? m : { ok: false, ...m };
+  });
+}
+
+function listRows(body) {
+  return page.evaluate((body) => [...document.querySelectorAll(`#${body} tr`)].map((r) => ({ ...r.dataset, text: r.textContent })), body);
 }
 
 async function login(token, role) {
@@ -341,6 +390,25 @@ async function main() {
     summary.read_reset = { status: forced.status, message: forced.body.error.message };
   });
 
+  await step('registry panels are read-only for a read token', async () => {
+    await page.waitForSelector('#registry:not([hidden])', { timeout: 5000 });
+    // The lists load from the API (an error there would show in the panel instead).
+    await waitFor('devices, connections and sessions loaded', async () => {
+      const s = await page.evaluate(() =>
+        ['devices', 'connections', 'sessions'].map((k) => ({
+          k,
+          count: document.getElementById(`${k}-body`).dataset.count,
+          error: document.getElementById(`${k}-load`).hidden ? '' : document.getElementById(`${k}-load`).textContent,
+        })),
+      );
+      return s.every((x) => x.count !== undefined && !x.error) ? s : { ok: false, s };
+    });
+    for (const f of ['#device-fields', '#conn-fields'])
+      if (!(await page.isDisabled(`${f} button[type=submit]`))) throw new Error(`${f}: the submit button is enabled for a read token`);
+    const notes = await page.evaluate(() => [...document.querySelectorAll('#registry .ro-note')].filter((n) => !n.hidden).length);
+    if (notes < 2) throw new Error(`only ${notes} read-only notes are shown`);
+  });
+
   await step('log out, log in with the admin token', async () => {
     await page.click('#logout');
     await page.waitForSelector('#login:not([hidden])', { timeout: 5000 });
@@ -435,10 +503,242 @@ async function main() {
     summary.reset = { ip, before: pick(before), closed: { upBytes: closed.upBytes, downBytes: closed.downBytes }, after: pick(after) };
   });
 
+  let deviceId = null;
+  await step('add a device through the form', async () => {
+    await page.waitForSelector('#registry:not([hidden])', { timeout: 5000 });
+    if (await page.isDisabled('#device-submit')) throw new Error('the Add device button is disabled for an admin token');
+    await page.fill('#device-name', DEVICE_NAME);
+    await page.fill('#device-ip', DEVICE_IP);
+    await page.click('#device-submit');
+    const m = await waitMsg('device-msg', 'ok', 'the device added message');
+    await waitFor(`device ${DEVICE_NAME} in the list`, async () => {
+      const rows = await listRows('devices-body');
+      return rows.some((r) => r.name === DEVICE_NAME && r.vpnIp === DEVICE_IP) ? rows : { ok: false, rows };
+    });
+    const api = await apiOk('GET', '/api/v1/devices', ADMIN);
+    const d = (api.devices || []).find((x) => x.name === DEVICE_NAME);
+    if (!d || d.vpn_ip !== DEVICE_IP) throw new Error(`GET /api/v1/devices lacks ${DEVICE_NAME} at ${DEVICE_IP}: ${JSON.stringify(api)}`);
+    deviceId = d.id;
+    await waitFor('the device offered in the connection form', async () =>
+      (await page.$$eval('#conn-device option', (o) => o.map((x) => x.value))).includes(deviceId),
+    );
+    summary.registry = { device: { id: d.id, name: d.name, vpn_ip: d.vpn_ip, message: m.text } };
+  });
+
+  const CONNS = [
+    { protocol: 'http', public_port: 18080, device_port: 3128 },
+    { protocol: 'socks5', public_port: 18081, device_port: 1080 },
+    { protocol: 'openvpn', username: 'e2e-alice', proxy_port: 12345 },
+  ];
+  async function fillConnection(c) {
+    await page.selectOption('#conn-protocol', c.protocol);
+    await page.selectOption('#conn-device', deviceId);
+    if (c.protocol === 'openvpn') {
+      if (await page.isVisible('#conn-public-port')) throw new Error('the public port field is shown for openvpn');
+      await page.fill('#conn-username', c.username);
+      await page.fill('#conn-proxy-port', String(c.proxy_port));
+    } else {
+      if (await page.isVisible('#conn-username')) throw new Error(`the username field is shown for ${c.protocol}`);
+      await page.fill('#conn-public-port', String(c.public_port));
+      await page.fill('#conn-device-port', String(c.device_port));
+    }
+  }
+  const sameConn = (a, c) =>
+    a.protocol === c.protocol &&
+    (c.protocol === 'openvpn' ? a.username === c.username && a.proxy_port === c.proxy_port : a.public_port === c.public_port && a.device_port === c.device_port);
+
+  await step('add http, socks5 and openvpn connections through the form', async () => {
+    for (const c of CONNS) {
+      await fillConnection(c);
+      await page.click('#conn-submit');
+      const m = await waitFor(`the ${c.protocol} connection added`, async () => {
+        const m = await formMsg('conn-msg');
+        if (m.visible && m.kind === 'error') throw new Error(`adding the ${c.protocol} connection failed: ${m.text}`);
+        return m.visible && m.kind === 'ok' ? m : { ok: false, ...m };
+      });
+      if (!m.text.includes(String(c.public_port ?? c.username))) throw new Error(`confirmation ${JSON.stringify(m.text)} does not name the connection`);
+    }
+    const rows = await waitFor('three connections in the list', async () => {
+      const rows = await listRows('connections-body');
+      const ok = CONNS.every((c) =>
+        rows.some((r) =>
+          r.protocol === c.protocol && r.device === DEVICE_NAME &&
+          (c.protocol === 'openvpn' ? r.username === c.username && r.proxyPort === String(c.proxy_port) : r.publicPort === String(c.public_port) && r.devicePort === String(c.device_port)),
+        ),
+      );
+      return ok ? rows : { ok: false, rows };
+    });
+    const api = (await apiOk('GET', '/api/v1/connections', ADMIN)).connections || [];
+    for (const c of CONNS) {
+      const a = api.find((x) => sameConn(x, c));
+      if (!a) throw new Error(`GET /api/v1/connections lacks ${JSON.stringify(c)}: ${JSON.stringify(api)}`);
+      if (a.device_id !== deviceId || a.device_name !== DEVICE_NAME) throw new Error(`connection ${a.id} is on ${a.device_name} (${a.device_id})`);
+      // http and socks5 become forward rules; the list shows the rule id.
+      if (c.protocol !== 'openvpn') {
+        if (a.rule == null) throw new Error(`the ${c.protocol} connection has no forward rule: ${JSON.stringify(a)}`);
+        const r = rows.find((x) => x.id === a.id);
+        if (!r || r.rule !== String(a.rule)) throw new Error(`the list shows rule ${r && r.rule} for connection ${a.id}, the API ${a.rule}`);
+      }
+    }
+    if (api.length !== CONNS.length) throw new Error(`the API holds ${api.length} connections, expected ${CONNS.length}`);
+    const devRow = (await listRows('devices-body')).find((r) => r.name === DEVICE_NAME);
+    summary.registry.connections = api.map((a) => ({ protocol: a.protocol, public_port: a.public_port, device_port: a.device_port, username: a.username, proxy_port: a.proxy_port, rule: a.rule }));
+    summary.registry.device_row = devRow && devRow.text;
+  });
+
+  await step('a public port used twice: the 409 is shown next to the form', async () => {
+    const dup = { protocol: 'http', public_port: 18080, device_port: 3129 };
+    await fillConnection(dup);
+    await page.click('#conn-submit');
+    const m = await waitMsg('conn-msg', 'error', 'an error next to the connection form');
+    // The same request straight to the API: the page shows the server's own message.
+    const direct = await apiCall('POST', '/api/v1/connections', ADMIN, { device_id: deviceId, ...dup });
+    if (direct.status !== 409 || !direct.body || direct.body.error.code !== 'conflict')
+      throw new Error(`POST of a duplicate public port returned ${direct.status}: ${direct.text}`);
+    if (m.http !== '409' || m.code !== 'conflict') throw new Error(`the form shows ${JSON.stringify(m)}, expected HTTP 409 conflict`);
+    if (!m.text.includes(direct.body.error.message)) throw new Error(`the form shows ${JSON.stringify(m.text)}, not the server message ${JSON.stringify(direct.body.error.message)}`);
+    const n = ((await apiOk('GET', '/api/v1/connections', ADMIN)).connections || []).length;
+    if (n !== CONNS.length) throw new Error(`${n} connections after the refused duplicate`);
+    summary.registry.conflict = { status: 409, message: m.text };
+  });
+
+  await step('delete a connection with confirmation', async () => {
+    const api = (await apiOk('GET', '/api/v1/connections', ADMIN)).connections || [];
+    const victim = api.find((a) => a.protocol === 'socks5');
+    const btn = `#connections-body tr[data-id="${victim.id}"] button[data-action="delete-connection"]`;
+    await page.click(btn);
+    await page.waitForSelector('#confirm-dialog[open]', { timeout: 5000 });
+    await page.click('#confirm-cancel');
+    await page.waitForSelector('#confirm-dialog:not([open])', { state: 'attached', timeout: 5000 });
+    await sleep(300);
+    if (!((await apiOk('GET', '/api/v1/connections', ADMIN)).connections || []).some((a) => a.id === victim.id))
+      throw new Error('Cancel deleted the connection');
+    await page.click(btn);
+    await page.waitForSelector('#confirm-dialog[open]', { timeout: 5000 });
+    const text = await page.textContent('#confirm-text');
+    if (!text.includes(String(victim.public_port))) throw new Error(`the confirmation ${JSON.stringify(text)} does not name port ${victim.public_port}`);
+    await page.click('#confirm-ok');
+    await waitFor('the connection gone from the list', async () => {
+      const rows = await listRows('connections-body');
+      return rows.length === CONNS.length - 1 && !rows.some((r) => r.id === victim.id) ? rows : { ok: false, rows };
+    });
+    const after = (await apiOk('GET', '/api/v1/connections', ADMIN)).connections || [];
+    if (after.some((a) => a.id === victim.id) || after.length !== CONNS.length - 1)
+      throw new Error(`GET /api/v1/connections after the delete: ${JSON.stringify(after)}`);
+    const m = await formMsg('conn-msg');
+    if (m.kind === 'error') throw new Error(`the delete shows an error: ${m.text}`);
+    summary.registry.deleted = { protocol: victim.protocol, public_port: victim.public_port, remaining: after.length };
+  });
+
+  await step('deleting a device that has connections: the 409 is shown', async () => {
+    await page.click(`#devices-body tr[data-id="${deviceId}"] button[data-action="delete-device"]`);
+    await page.waitForSelector('#confirm-dialog[open]', { timeout: 5000 });
+    const text = await page.textContent('#confirm-text');
+    if (!text.includes(DEVICE_NAME)) throw new Error(`the confirmation ${JSON.stringify(text)} does not name the device`);
+    await page.click('#confirm-ok');
+    const m = await waitMsg('device-msg', 'error', 'an error next to the device form');
+    if (m.http !== '409' || m.code !== 'conflict') throw new Error(`deleting a device with connections shows ${JSON.stringify(m)}`);
+    const d = await apiCall('GET', `/api/v1/devices/${deviceId}`, ADMIN);
+    if (d.status !== 200) throw new Error(`the device is gone after a refused delete: GET returned ${d.status}`);
+    summary.registry.device_delete_refused = m.text;
+  });
+
+  await step('a session opened through the API appears in Active sessions', async () => {
+    const s = await apiOk('POST', '/api/v1/sessions', ADMIN, { client_ip: SESSION_IP, username: SESSION_USER }, 201);
+    if (!s || !s.id || s.username !== SESSION_USER || s.active !== true) throw new Error(`POST /api/v1/sessions returned ${JSON.stringify(s)}`);
+    await waitFor(`the session of ${SESSION_IP} in Active sessions`, async () => {
+      const rows = await listRows('sessions-body');
+      return rows.some((r) => r.id === s.id && r.clientIp === SESSION_IP && r.username === SESSION_USER) ? rows : { ok: false, rows };
+    }, 10000);
+    summary.registry.session = { id: s.id, client_ip: SESSION_IP, username: SESSION_USER };
+  });
+
+  // These two come from the identity service (GET /api/v1/clients -> identity).
+  await step(`the client table shows ${SESSION_USER} for ${SESSION_IP}`, async () => {
+    const r = await waitFor(
+      `username ${SESSION_USER} in the row of ${SESSION_IP}`,
+      async () => {
+        const r = await readRow(SESSION_IP);
+        return r && r.cells[1] === SESSION_USER && r.username === SESSION_USER ? r : { ok: false, cells: r && r.cells };
+      },
+      12000,
+      300,
+    );
+    const sid = summary.registry.session.id;
+    if (r.sessionId !== sid) throw new Error(`the row's session is ${r.sessionId}, the API opened ${sid}`);
+    if (!r.cells[10].startsWith(sid.slice(0, 8))) throw new Error(`the session cell shows ${JSON.stringify(r.cells[10])}`);
+    summary.registry.session_row = r.cells;
+  });
+
+  await step(`the client row of ${DEVICE_IP} shows the device`, async () => {
+    const r = await waitFor(
+      `device ${DEVICE_NAME} in the row of ${DEVICE_IP}`,
+      async () => {
+        const r = await readRow(DEVICE_IP);
+        return r && r.cells[9] === `${DEVICE_NAME} (self)` && r.device === DEVICE_NAME ? r : { ok: false, cells: r && r.cells };
+      },
+      12000,
+      300,
+    );
+    summary.registry.device_client_row = r.cells;
+  });
+
   await step('screenshot', async () => {
+    // The whole table (the detail panel hides the protocol and session columns).
+    if (await page.isVisible('#detail')) await page.click('#detail-close');
+    await page.waitForSelector('#table:not(.narrow)', { timeout: 5000 });
     mkdirSync(dirname(SHOT), { recursive: true });
     await page.screenshot({ path: SHOT, fullPage: true, timeout: 10000 });
     summary.screenshot = SHOT;
+  });
+
+  await step('a read token: the forms are refused with the 403 message', async () => {
+    await page.click('#logout');
+    await page.waitForSelector('#login:not([hidden])', { timeout: 5000 });
+    await login(READ, 'read');
+    await waitFor('the registry lists loaded for the read token', async () => {
+      const rows = await listRows('devices-body');
+      return rows.some((r) => r.name === DEVICE_NAME) ? rows : { ok: false, rows };
+    });
+    for (const sel of ['#device-submit', '#conn-submit'])
+      if (!(await page.isDisabled(sel))) throw new Error(`${sel} is enabled for a read token`);
+    const deletes = await page.$$eval('#registry button[data-action]', (b) => b.map((x) => x.disabled));
+    if (!deletes.length || deletes.some((d) => !d)) throw new Error(`delete buttons for a read token: disabled = ${JSON.stringify(deletes)}`);
+    const before = {
+      devices: ((await apiOk('GET', '/api/v1/devices', READ)).devices || []).length,
+      connections: ((await apiOk('GET', '/api/v1/connections', READ)).connections || []).length,
+    };
+    // What the server says to a read token.
+    const direct = await apiCall('POST', '/api/v1/devices', READ, { name: 'e2e-read', vpn_ip: '10.9.0.250' });
+    if (direct.status !== 403 || !direct.body || direct.body.error.code !== 'forbidden')
+      throw new Error(`POST /api/v1/devices with the read token returned ${direct.status}: ${direct.text}`);
+    // A tampered page re-enables the forms: the UI shows the server's 403 next to each.
+    await page.evaluate(() => {
+      for (const f of ['device-fields', 'conn-fields']) document.getElementById(f).disabled = false;
+    });
+    await page.fill('#device-name', 'e2e-read');
+    await page.fill('#device-ip', '10.9.0.250');
+    await page.click('#device-submit');
+    const dm = await waitMsg('device-msg', 'error', 'an error next to the device form');
+    await page.selectOption('#conn-protocol', 'openvpn');
+    await page.fill('#conn-username', 'e2e-read');
+    await page.fill('#conn-proxy-port', '12346');
+    await page.click('#conn-submit');
+    const cm = await waitMsg('conn-msg', 'error', 'an error next to the connection form');
+    for (const [what, m] of [['device', dm], ['connection', cm]]) {
+      if (m.http !== '403' || m.code !== 'forbidden') throw new Error(`the ${what} form shows ${JSON.stringify(m)}, expected HTTP 403`);
+      if (!m.text.includes(direct.body.error.message))
+        throw new Error(`the ${what} form shows ${JSON.stringify(m.text)}, not the server message ${JSON.stringify(direct.body.error.message)}`);
+    }
+    for (const sel of ['#device-submit', '#conn-submit'])
+      if (!(await page.isDisabled(sel))) throw new Error(`${sel} is enabled again after the 403`);
+    const after = {
+      devices: ((await apiOk('GET', '/api/v1/devices', READ)).devices || []).length,
+      connections: ((await apiOk('GET', '/api/v1/connections', READ)).connections || []).length,
+    };
+    if (after.devices !== before.devices || after.connections !== before.connections)
+      throw new Error(`a read token changed the registry: ${JSON.stringify({ before, after })}`);
+    summary.read_forms = { device: dm.text, connection: cm.text, status: 403 };
   });
 
   await step('10,000 clients stay smooth (mocked stream, same browser)', async () => {

@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: lab with traffic + daemon in the server namespace + live client table,
-//! and the dashboard on the host's loopback (a relay into the server namespace) with an admin
-//! token.
+//! `cargo xtask demo`: the real OpenVPN lab (a UDP and a TCP server instance, named clients
+//! alice, bob, carol, dave with background traffic) + the daemon in the server namespace, which
+//! learns who each VPN address is from both management interfaces, + a live client table, and
+//! the dashboard on the host's loopback (a relay into the server namespace) with an admin token.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
@@ -31,9 +32,8 @@ const LAB_BIN: &str = "tunmeter-lab";
 /// Name prefix of everything the lab creates (namespaces, links).
 const LAB_PREFIX: &str = "tmdemo";
 const PIN_DIR: &str = "/sys/fs/bpf/tunmeter-demo";
-const TUN: &str = "tun0";
-const EGRESS: &str = "eth0";
-const SUBNETS: &[&str] = &["10.8.0.0/24", "fd00:8::/64", "10.9.0.0/24", "fd00:9::/64"];
+/// Named OpenVPN clients: alice, bob, carol, dave (odd ones UDP, even ones TCP).
+const CLIENTS: &str = "4";
 /// The daemon's API, on the server namespace's loopback.
 const API_LISTEN: &str = "127.0.0.1:9107";
 /// The host's end of the relay to the API: the same port on the host's loopback if it is free,
@@ -41,21 +41,52 @@ const API_LISTEN: &str = "127.0.0.1:9107";
 const DASHBOARD_PORT: u16 = 9107;
 const NODE_ID: &str = "demo";
 
-/// `tunmeter-lab up ...`: builds the lab, starts traffic, prints `READY <server netns>`,
-/// then runs until SIGTERM and tears the lab down.
+/// `tunmeter-lab openvpn up ...`: builds the lab, connects the clients, starts traffic, prints
+/// `READY <server netns>`, then runs until SIGTERM and tears the lab down.
 fn lab_up_args() -> Vec<String> {
-    strings(&["up", "--prefix", LAB_PREFIX, "--traffic"])
+    strings(&["openvpn", "up", "--prefix", LAB_PREFIX, "--clients", CLIENTS, "--traffic"])
 }
 
 fn lab_down_args() -> Vec<String> {
-    strings(&["down", "--prefix", LAB_PREFIX])
+    strings(&["openvpn", "down", "--prefix", LAB_PREFIX])
 }
 
+/// The daemon's config: the two instances' tun devices and their management interfaces (the
+/// clients are connected before the daemon starts, so the names come from management; a
+/// production server also runs `tunmeter hook openvpn`, see docs/openvpn.md), and the
+/// customer's Ethernet link.
+const DAEMON_CONFIG: &str = r#"# written by cargo xtask demo
+[[interface]]
+name = "tun0"
+layer = "l3"
+subnets = ["10.8.0.0/24", "fd00:8::/64"]
+
+[[interface]]
+name = "tun1"
+layer = "l3"
+subnets = ["10.8.100.0/24", "fd00:8:100::/64"]
+
+[[interface]]
+name = "eth0"
+layer = "l2"
+subnets = ["10.9.0.0/24", "fd00:9::/64"]
+
+[[openvpn]]
+name = "udp"
+protocol = "udp"
+management = "127.0.0.1:7505"
+interface = "tun0"
+
+[[openvpn]]
+name = "tcp"
+protocol = "tcp"
+management = "127.0.0.1:7506"
+interface = "tun1"
+"#;
+
 fn daemon_run_args(state_dir: &Path) -> Vec<String> {
-    let mut args = strings(&["run", "--tun", TUN, "--egress", EGRESS]);
-    for subnet in SUBNETS {
-        args.extend(strings(&["--subnet", subnet]));
-    }
+    let mut args = strings(&["run", "--config"]);
+    args.push(state_dir.join("tunmeter.toml").display().to_string());
     args.extend(strings(&["--node-id", NODE_ID, "--api-listen", API_LISTEN, "--pin-dir", PIN_DIR, "--state-dir"]));
     args.push(state_dir.display().to_string());
     args
@@ -65,6 +96,13 @@ fn daemon_run_args(state_dir: &Path) -> Vec<String> {
 fn daemon_token_args(state_dir: &Path) -> Vec<String> {
     let mut args = strings(&["token", "create", "--role", "admin", "--name", "demo", "--node-id", NODE_ID]);
     args.extend(strings(&["--state-dir"]));
+    args.push(state_dir.display().to_string());
+    args
+}
+
+/// `tunmeter sessions`: who each address is (usernames from OpenVPN management).
+fn daemon_sessions_args(state_dir: &Path) -> Vec<String> {
+    let mut args = strings(&["sessions", "--state-dir"]);
     args.push(state_dir.display().to_string());
     args
 }
@@ -301,6 +339,8 @@ impl Demo {
     fn start_daemon(&mut self, ns: &str) -> Result<()> {
         let state_dir = state_dir();
         std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        let config = state_dir.join("tunmeter.toml");
+        std::fs::write(&config, DAEMON_CONFIG).with_context(|| format!("writing {}", config.display()))?;
         let log_path = daemon_log();
         let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut c = in_netns(ns, &self.daemon_bin);
@@ -352,6 +392,14 @@ impl Demo {
                 self.token.as_deref().unwrap_or_default()
             ));
             screen.push_str(&String::from_utf8_lossy(&out.stdout));
+            let mut c = in_netns(ns, &self.daemon_bin);
+            c.args(daemon_sessions_args(&state_dir())).stdin(Stdio::null()).process_group(0);
+            if let Ok(sessions) = c.output()
+                && sessions.status.success()
+            {
+                screen.push_str(&format!("\n$ {}\n", describe(&c)));
+                screen.push_str(&String::from_utf8_lossy(&sessions.stdout));
+            }
             if !out.status.success() && start.elapsed() < DAEMON_START_GRACE {
                 screen.push_str("(waiting for the daemon to load and pin its maps)\n");
             } else if !out.status.success() {

@@ -40,12 +40,23 @@ const APT_PACKAGES: &[&str] = &[
     // (PROXY_SERVICES)
     "tinyproxy-bin",
     "dante-server",
+    // OpenVPN and WireGuard labs (lab/src/openvpn.rs, lab/src/wireguard.rs): real OpenVPN 2.6 servers
+    // and clients in namespaces, the userspace WireGuard (`wireguard-go`, no kernel module needed)
+    // driven by `wg` (wireguard-tools), certificates made with the `openssl` CLI. The openvpn
+    // package comes with an openvpn service, which setup disables (PROXY_SERVICES)
+    "openvpn",
+    "wireguard-go",
+    "wireguard-tools",
+    "openssl",
 ];
 
 /// System services of the proxy packages: the tests never use them (they start their own
 /// instances inside namespaces), so setup stops and disables them where they run. `tinyproxy`
-/// is the full package's service, in case it is installed too. (service, its binary)
-const PROXY_SERVICES: &[(&str, &str)] = &[("danted", "/usr/sbin/danted"), ("tinyproxy", "/usr/bin/tinyproxy")];
+/// is the full package's service, in case it is installed too. `openvpn`: the labs run their own
+/// OpenVPN instances with their own configs (its init script only stops the instances it started
+/// itself, pid files in /run/openvpn, never a lab's). (service, its binary)
+const PROXY_SERVICES: &[(&str, &str)] =
+    &[("danted", "/usr/sbin/danted"), ("tinyproxy", "/usr/bin/tinyproxy"), ("openvpn", "/usr/sbin/openvpn")];
 
 /// Node.js major version that `playwright-core` (web/e2e) needs; Debian 12's `nodejs` is 18.
 const NODE_MIN_MAJOR: u32 = 20;
@@ -152,7 +163,7 @@ fn proxy_services() {
             );
             continue;
         }
-        println!("stopping: service {svc} (the tests start their own proxies)");
+        println!("stopping: service {svc} (the tests start their own instances)");
         if !ok(cmd(&stop[0]).args(&stop[1..])) {
             println!("warning: `{}` failed; the service is not needed, ignoring", stop.join(" "));
         }

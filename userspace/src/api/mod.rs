@@ -4,9 +4,12 @@
 
 pub mod auth;
 pub mod error;
+pub mod hooks;
+pub mod registry;
 pub mod routes;
 pub mod stream;
 pub mod views;
+pub mod webhooks;
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -44,6 +47,9 @@ pub struct App {
     pub maps: Option<PinnedMaps>,
     /// The serialised client list of the latest poll.
     pub list_cache: std::sync::Mutex<Option<ListCache>>,
+    pub webhooks: Arc<crate::webhook::Webhooks>,
+    /// None in tests that serve the ledger alone.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 pub struct ListCache {
@@ -66,7 +72,7 @@ impl App {
     info(title = "tunmeter", description = "Per-VPN-client usage ledger, resets and live rates"),
     paths(
         routes::healthz, routes::me, routes::list_clients, routes::get_client, routes::usage, routes::reset,
-        routes::resets, routes::stats, routes::metrics, stream::stream
+        routes::resets, routes::stats, routes::metrics, stream::stream, hooks::openvpn
     ),
     modifiers(&BearerScheme)
 )]
@@ -94,7 +100,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/clients/{ip}/resets", get(routes::resets))
         .route("/stats", get(routes::stats))
         .route("/stream", get(stream::stream))
-        .route("/openapi.json", get(routes::openapi));
+        .route("/openapi.json", get(routes::openapi))
+        .route("/hooks/openvpn", post(hooks::openvpn))
+        .merge(registry::routes())
+        .merge(webhooks::routes());
     Router::new()
         .route("/healthz", get(routes::healthz))
         .route("/metrics", get(routes::metrics))

@@ -72,7 +72,12 @@ pub async fn list_clients(_c: Caller, State(app): State<Arc<App>>) -> impl IntoR
             let off = app.cfg.offline_after_ms;
             let mut clients = app
                 .ledger
-                .with_clients(|m| m.iter().map(|(ip, c)| (*ip, ClientView::new(*ip, c, now, off))).collect::<Vec<_>>());
+                .with_clients(|m| m.iter().map(|(ip, c)| (*ip, c.clone())).collect::<Vec<_>>())
+                .into_iter()
+                .map(|(ip, c)| {
+                    (ip, ClientView::new(ip, &c, now, off, app.identity.as_ref().and_then(|i| i.lookup(ip))))
+                })
+                .collect::<Vec<_>>();
             clients.sort_unstable_by_key(|(ip, _)| *ip);
             let list = ClientList {
                 node_id: app.ledger.cfg.node_id.clone(),
@@ -98,7 +103,8 @@ pub async fn get_client(
     Path(ip): Path<String>,
 ) -> Result<Json<ClientView>, ApiError> {
     let (ip, c) = known_client(&app, &ip)?;
-    Ok(Json(ClientView::new(ip, &c, unix_ms(), app.cfg.offline_after_ms)))
+    let identity = app.identity.as_ref().and_then(|i| i.lookup(ip));
+    Ok(Json(ClientView::new(ip, &c, unix_ms(), app.cfg.offline_after_ms, identity)))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -166,7 +172,17 @@ pub async fn reset(
     caller.require_admin()?;
     let rec = app.ledger.reset(ip).await?;
     tracing::info!(%ip, by = caller.0.name, reset = rec.id, "reset via API");
-    Ok(Json(ResetView::from(&rec)))
+    let view = ResetView::from(&rec);
+    let ev = crate::webhook::Event {
+        kind: crate::webhook::EventKind::Reset,
+        subject: ip.to_string(),
+        data: serde_json::to_value(&view).expect("plain data"),
+    };
+    // The reset is durable already; its event is written right after it.
+    if let Err(e) = app.webhooks.enqueue(&ev).await {
+        tracing::error!(%ip, reset = rec.id, %e, "the reset happened but its webhook event could not be written");
+    }
+    Ok(Json(view))
 }
 
 #[utoipa::path(get, path = "/api/v1/clients/{ip}/resets", tag = "clients", security(("bearer" = [])),
@@ -220,7 +236,10 @@ pub async fn metrics(_c: Caller, State(app): State<Arc<App>>) -> impl IntoRespon
 
 pub async fn openapi(_c: Caller) -> impl IntoResponse {
     use utoipa::OpenApi as _;
-    ([(header::CONTENT_TYPE, "application/json")], super::ApiDoc::openapi().to_pretty_json().unwrap_or_default())
+    let mut doc = super::ApiDoc::openapi();
+    doc.merge(super::registry::RegistryDoc::openapi());
+    doc.merge(super::webhooks::WebhookDoc::openapi());
+    ([(header::CONTENT_TYPE, "application/json")], doc.to_pretty_json().unwrap_or_default())
 }
 
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {

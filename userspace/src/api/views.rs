@@ -53,10 +53,18 @@ pub struct ClientView {
     pub online: bool,
     /// Everything the ledger ever counted for this client.
     pub lifetime: Pair,
+    /// Who it is: username, protocol, session, device (null when nothing is known).
+    pub identity: Option<crate::identity::ClientIdentity>,
 }
 
 impl ClientView {
-    pub fn new(ip: IpAddr, c: &ClientState, now_ms: u64, offline_after_ms: u64) -> ClientView {
+    pub fn new(
+        ip: IpAddr,
+        c: &ClientState,
+        now_ms: u64,
+        offline_after_ms: u64,
+        identity: Option<crate::identity::ClientIdentity>,
+    ) -> ClientView {
         let p = c.period();
         ClientView {
             ip: ip.to_string(),
@@ -66,6 +74,7 @@ impl ClientView {
             last_seen_unix_ms: c.last_seen_ms,
             online: is_online(c, now_ms, offline_after_ms),
             lifetime: Pair::from(&c.total),
+            identity,
         }
     }
 }

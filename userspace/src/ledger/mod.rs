@@ -248,6 +248,19 @@ impl Ledger {
         }
     }
 
+    /// Make sure `ip` has a durable row in the ledger (OpenVPN admits a client before its first
+    /// packet; sessions refer to the row). Returns the client's current totals. Fails, changing
+    /// nothing durable, when the database is unavailable.
+    pub async fn admit(&self, ip: IpAddr) -> Result<state::Totals, LedgerError> {
+        let (totals, unwritten) = self.state().admit(ip, unix_ms());
+        if unwritten {
+            // A flush that took the row first holds the write gate until it committed (or put
+            // the row back), so once this flush returns Ok the row is durable.
+            self.flush().await.map_err(LedgerError::Unavailable)?;
+        }
+        Ok(totals)
+    }
+
     /// Reset a client: from this instant its visible usage starts from zero. Done by the writer,
     /// durable before it returns.
     pub async fn reset(&self, ip: IpAddr) -> Result<ResetRecord, LedgerError> {

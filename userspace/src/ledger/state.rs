@@ -286,6 +286,17 @@ impl State {
         }
     }
 
+    /// Make sure `ip` is a client (a VPN client admitted before its first packet: its counters
+    /// start at zero, so the first reading of its kernel entry is all new usage). Returns its
+    /// total and whether its row still has to be written.
+    pub fn admit(&mut self, ip: IpAddr, now_ms: u64) -> (Totals, bool) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.clients.entry(ip) {
+            e.insert(ClientState::new(now_ms));
+            self.dirty.insert(ip);
+        }
+        (self.clients[&ip].total, self.dirty.contains(&ip))
+    }
+
     /// Take what must be written: pending usage and the current rows of touched clients.
     pub fn take_flush(&mut self, reset: Option<ResetRecord>) -> FlushBatch {
         let mut clients: Vec<(IpAddr, ClientState)> =
@@ -434,6 +445,20 @@ mod tests {
         assert_eq!(pending_sum(&next, ip("10.8.0.2")), t(700, 0));
         assert_eq!(next.clients[0].1.base, t(1000, 0));
         drop(batch);
+    }
+
+    #[test]
+    fn an_admitted_client_counts_its_first_reading_in_full() {
+        let mut s = State::default();
+        s.apply_poll("e", &[r("10.8.0.3", t(10, 10))], 0, None);
+        assert_eq!(s.admit(ip("10.8.0.2"), 5), (Totals::default(), true));
+        let b = s.take_flush(None);
+        assert!(b.clients.iter().any(|(i, c)| *i == ip("10.8.0.2") && c.cursor.is_zero()));
+        // Known and written: nothing more to write.
+        assert_eq!(s.admit(ip("10.8.0.2"), 6), (Totals::default(), false));
+        s.apply_poll("e", &[r("10.8.0.3", t(10, 10)), r("10.8.0.2", t(700, 300))], 1000, Some(1.0));
+        assert_eq!(s.clients[&ip("10.8.0.2")].total, t(700, 300));
+        assert_eq!(s.clients[&ip("10.8.0.2")].first_seen_ms, 5);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod checksum;
+pub mod control;
 pub mod daemon;
 pub mod env;
 pub mod packets;

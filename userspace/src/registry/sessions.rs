@@ -1,0 +1,520 @@
+//! Sessions: one VPN connection of a client, from open to close, with the bytes the ledger
+//! counted for the client meanwhile. The partial unique index `sessions_one_active` allows one
+//! active session per (node, client); a second open is a `Conflict`, whoever races.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+use sqlx::{AnyConnection, Row as _, any::AnyRow};
+use tracing::{error, info};
+
+use super::{RegistryError, begin_write, ip_column, is_foreign_key_violation, is_unique_violation, new_id};
+use crate::{
+    db::{Database, from_db, to_db},
+    ledger::state::Totals,
+    webhook::{Event, EventKind, Webhooks},
+};
+
+/// Protocols a session can have.
+pub const PROTOCOLS: [&str; 4] = ["openvpn-udp", "openvpn-tcp", "wireguard", "other"];
+/// Who can open one.
+pub const SOURCES: [&str; 4] = ["hook", "management", "wireguard", "api"];
+/// Close reason of a session replaced by a new one of the same client.
+pub const SUPERSEDED: &str = "superseded";
+
+/// A session row.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Session {
+    pub id: String,
+    #[schema(value_type = String)]
+    pub client_ip: IpAddr,
+    /// openvpn-udp, openvpn-tcp, wireguard, other
+    pub protocol: String,
+    pub instance: String,
+    pub common_name: String,
+    pub username: String,
+    pub real_address: String,
+    /// hook, management, wireguard, api
+    pub source: String,
+    pub opened_unix_ms: u64,
+    pub closed_unix_ms: Option<u64>,
+    pub close_reason: Option<String>,
+    /// Ledger totals of the client when the session opened.
+    pub start_up_bytes: u64,
+    pub start_down_bytes: u64,
+    /// Bytes of the session (final once closed).
+    pub up_bytes: u64,
+    pub down_bytes: u64,
+}
+
+impl Session {
+    pub fn is_active(&self) -> bool {
+        self.closed_unix_ms.is_none()
+    }
+
+    /// (up, down) bytes of the session if it ended with the client at `now` ledger totals.
+    pub fn bytes_at(&self, now: &Totals) -> (u64, u64) {
+        (now.up_bytes.saturating_sub(self.start_up_bytes), now.down_bytes.saturating_sub(self.start_down_bytes))
+    }
+}
+
+/// What opening a session needs.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub client_ip: IpAddr,
+    pub protocol: String,
+    pub instance: String,
+    pub common_name: String,
+    pub username: String,
+    pub real_address: String,
+    pub source: &'static str,
+    /// The client's ledger totals now (the session's bytes are counted from here).
+    pub start: Totals,
+}
+
+const COLUMNS: &str = "id, client_ip, protocol, instance, common_name, username, real_address, source, \
+     opened_unix_ms, closed_unix_ms, close_reason, start_up_bytes, start_down_bytes, up_bytes, down_bytes";
+
+fn from_row(row: &AnyRow) -> Result<Session, sqlx::Error> {
+    Ok(Session {
+        id: row.try_get("id")?,
+        client_ip: ip_column(row, "client_ip")?,
+        protocol: row.try_get("protocol")?,
+        instance: row.try_get("instance")?,
+        common_name: row.try_get("common_name")?,
+        username: row.try_get("username")?,
+        real_address: row.try_get("real_address")?,
+        source: row.try_get("source")?,
+        opened_unix_ms: from_db(row.try_get("opened_unix_ms")?),
+        closed_unix_ms: row.try_get::<Option<i64>, _>("closed_unix_ms")?.map(from_db),
+        close_reason: row.try_get("close_reason")?,
+        start_up_bytes: from_db(row.try_get("start_up_bytes")?),
+        start_down_bytes: from_db(row.try_get("start_down_bytes")?),
+        up_bytes: from_db(row.try_get("up_bytes")?),
+        down_bytes: from_db(row.try_get("down_bytes")?),
+    })
+}
+
+/// Check what opening `new` needs: a known protocol and source, short printable texts.
+pub fn validate(new: &NewSession) -> Result<(), RegistryError> {
+    if !PROTOCOLS.contains(&new.protocol.as_str()) {
+        return Err(RegistryError::Invalid(format!(
+            "bad protocol {:?}: expected one of {}",
+            new.protocol,
+            PROTOCOLS.join(", ")
+        )));
+    }
+    if !SOURCES.contains(&new.source) {
+        return Err(RegistryError::Invalid(format!(
+            "bad source {:?}: expected one of {}",
+            new.source,
+            SOURCES.join(", ")
+        )));
+    }
+    for (what, v) in [
+        ("instance", &new.instance),
+        ("common_name", &new.common_name),
+        ("username", &new.username),
+        ("real_address", &new.real_address),
+    ] {
+        if v.chars().count() > 256 {
+            return Err(RegistryError::Invalid(format!("{what} is longer than 256 characters")));
+        }
+        if v.chars().any(char::is_control) {
+            return Err(RegistryError::Invalid(format!("{what} {v:?} contains control characters")));
+        }
+    }
+    Ok(())
+}
+
+fn event(kind: EventKind, s: &Session) -> Event {
+    Event { kind, subject: s.client_ip.to_string(), data: serde_json::to_value(s).expect("a session serialises") }
+}
+
+/// The active session of `ip`, read on `conn` (inside a transaction) or the pool.
+async fn active_on<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    node: &str,
+    ip: IpAddr,
+) -> Result<Option<Session>, sqlx::Error> {
+    sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM sessions WHERE node_id = $1 AND client_ip = $2 AND closed_unix_ms IS NULL"
+    ))
+    .bind(node)
+    .bind(ip.to_string())
+    .fetch_optional(ex)
+    .await?
+    .as_ref()
+    .map(from_row)
+    .transpose()
+}
+
+async fn by_id<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    node: &str,
+    id: &str,
+) -> Result<Option<Session>, sqlx::Error> {
+    sqlx::query(&format!("SELECT {COLUMNS} FROM sessions WHERE node_id = $1 AND id = $2"))
+        .bind(node)
+        .bind(id)
+        .fetch_optional(ex)
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+fn conflict_active(ip: IpAddr, active: Option<&Session>) -> RegistryError {
+    match active {
+        Some(s) => RegistryError::Conflict(format!(
+            "client {ip} has an active session {} (opened at {} ms by {}): close it first",
+            s.id, s.opened_unix_ms, s.source
+        )),
+        None => RegistryError::Conflict(format!("client {ip} has an active session: close it first")),
+    }
+}
+
+/// Log a database error with what was being done, and pass it on.
+fn logged(what: &str, node: &str, e: sqlx::Error) -> sqlx::Error {
+    error!(node, %e, "sessions: {what} failed");
+    e
+}
+
+/// INSERT the session and enqueue `session.opened` on `conn` (a transaction).
+async fn insert_on(
+    conn: &mut AnyConnection,
+    node: &str,
+    hooks: &Webhooks,
+    new: &NewSession,
+    now_ms: u64,
+) -> Result<Session, sqlx::Error> {
+    let s = Session {
+        id: new_id(),
+        client_ip: new.client_ip,
+        protocol: new.protocol.clone(),
+        instance: new.instance.clone(),
+        common_name: new.common_name.clone(),
+        username: new.username.clone(),
+        real_address: new.real_address.clone(),
+        source: new.source.to_string(),
+        opened_unix_ms: now_ms,
+        closed_unix_ms: None,
+        close_reason: None,
+        start_up_bytes: new.start.up_bytes,
+        start_down_bytes: new.start.down_bytes,
+        up_bytes: 0,
+        down_bytes: 0,
+    };
+    sqlx::query(
+        "INSERT INTO sessions (id, node_id, client_ip, protocol, instance, common_name, username, real_address, \
+         source, opened_unix_ms, start_up_bytes, start_down_bytes, up_bytes, down_bytes) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0, 0)",
+    )
+    .bind(&s.id)
+    .bind(node)
+    .bind(s.client_ip.to_string())
+    .bind(&s.protocol)
+    .bind(&s.instance)
+    .bind(&s.common_name)
+    .bind(&s.username)
+    .bind(&s.real_address)
+    .bind(&s.source)
+    .bind(to_db(now_ms))
+    .bind(to_db(s.start_up_bytes))
+    .bind(to_db(s.start_down_bytes))
+    .execute(&mut *conn)
+    .await?;
+    hooks.enqueue_in(conn, &event(EventKind::SessionOpened, &s), now_ms).await?;
+    Ok(s)
+}
+
+/// Turn an INSERT failure into the error the caller should see (after the transaction is gone).
+async fn insert_failed(db: &Database, node: &str, ip: IpAddr, e: sqlx::Error) -> RegistryError {
+    if is_unique_violation(&e) {
+        let active = active_on(&db.pool, node, ip).await.unwrap_or_else(|e| {
+            error!(node, %ip, %e, "sessions: reading the active session after a conflict failed");
+            None
+        });
+        return conflict_active(ip, active.as_ref());
+    }
+    if is_foreign_key_violation(&e) {
+        return RegistryError::NotFound { what: "ledger client", id: ip.to_string() };
+    }
+    RegistryError::Db(logged("opening a session", node, e))
+}
+
+/// Open a session and enqueue `session.opened`, in one transaction. The client must have a
+/// row in `clients` (the caller admits it to the ledger first). A concurrent or existing
+/// active session for the same client -> `RegistryError::Conflict` (the unique index decides).
+pub async fn open(
+    db: &Database,
+    node: &str,
+    hooks: &Webhooks,
+    new: &NewSession,
+    now_ms: u64,
+) -> Result<Session, RegistryError> {
+    validate(new)?;
+    let ip = new.client_ip;
+    // A clear message for the common case; the unique index decides races.
+    if let Some(a) = active_on(&db.pool, node, ip).await.map_err(|e| logged("reading the active session", node, e))? {
+        return Err(conflict_active(ip, Some(&a)));
+    }
+    let mut tx = begin_write(db).await.map_err(|e| logged("beginning a transaction", node, e))?;
+    let s = match insert_on(&mut tx, node, hooks, new, now_ms).await {
+        Ok(s) => s,
+        Err(e) => {
+            drop(tx);
+            return Err(insert_failed(db, node, ip, e).await);
+        }
+    };
+    if let Err(e) = tx.commit().await {
+        return Err(insert_failed(db, node, ip, e).await);
+    }
+    hooks.wake();
+    info!(node, session = s.id, %ip, source = s.source, username = s.username, "session opened");
+    Ok(s)
+}
+
+/// UPDATE the session closed (bytes = end - start, saturating) and enqueue `session.closed`
+/// on `conn`. None when it was not active.
+async fn close_on(
+    conn: &mut AnyConnection,
+    node: &str,
+    hooks: &Webhooks,
+    id: &str,
+    reason: &str,
+    end: &Totals,
+    now_ms: u64,
+) -> Result<Option<Session>, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE sessions SET closed_unix_ms = $1, close_reason = $2, \
+         up_bytes = CASE WHEN $3 > start_up_bytes THEN $3 - start_up_bytes ELSE 0 END, \
+         down_bytes = CASE WHEN $4 > start_down_bytes THEN $4 - start_down_bytes ELSE 0 END \
+         WHERE node_id = $5 AND id = $6 AND closed_unix_ms IS NULL",
+    )
+    .bind(to_db(now_ms))
+    .bind(reason)
+    .bind(to_db(end.up_bytes))
+    .bind(to_db(end.down_bytes))
+    .bind(node)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(None);
+    }
+    let s = by_id(&mut *conn, node, id).await?.ok_or_else(|| sqlx::Error::RowNotFound)?;
+    hooks.enqueue_in(conn, &event(EventKind::SessionClosed, &s), now_ms).await?;
+    Ok(Some(s))
+}
+
+fn check_reason(reason: &str) -> Result<(), RegistryError> {
+    if reason.is_empty() || reason.chars().count() > 128 || reason.chars().any(char::is_control) {
+        return Err(RegistryError::Invalid(format!(
+            "bad close reason {reason:?}: 1 to 128 characters, no control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Close session `id` with `reason`; `end` is the client's ledger totals now. Enqueues
+/// `session.closed` in the same transaction. Already closed -> Conflict; unknown -> NotFound.
+pub async fn close(
+    db: &Database,
+    node: &str,
+    hooks: &Webhooks,
+    id: &str,
+    reason: &str,
+    end: Totals,
+    now_ms: u64,
+) -> Result<Session, RegistryError> {
+    let id = super::parse_id(id)?;
+    check_reason(reason)?;
+    let mut tx = begin_write(db).await.map_err(|e| logged("beginning a transaction", node, e))?;
+    let closed = close_on(&mut tx, node, hooks, &id, reason, &end, now_ms)
+        .await
+        .map_err(|e| logged("closing a session", node, e))?;
+    let Some(s) = closed else {
+        let existing = by_id(&mut *tx, node, &id).await.map_err(|e| logged("reading a session", node, e))?;
+        drop(tx);
+        return Err(match existing {
+            None => RegistryError::NotFound { what: "session", id },
+            Some(s) => RegistryError::Conflict(format!(
+                "session {id} is already closed (at {} ms, reason {})",
+                s.closed_unix_ms.unwrap_or(0),
+                s.close_reason.as_deref().unwrap_or("none")
+            )),
+        });
+    };
+    tx.commit().await.map_err(|e| logged("committing a session close", node, e))?;
+    hooks.wake();
+    info!(node, session = s.id, ip = %s.client_ip, reason, up = s.up_bytes, down = s.down_bytes, "session closed");
+    Ok(s)
+}
+
+/// What `replace` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replaced {
+    /// The session of the same client that was active before (closed as "superseded").
+    pub closed: Option<Session>,
+    pub opened: Session,
+}
+
+/// Close the active session of `new.client_ip` (if any) with reason "superseded", its bytes
+/// counted up to `new.start`, and open `new`: one transaction, both events in it. A session
+/// opened concurrently by someone else -> Conflict, and nothing changed.
+pub async fn replace(
+    db: &Database,
+    node: &str,
+    hooks: &Webhooks,
+    new: &NewSession,
+    now_ms: u64,
+) -> Result<Replaced, RegistryError> {
+    validate(new)?;
+    let ip = new.client_ip;
+    let mut tx = begin_write(db).await.map_err(|e| logged("beginning a transaction", node, e))?;
+    let closed = async {
+        match active_on(&mut *tx, node, ip).await? {
+            Some(old) => close_on(&mut tx, node, hooks, &old.id, SUPERSEDED, &new.start, now_ms).await,
+            None => Ok(None),
+        }
+    }
+    .await
+    .map_err(|e| logged("closing the superseded session", node, e))?;
+    let opened = match insert_on(&mut tx, node, hooks, new, now_ms).await {
+        Ok(s) => s,
+        Err(e) => {
+            drop(tx);
+            return Err(insert_failed(db, node, ip, e).await);
+        }
+    };
+    if let Err(e) = tx.commit().await {
+        return Err(insert_failed(db, node, ip, e).await);
+    }
+    hooks.wake();
+    if let Some(c) = &closed {
+        info!(node, old = c.id, new = opened.id, %ip, "session superseded");
+    }
+    info!(node, session = opened.id, %ip, source = opened.source, username = opened.username, "session opened");
+    Ok(Replaced { closed, opened })
+}
+
+/// Which active sessions `close_all_for` looks at (None: any).
+#[derive(Debug, Clone, Default)]
+pub struct ActiveFilter {
+    pub protocol: Option<String>,
+    pub instance: Option<String>,
+    pub source: Option<String>,
+}
+
+/// Close every active session matching `filter` whose id is not in `keep` (e.g. the sessions
+/// of an OpenVPN instance that are no longer in its status), each with `end_of(client ip)` as
+/// the client's totals, `reason`, and its `session.closed` event; one transaction. Returns the
+/// sessions closed.
+#[allow(clippy::too_many_arguments)]
+pub async fn close_all_for(
+    db: &Database,
+    node: &str,
+    hooks: &Webhooks,
+    filter: &ActiveFilter,
+    keep: &[String],
+    end_of: &(dyn Fn(IpAddr) -> Totals + Send + Sync),
+    reason: &str,
+    now_ms: u64,
+) -> Result<Vec<Session>, RegistryError> {
+    check_reason(reason)?;
+    let mut tx = begin_write(db).await.map_err(|e| logged("beginning a transaction", node, e))?;
+    let work = async {
+        let candidates = active_on_filter(&mut tx, node, filter).await?;
+        let mut out = Vec::new();
+        for s in candidates.into_iter().filter(|s| !keep.contains(&s.id)) {
+            let end = end_of(s.client_ip);
+            if let Some(c) = close_on(&mut tx, node, hooks, &s.id, reason, &end, now_ms).await? {
+                out.push(c);
+            }
+        }
+        Ok::<_, sqlx::Error>(out)
+    };
+    let out = work.await.map_err(|e| logged("closing sessions", node, e))?;
+    tx.commit().await.map_err(|e| logged("committing session closes", node, e))?;
+    if !out.is_empty() {
+        hooks.wake();
+        info!(node, closed = out.len(), reason, ?filter, "sessions closed");
+    }
+    Ok(out)
+}
+
+async fn active_on_filter(conn: &mut AnyConnection, node: &str, f: &ActiveFilter) -> Result<Vec<Session>, sqlx::Error> {
+    let mut sql = format!("SELECT {COLUMNS} FROM sessions WHERE node_id = $1 AND closed_unix_ms IS NULL");
+    let mut binds: Vec<&str> = vec![node];
+    for (col, v) in [("protocol", &f.protocol), ("instance", &f.instance), ("source", &f.source)] {
+        if let Some(v) = v {
+            binds.push(v);
+            sql.push_str(&format!(" AND {col} = ${}", binds.len()));
+        }
+    }
+    sql.push_str(" ORDER BY opened_unix_ms, id");
+    let mut q = sqlx::query(&sql);
+    for b in binds {
+        q = q.bind(b);
+    }
+    q.fetch_all(&mut *conn).await?.iter().map(from_row).collect()
+}
+
+/// Every active session of this node.
+pub async fn active(db: &Database, node: &str) -> Result<Vec<Session>, sqlx::Error> {
+    let mut conn = db.pool.acquire().await.map_err(|e| logged("acquiring a connection", node, e))?;
+    active_on_filter(&mut conn, node, &ActiveFilter::default())
+        .await
+        .map_err(|e| logged("listing active sessions", node, e))
+}
+
+/// The active session of one client, if any.
+pub async fn active_for(db: &Database, node: &str, ip: IpAddr) -> Result<Option<Session>, sqlx::Error> {
+    active_on(&db.pool, node, ip).await.map_err(|e| logged("reading the active session", node, e))
+}
+
+pub async fn get(db: &Database, node: &str, id: &str) -> Result<Session, RegistryError> {
+    let id = super::parse_id(id)?;
+    match by_id(&db.pool, node, &id).await.map_err(|e| logged("reading a session", node, e))? {
+        Some(s) => Ok(s),
+        None => Err(RegistryError::NotFound { what: "session", id }),
+    }
+}
+
+/// Filter for `list`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub client_ip: Option<IpAddr>,
+    /// Some(true): only active; Some(false): only closed.
+    pub active: Option<bool>,
+    pub limit: u32,
+}
+
+/// Default and largest `limit` of `list` (0 means the default).
+pub const DEFAULT_LIMIT: u32 = 100;
+pub const MAX_LIMIT: u32 = 10_000;
+
+/// Newest first.
+pub async fn list(db: &Database, node: &str, f: &ListFilter) -> Result<Vec<Session>, sqlx::Error> {
+    let mut sql = format!("SELECT {COLUMNS} FROM sessions WHERE node_id = $1");
+    let ip = f.client_ip.map(|ip| ip.to_string());
+    if ip.is_some() {
+        sql.push_str(" AND client_ip = $2");
+    }
+    match f.active {
+        Some(true) => sql.push_str(" AND closed_unix_ms IS NULL"),
+        Some(false) => sql.push_str(" AND closed_unix_ms IS NOT NULL"),
+        None => {}
+    }
+    let limit = if f.limit == 0 { DEFAULT_LIMIT } else { f.limit.min(MAX_LIMIT) };
+    // Within one millisecond, an active session is newer than one closed then (replace).
+    sql.push_str(&format!(
+        " ORDER BY opened_unix_ms DESC, CASE WHEN closed_unix_ms IS NULL THEN 0 ELSE 1 END, id LIMIT {limit}"
+    ));
+    let mut q = sqlx::query(&sql).bind(node);
+    if let Some(ip) = ip {
+        q = q.bind(ip);
+    }
+    q.fetch_all(&db.pool).await.map_err(|e| logged("listing sessions", node, e))?.iter().map(from_row).collect()
+}

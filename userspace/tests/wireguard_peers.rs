@@ -1,0 +1,182 @@
+//! `identity::wireguard::read_peers` against a REAL wireguard-go pair in two throwaway network
+//! namespaces: after a ping triggered a handshake, the server side lists the peer with its
+//! allowed IPs, endpoint, handshake time and traffic.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tunmeter::identity::wireguard::read_peers;
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("TUNMETER_REQUIRE_ROOT_TESTS").is_some() {
+        panic!("this test creates network namespaces: run as root");
+    }
+    eprintln!("skipped: needs root");
+    false
+}
+
+fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "`{cmd} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+struct Pair {
+    dir: PathBuf,
+    namespaces: Vec<String>,
+    ifaces: Vec<String>,
+    procs: Vec<Child>,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for child in &mut self.procs {
+            // SIGTERM lets wireguard-go remove its UAPI socket.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(3) && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for iface in &self.ifaces {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{iface}.sock"));
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn read_peers_of_a_real_wireguard_go_pair() {
+    if !is_root() {
+        return;
+    }
+    let id = std::process::id() % 100_000;
+    let (na, nb) = ("haw-a".to_string(), "haw-b".to_string());
+    // The UAPI socket is /var/run/wireguard/IFACE.sock, shared by all namespaces: unique names.
+    let (ia, ib) = (format!("haw{id}a"), format!("haw{id}b"));
+    let dir = std::env::temp_dir().join(format!("haw-{id}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for ns in [&na, &nb] {
+        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+    }
+    let mut pair = Pair { dir: dir.clone(), namespaces: vec![], ifaces: vec![ia.clone(), ib.clone()], procs: vec![] };
+    for ns in [&na, &nb] {
+        run("ip", &["netns", "add", ns], None);
+        pair.namespaces.push(ns.clone());
+        run("ip", &["-n", ns, "link", "set", "lo", "up"], None);
+    }
+    run("ip", &["link", "add", "hawva", "netns", &na, "type", "veth", "peer", "name", "hawvb", "netns", &nb], None);
+    run("ip", &["-n", &na, "addr", "add", "10.93.0.1/24", "dev", "hawva"], None);
+    run("ip", &["-n", &nb, "addr", "add", "10.93.0.2/24", "dev", "hawvb"], None);
+    run("ip", &["-n", &na, "link", "set", "hawva", "up"], None);
+    run("ip", &["-n", &nb, "link", "set", "hawvb", "up"], None);
+
+    let key = |name: &str| {
+        let private = run("wg", &["genkey"], None);
+        let public = run("wg", &["pubkey"], Some(&format!("{private}\n")));
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{private}\n")).unwrap();
+        (path.display().to_string(), public)
+    };
+    let (key_a, pub_a) = key("a.key");
+    let (key_b, pub_b) = key("b.key");
+
+    for (ns, iface) in [(&na, &ia), (&nb, &ib)] {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", iface])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wireguard-go");
+        pair.procs.push(child);
+        let sock = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
+        let t = Instant::now();
+        while !sock.exists() {
+            assert!(t.elapsed() < Duration::from_secs(10), "wireguard-go did not create {}", sock.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    #[rustfmt::skip]
+    run("ip", &["netns", "exec", &na, "wg", "set", &ia, "private-key", &key_a, "listen-port", "51820",
+        "peer", &pub_b, "allowed-ips", "10.94.0.2/32,fd94::2/128"], None);
+    #[rustfmt::skip]
+    run("ip", &["netns", "exec", &nb, "wg", "set", &ib, "private-key", &key_b,
+        "peer", &pub_a, "allowed-ips", "10.94.0.0/24", "endpoint", "10.93.0.1:51820"], None);
+    run("ip", &["-n", &na, "addr", "add", "10.94.0.1/24", "dev", &ia], None);
+    run("ip", &["-n", &nb, "addr", "add", "10.94.0.2/24", "dev", &ib], None);
+    run("ip", &["-n", &na, "link", "set", &ia, "up"], None);
+    run("ip", &["-n", &nb, "link", "set", &ib, "up"], None);
+
+    // Before any traffic: the peer is known, but no handshake yet.
+    let ia2 = ia.clone();
+    let before = tunmeter_lab::in_netns(&na, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(rt.block_on(read_peers(&ia2))?)
+    })
+    .unwrap();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].latest_handshake_unix, None);
+    assert_eq!(before[0].endpoint, None);
+
+    run("ip", &["netns", "exec", &nb, "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.94.0.1"], None);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+
+    let ia2 = ia.clone();
+    let peers = tunmeter_lab::in_netns(&na, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(rt.block_on(read_peers(&ia2))?)
+    })
+    .unwrap();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    let p = &peers[0];
+    assert_eq!(p.public_key, pub_b);
+    assert_eq!(p.allowed_ips, vec!["10.94.0.2/32".parse().unwrap(), "fd94::2/128".parse().unwrap()]);
+    let hs = p.latest_handshake_unix.expect("a handshake after the ping");
+    assert!(hs + 60 >= now && hs <= now + 5, "handshake {hs} vs now {now}");
+    let ep = p.endpoint.as_deref().expect("endpoint learned from the handshake");
+    assert!(ep.starts_with("10.93.0.2:"), "{ep}");
+    assert!(p.rx_bytes > 0 && p.tx_bytes > 0, "{p:?}");
+
+    // The client side sees the server's configured endpoint.
+    let ib2 = ib.clone();
+    let peers = tunmeter_lab::in_netns(&nb, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(rt.block_on(read_peers(&ib2))?)
+    })
+    .unwrap();
+    assert_eq!(peers[0].public_key, pub_a);
+    assert_eq!(peers[0].endpoint.as_deref(), Some("10.93.0.1:51820"));
+    assert!(peers[0].latest_handshake_unix.is_some());
+
+    drop(pair);
+    assert!(!PathBuf::from(format!("/var/run/wireguard/{ia}.sock")).exists());
+    assert!(!PathBuf::from("/run/netns/haw-a").exists());
+}
