@@ -17,8 +17,13 @@
 //! 5. Forwarded TCP throughput (iperf3 through the lab's server): a tunmeter forward rule vs the
 //!    same forwarding by iptables DNAT, alternating runs, ratio of medians.
 //!
+//! 6. Identity: the wall time of `tunmeter hook openvpn` (what OpenVPN waits for at each
+//!    connect) against the real daemon, `status 3` parsing at 1,000 and 10,000 clients, and
+//!    webhook delivery from the durable outbox (one subject vs 100 subjects).
+//!
 //! `TM_BENCH_QUICK=1` skips 2, 3 and 5. `TM_BENCH_ONLY=` a comma-separated list of `counting`
-//! (1), `veth` (2), `daemon` (3), `steer` (4 and 5) runs only those, e.g. `TM_BENCH_ONLY=steer`.
+//! (1), `veth` (2), `daemon` (3), `steer` (4 and 5), `identity` (6) runs only those, e.g.
+//! `TM_BENCH_ONLY=steer`.
 
 mod support;
 
@@ -281,6 +286,11 @@ fn bench() {
     }
     if !quick && wants("steer") {
         steer_throughput();
+    }
+    if wants("identity") {
+        support::identitybench::status_parsing();
+        support::identitybench::hook_latency();
+        support::identitybench::webhook_throughput();
     }
 }
 

@@ -312,6 +312,15 @@ fn openvpn_clients_get_named_sessions_with_exact_bytes_and_signed_webhooks() {
     let (st, v) = env.call("POST", "/api/v1/sessions", Some(json!({"client_ip": alice_v4.to_string()})));
     assert_eq!(st, 409, "{v}");
 
+    // A reset sends its event too.
+    let (st, v) = env.call("POST", &format!("/api/v1/clients/{alice_v4}/reset"), None);
+    assert_eq!(st, 200, "{v}");
+    env.wait("the reset's webhook", Duration::from_secs(20), |e| {
+        e.hooks.events().iter().any(|h| h["type"] == "reset" && h["subject"] == alice_v4.to_string())
+    });
+    let reset = env.hooks.events().into_iter().find(|h| h["type"] == "reset").unwrap();
+    assert_eq!(reset["data"]["id"], v["id"], "{reset}");
+
     // Webhooks: an opened event per session and a closed event for each of bob's, all signed
     // (the receiver rejects bad signatures), in order per address.
     env.wait("webhooks delivered", Duration::from_secs(20), |e| {

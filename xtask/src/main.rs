@@ -128,7 +128,9 @@ fn write_benchmarks_md(report: &std::path::Path) -> Result<()> {
          daemon poll + ledger < 10% of one core and < 64 MiB RSS at 10,000 and 100,000 clients, \
          API client list p99 < 20 ms at 10,000 clients (issue 3); \
          steering path (lookup + rewrite) <= 120 ns/packet with 10,000 rules, forwarded TCP \
-         throughput reported against iptables DNAT (issue 4).\n\
+         throughput reported against iptables DNAT (issue 4); identity: what OpenVPN waits for at \
+         each connect (the hook process against process start), `status 3` parsing, webhook \
+         delivery from the outbox (issue 5).\n\
          These machines are noisy: compare figures within one run, not across runs.\n\n{}\n",
         commit.trim(),
         chrono_free_date(),

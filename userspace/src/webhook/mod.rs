@@ -251,6 +251,10 @@ impl Webhooks {
                 reqwest::Client::builder()
                     .timeout(ep.timeout)
                     .connect_timeout(ep.timeout)
+                    // Headers and body go out in separate writes: without NODELAY the body
+                    // waits for the receiver's delayed ACK of the headers (tens of ms an event,
+                    // and events of one subject go strictly one after another).
+                    .tcp_nodelay(true)
                     .redirect(reqwest::redirect::Policy::none())
                     .user_agent(concat!("tunmeter/", env!("CARGO_PKG_VERSION")))
                     .build()

@@ -80,12 +80,16 @@ pub(crate) async fn heads(db: &Database, node: &str, endpoint: &str, limit: usiz
     // The heads first (one pass over the pending index), then their rows: filtering every
     // pending row with "no older pending sibling" in next-attempt order would walk the whole
     // backlog (non-head rows keep their enqueue time as next attempt, so they sort first).
+    // CROSS JOIN: SQLite then keeps this join order (heads, then one primary-key lookup each);
+    // the bundled SQLite otherwise walks the due index once per head (tens of ms per scan with
+    // a few hundred pending rows). PostgreSQL plans it the same as JOIN ... ON.
     let rows = sqlx::query(
         "SELECT o.seq, o.subject, o.attempts, o.next_attempt_unix_ms, e.id, e.kind, e.body \
          FROM (SELECT subject, MIN(seq) AS seq FROM webhook_outbox \
                WHERE node_id = $1 AND endpoint = $2 AND delivered_unix_ms IS NULL GROUP BY subject) h \
-         JOIN webhook_outbox o ON o.node_id = $1 AND o.endpoint = $2 AND o.seq = h.seq \
-         JOIN webhook_events e ON e.node_id = o.node_id AND e.seq = o.seq \
+         CROSS JOIN webhook_outbox o CROSS JOIN webhook_events e \
+         WHERE o.node_id = $1 AND o.endpoint = $2 AND o.seq = h.seq \
+           AND e.node_id = o.node_id AND e.seq = o.seq \
          ORDER BY o.next_attempt_unix_ms, o.seq LIMIT $3",
     )
     .bind(node)
