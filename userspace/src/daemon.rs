@@ -328,6 +328,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         cfg: ApiConfig {
             listen: dp.cfg.api.listen,
             offline_after_ms: dp.cfg.api.offline_after_secs * 1000,
+            device_offline_after_ms: dp.cfg.identity.device_offline_after_secs * 1000,
             metrics_max_clients: dp.cfg.api.metrics_max_clients,
             stream_interval: Duration::from_millis(dp.cfg.api.stream_interval_ms),
             stall_timeout: Duration::from_secs(dp.cfg.api.stream_stall_timeout_secs),

@@ -579,6 +579,7 @@ async fn api(db: &Database) {
         cfg: ApiConfig {
             listen: None,
             offline_after_ms: 120_000,
+            device_offline_after_ms: 120_000,
             metrics_max_clients: 100,
             stream_interval: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(10),

@@ -32,6 +32,9 @@ use crate::{
 pub struct ApiConfig {
     pub listen: Option<SocketAddr>,
     pub offline_after_ms: u64,
+    /// A device is offline after this long without a packet or handshake
+    /// (`[identity] device_offline_after_secs`).
+    pub device_offline_after_ms: u64,
     pub metrics_max_clients: usize,
     pub stream_interval: Duration,
     pub stall_timeout: Duration,
