@@ -131,6 +131,9 @@ pub struct IdentitySettings {
     pub reconcile_interval_ms: u64,
     /// A device is offline after this long without a packet or a WireGuard handshake.
     pub device_offline_after_secs: u64,
+    /// Sessions of an instance whose management interface is lost close after this long
+    /// (a management restart or a stall shorter than this changes nothing).
+    pub management_grace_secs: u64,
 }
 
 /// `[steer]`, `[[forward]]` and `[[redirect]]` (docs/steering.md).
@@ -225,6 +228,7 @@ struct FileRedirect {
 struct FileIdentity {
     reconcile_interval_ms: Option<u64>,
     device_offline_after_secs: Option<u64>,
+    management_grace_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -383,6 +387,7 @@ fn identity_settings(
     let reconcile_interval_ms = ranged("reconcile_interval_ms", s.reconcile_interval_ms.unwrap_or(2000), 200, 60_000)?;
     let device_offline_after_secs =
         ranged("device_offline_after_secs", s.device_offline_after_secs.unwrap_or(120), 1, 30 * 86_400)?;
+    let management_grace_secs = ranged("management_grace_secs", s.management_grace_secs.unwrap_or(30), 0, 3600)?;
     let mut openvpn: Vec<InstanceConfig> = Vec::new();
     let mut openvpn_interfaces = std::collections::BTreeMap::new();
     for o in ovpn {
@@ -422,6 +427,9 @@ fn identity_settings(
             if validate_ifname(dev).is_err() {
                 return Err(bad(format!("interface {dev:?}: bad interface name")));
             }
+            if openvpn_interfaces.values().any(|d| d == dev) {
+                return Err(bad(format!("interface {dev:?} belongs to another [[openvpn]] instance already")));
+            }
             openvpn_interfaces.insert(o.name.clone(), dev.clone());
         }
         let password = o.password_file.as_deref().map(|p| read_secret("management password file", p)).transpose()?;
@@ -440,7 +448,14 @@ fn identity_settings(
         }
         wireguard.push(w.interface);
     }
-    Ok(IdentitySettings { openvpn, openvpn_interfaces, wireguard, reconcile_interval_ms, device_offline_after_secs })
+    Ok(IdentitySettings {
+        openvpn,
+        openvpn_interfaces,
+        wireguard,
+        reconcile_interval_ms,
+        device_offline_after_secs,
+        management_grace_secs,
+    })
 }
 
 fn webhook_settings(hooks: Vec<FileWebhook>) -> Result<Vec<crate::webhook::Endpoint>, ConfigError> {
@@ -456,7 +471,10 @@ fn webhook_settings(hooks: Vec<FileWebhook>) -> Result<Vec<crate::webhook::Endpo
             return Err(bad("configured twice".into()));
         }
         if !(h.url.starts_with("http://") || h.url.starts_with("https://")) || h.url.len() < 10 {
-            return Err(bad(format!("url {:?} must start with http:// or https://", h.url)));
+            return Err(bad(format!(
+                "url {:?} must start with http:// or https://",
+                crate::webhook::redact_url(&h.url)
+            )));
         }
         let secret = match (&h.secret, &h.secret_file) {
             (Some(s), None) => s.clone(),
@@ -490,6 +508,11 @@ fn webhook_settings(hooks: Vec<FileWebhook>) -> Result<Vec<crate::webhook::Endpo
         let timeout_ms = ranged("webhook timeout_ms", h.timeout_ms.unwrap_or(5000), 100, 120_000)?;
         let min_backoff_ms = ranged("webhook min_backoff_ms", h.min_backoff_ms.unwrap_or(1000), 10, 3_600_000)?;
         let max_backoff_secs = ranged("webhook max_backoff_secs", h.max_backoff_secs.unwrap_or(300), 1, 86_400)?;
+        if min_backoff_ms > max_backoff_secs * 1000 {
+            return Err(bad(format!(
+                "min_backoff_ms ({min_backoff_ms}) is longer than max_backoff_secs ({max_backoff_secs} s)"
+            )));
+        }
         out.push(Endpoint {
             name: h.name.clone(),
             url: h.url.clone(),
@@ -497,7 +520,7 @@ fn webhook_settings(hooks: Vec<FileWebhook>) -> Result<Vec<crate::webhook::Endpo
             events,
             timeout: Duration::from_millis(timeout_ms),
             min_backoff: Duration::from_millis(min_backoff_ms),
-            max_backoff: Duration::from_secs(max_backoff_secs).max(Duration::from_millis(min_backoff_ms)),
+            max_backoff: Duration::from_secs(max_backoff_secs),
         });
     }
     Ok(out)
@@ -856,6 +879,15 @@ proxy_port = 12345
                 "device.gone",
             ),
             ("[identity]\nreconcile_interval_ms = 5\n", "reconcile_interval_ms"),
+            ("[webhook]\n", "webhook"),
+            (
+                "[[webhook]]\nname = \"p\"\nurl = \"http://x/y/z\"\nsecret = \"0123456789abcdef\"\nmin_backoff_ms = 5000\nmax_backoff_secs = 1\n",
+                "min_backoff_ms",
+            ),
+            (
+                "[[openvpn]]\nname = \"u\"\nprotocol = \"udp\"\nmanagement = \"127.0.0.1:1\"\ninterface = \"tun0\"\n[[openvpn]]\nname = \"t\"\nprotocol = \"tcp\"\nmanagement = \"127.0.0.1:2\"\ninterface = \"tun0\"\n",
+                "another",
+            ),
         ] {
             let e = Config::from_toml(&format!("{base}{extra}"), &ov()).unwrap_err().to_string();
             assert!(e.contains(needle), "{extra}: {e}");

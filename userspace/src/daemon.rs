@@ -301,13 +301,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             }
         };
     let webhook_task = webhooks.spawn();
+    ledger.send_resets_to(webhooks.clone(), api::routes::reset_event);
     // Forward rules of http/socks5 connections live in the pinned maps; re-add any that are
-    // missing (new pins after a reboot or a detach).
-    match crate::registry::connections::sync_forward_rules(&ledger.db, &dp.cfg.node_id, &steer).await {
-        Ok(0) => {}
-        Ok(n) => info!(rules = n, "forward rules of connections restored"),
-        Err(e) => error!(%e, "restoring the forward rules of connections failed"),
-    }
+    // missing (new pins after a reboot or a detach). Retried on every tick until it worked.
+    let mut connection_rules_synced = sync_connection_rules(&ledger, &dp.cfg.node_id, &steer).await;
     let identity = crate::identity::Identity::new(
         crate::identity::IdentityOptions {
             node_id: dp.cfg.node_id.clone(),
@@ -317,6 +314,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             wireguard: dp.cfg.identity.wireguard.clone(),
             reconcile: Duration::from_millis(dp.cfg.identity.reconcile_interval_ms),
             device_offline_after_ms: dp.cfg.identity.device_offline_after_secs * 1000,
+            management_grace: Duration::from_secs(dp.cfg.identity.management_grace_secs),
         },
         ledger.db.clone(),
         ledger.clone(),
@@ -377,6 +375,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             }
             Err(e) => error!(%e, "listing devices failed"),
         }
+        if !connection_rules_synced {
+            connection_rules_synced = sync_connection_rules(&ledger, &dp.cfg.node_id, &steer).await;
+        }
         if let Err(e) = refresh_steering(&dp.cfg, &steer) {
             error!(%e, "refreshing the bypass set or reserved ports failed; retrying on the next tick");
         }
@@ -392,6 +393,21 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     tasks.join().await;
     let _ = std::fs::remove_file(api::control_socket(&dp.cfg.state_dir));
     Ok(())
+}
+
+/// Re-add the forward rules of http/socks5 connections. True when done.
+async fn sync_connection_rules(ledger: &Ledger, node: &str, steer: &SteerMaps) -> bool {
+    match crate::registry::connections::sync_forward_rules(&ledger.db, node, steer).await {
+        Ok(0) => true,
+        Ok(n) => {
+            info!(rules = n, "forward rules of connections restored");
+            true
+        }
+        Err(e) => {
+            error!(%e, "restoring the forward rules of connections failed; retrying on the next tick");
+            false
+        }
+    }
 }
 
 /// Apply the config's steering rules and what the host needs for them. Runs before the API

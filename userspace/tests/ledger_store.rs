@@ -281,39 +281,15 @@ async fn scenario(url: &str, outage: &mut dyn Outage) {
 /// would stop writes).
 struct SqliteLock {
     path: std::path::PathBuf,
-    holder: Option<std::process::Child>,
+    holder: Option<support::sqlite_lock::SqliteLock>,
 }
 
 impl Outage for SqliteLock {
     fn down(&mut self) {
-        let mut child = std::process::Command::new("sqlite3")
-            .arg(&self.path)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("sqlite3 CLI (cargo xtask setup installs it)");
-        use std::io::{BufRead as _, Write as _};
-        let stdin = child.stdin.as_mut().unwrap();
-        writeln!(stdin, "PRAGMA busy_timeout = 0; BEGIN EXCLUSIVE; SELECT 'locked';").unwrap();
-        stdin.flush().unwrap();
-        // (The PRAGMA echoes its value first.)
-        let mut out = std::io::BufReader::new(child.stdout.as_mut().unwrap());
-        let mut line = String::new();
-        for _ in 0..3 {
-            line.clear();
-            out.read_line(&mut line).unwrap();
-            if line.trim() == "locked" {
-                break;
-            }
-        }
-        assert_eq!(line.trim(), "locked", "sqlite3 did not take the lock");
-        self.holder = Some(child);
+        self.holder = Some(support::sqlite_lock::SqliteLock::take(&self.path));
     }
     fn up(&mut self) {
-        if let Some(mut c) = self.holder.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.holder = None;
     }
 }
 

@@ -1,8 +1,9 @@
 //! `identity::openvpn::mgmt::run_instance` against a REAL OpenVPN 2.6 management interface:
 //! a server (and a client) in throwaway network namespaces, certificates made with the
 //! `openssl` CLI. Covers password login, the ESTABLISHED notification triggering a snapshot,
-//! the management interface going away and coming back, a wrong or missing password, a unix
-//! socket, the reconcile interval, and stopping when the receiver is dropped.
+//! the management interface going away and coming back, a wrong or missing password, a
+//! multi-line password (only its first line is sent), a unix socket, the reconcile interval,
+//! and stopping when the receiver is dropped.
 
 use std::{
     path::{Path, PathBuf},
@@ -318,8 +319,11 @@ fn unix_socket_wrong_password_and_reconcile() {
             tokio::time::timeout(Duration::from_secs(5), task).await.expect("task stops").unwrap();
         }
 
+        // Only the first line of the password is sent (OpenVPN's pw-file semantics): a second
+        // line would be run as a management command.
         let (tx, mut rx) = mpsc::channel(16);
-        let task = tokio::spawn(run_instance(cfg(addr, Some("right"), Duration::from_millis(300)), tx));
+        let task =
+            tokio::spawn(run_instance(cfg(addr, Some("right\nsignal SIGTERM\n"), Duration::from_millis(300)), tx));
         let first =
             wait_for(&mut rx, Duration::from_secs(10), "first snapshot", |e| matches!(e, MgmtEvent::Snapshot { .. }))
                 .await;
@@ -338,6 +342,7 @@ fn unix_socket_wrong_password_and_reconcile() {
         tokio::time::timeout(Duration::from_secs(5), task).await.expect("task stops").unwrap();
     });
     assert!(read(&log).contains("MANAGEMENT: CMD 'status 3'"), "the server saw status 3");
+    assert!(!read(&log).contains("CMD 'signal"), "the password's second line was sent:\n{}", read(&log));
 }
 
 fn read(p: impl AsRef<Path>) -> String {

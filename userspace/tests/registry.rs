@@ -139,9 +139,13 @@ async fn sessions_open_close_list(db: &Database) {
         .unwrap();
     let c =
         sessions::open(db, n, &hooks, &new_session("10.8.0.3", "carol", Totals::default()), T0 + 80_000).await.unwrap();
-    let d =
-        sessions::open(db, n, &hooks, &new_session("fd00:8::2", "dave", Totals::default()), T0 + 90_000).await.unwrap();
-    assert_eq!(d.client_ip, ip("fd00:8::2"));
+    // An OpenVPN client whose transport is unknown (the hook's dev maps to no management
+    // instance, e.g. a hook-only setup): protocol "openvpn".
+    let mut hook_only = new_session("fd00:8::2", "dave", Totals::default());
+    hook_only.protocol = "openvpn".into();
+    let d = sessions::open(db, n, &hooks, &hook_only, T0 + 90_000).await.unwrap();
+    assert_eq!((d.client_ip, d.protocol.as_str(), d.source.as_str()), (ip("fd00:8::2"), "openvpn", "hook"));
+    assert_eq!(sessions::get(db, n, &d.id).await.unwrap().protocol, "openvpn");
     let ids = |v: Vec<sessions::Session>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
     let all = sessions::list(db, n, &ListFilter::default()).await.unwrap();
     assert_eq!(ids(all), vec![d.id.clone(), c.id.clone(), b.id.clone(), a.id.clone()], "newest first");
@@ -337,27 +341,46 @@ async fn devices_crud_and_monitor(db: &Database) {
         }
     };
     let t = T0 + 1_000_000;
-    // phone: a packet 10 s ago; router: nothing ever. unknown -> online / offline: no events.
+    // A device seen once, long ago (before offline_after): unknown -> offline, no event.
+    let sensor = devices::create(db, n, "sensor", ip("10.8.0.4"), T0).await.unwrap();
+    set("10.8.0.4", Liveness { last_seen_ms: Some(T0), latest_handshake_ms: None });
+    // phone: a packet 10 s ago: unknown -> online, no event. router: nothing ever: stays unknown.
     set("10.8.0.2", Liveness { last_seen_ms: Some(t - 10_000), latest_handshake_ms: None });
-    assert_eq!(pass(t).await, vec![("phone 1".into(), "online".into()), ("router".into(), "offline".into())]);
+    assert_eq!(pass(t).await, vec![("phone 1".into(), "online".into()), ("sensor".into(), "offline".into())]);
     assert!(events(db, n).await.is_empty(), "first states are stored without an event");
+    let r = devices::get(db, n, &router.id).await.unwrap();
+    assert_eq!((r.status.as_str(), r.status_changed_unix_ms), ("unknown", None), "never seen: unknown");
     assert_eq!(pass(t + 1000).await, vec![], "nothing changed");
-    // phone goes quiet for longer than offline_after: device.offline.
+    // phone goes quiet for longer than offline_after: device.offline. router: still unknown.
     assert_eq!(pass(t + 200_000).await, vec![("phone 1".into(), "offline".into())]);
-    // router: a WireGuard handshake counts as alive: device.recovered.
+    assert_eq!(devices::get(db, n, &router.id).await.unwrap().status, "unknown");
+    // router: its first contact (a WireGuard handshake counts as alive): unknown -> online,
+    // no event (it never went offline).
     set("fd00:8::5", Liveness { last_seen_ms: None, latest_handshake_ms: Some(t + 250_000) });
     // phone: a packet again: device.recovered.
     set("10.8.0.2", Liveness { last_seen_ms: Some(t + 299_000), latest_handshake_ms: None });
     assert_eq!(pass(t + 300_000).await, vec![("phone 1".into(), "online".into()), ("router".into(), "online".into())]);
     let ev = events(db, n).await;
     let kinds: Vec<(&str, &str)> = ev.iter().map(|(k, s, _)| (k.as_str(), s.as_str())).collect();
-    assert_eq!(kinds.len(), 3, "{kinds:?}");
-    assert_eq!(kinds[0], ("device.offline", phone.id.as_str()));
-    let mut rest = kinds[1..].to_vec();
-    rest.sort();
-    let mut want = vec![("device.recovered", phone.id.as_str()), ("device.recovered", router.id.as_str())];
-    want.sort();
-    assert_eq!(rest, want);
+    assert_eq!(
+        kinds,
+        vec![("device.offline", phone.id.as_str()), ("device.recovered", phone.id.as_str())],
+        "no device.recovered at a first contact"
+    );
+    // router, seen once, goes silent: device.offline (phone keeps sending).
+    set("10.8.0.2", Liveness { last_seen_ms: Some(t + 499_000), latest_handshake_ms: None });
+    assert_eq!(pass(t + 500_000).await, vec![("router".into(), "offline".into())]);
+    let ev = events(db, n).await;
+    assert_eq!(ev.len(), 3, "{ev:?}");
+    assert_eq!((ev[2].0.as_str(), ev[2].1.as_str()), ("device.offline", router.id.as_str()));
+    assert_eq!(ev[2].2["latest_handshake_unix_ms"], t + 250_000);
+    // sensor comes back: offline -> online is device.recovered.
+    set("10.8.0.4", Liveness { last_seen_ms: Some(t + 599_000), latest_handshake_ms: None });
+    set("10.8.0.2", Liveness { last_seen_ms: Some(t + 599_000), latest_handshake_ms: None });
+    assert_eq!(pass(t + 600_000).await, vec![("sensor".into(), "online".into())]);
+    let ev = events(db, n).await;
+    assert_eq!((ev[3].0.as_str(), ev[3].1.as_str()), ("device.recovered", sensor.id.as_str()));
+    devices::delete(db, n, &sensor.id).await.unwrap();
     let offline = &ev[0].2;
     assert_eq!(offline["device"]["name"], "phone 1");
     assert_eq!(offline["device"]["status"], "offline");
@@ -365,6 +388,8 @@ async fn devices_crud_and_monitor(db: &Database) {
     assert_eq!(offline["latest_handshake_unix_ms"], Value::Null);
     let stored = devices::get(db, n, &phone.id).await.unwrap();
     assert_eq!((stored.status.as_str(), stored.status_changed_unix_ms), ("online", Some(t + 300_000)));
+    let stored = devices::get(db, n, &router.id).await.unwrap();
+    assert_eq!((stored.status.as_str(), stored.status_changed_unix_ms), ("offline", Some(t + 500_000)));
 
     // Delete: a device with connections cannot go.
     let c = connections::create(db, n, None, &openvpn(&phone.id, "alice", 12345), T0).await.unwrap();
@@ -759,6 +784,44 @@ mod lab {
                 400,
                 "pptp",
             ),
+            // Only addresses that can be clients are admitted (a ledger row is permanent).
+            ("POST", "/api/v1/sessions".to_string(), Some(json!({"client_ip": "0.0.0.0"}).to_string()), 400, "unicast"),
+            (
+                "POST",
+                "/api/v1/sessions".to_string(),
+                Some(json!({"client_ip": "224.0.0.1"}).to_string()),
+                400,
+                "unicast",
+            ),
+            (
+                "POST",
+                "/api/v1/sessions".to_string(),
+                Some(json!({"client_ip": "255.255.255.255"}).to_string()),
+                400,
+                "unicast",
+            ),
+            (
+                "POST",
+                "/api/v1/sessions".to_string(),
+                Some(json!({"client_ip": "127.0.0.1"}).to_string()),
+                400,
+                "unicast",
+            ),
+            ("POST", "/api/v1/sessions".to_string(), Some(json!({"client_ip": "::1"}).to_string()), 400, "unicast"),
+            (
+                "POST",
+                "/api/v1/sessions".to_string(),
+                Some(json!({"client_ip": "203.0.113.5"}).to_string()),
+                400,
+                "no subnet configured for counting",
+            ),
+            (
+                "POST",
+                "/api/v1/sessions".to_string(),
+                Some(json!({"client_ip": "fd00:7::2"}).to_string()),
+                400,
+                "no subnet configured for counting",
+            ),
             ("GET", format!("/api/v1/sessions/{missing}"), None, 404, "not found"),
             ("GET", format!("/api/v1/devices/{missing}"), None, 404, "not found"),
             ("DELETE", format!("/api/v1/connections/{missing}"), None, 404, "not found"),
@@ -766,6 +829,11 @@ mod lab {
             let (s, b) = call(&srv, m, &p, &admin, body);
             assert_eq!(s, want, "{m} {p}: {b}");
             assert!(message(&b).contains(needle), "{m} {p}: {b} lacks {needle:?}");
+        }
+
+        for refused in ["0.0.0.0", "203.0.113.5", "fd00:7::2"] {
+            let (s, b) = api("GET", &format!("/api/v1/clients/{refused}"), &read, None);
+            assert_eq!(s, 404, "a refused session admitted {refused}: {b}");
         }
 
         // Sessions: open, a second open is 409, close, a second close is 409; read tokens read.

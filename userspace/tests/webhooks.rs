@@ -14,6 +14,7 @@
 //! - d: the API through the real router (served on TCP with a real token): pending, then
 //!   delivered counts, the events and delivery log, 400/401/404 answers, and an endpoint removed
 //!   from the configuration (its rows are listed, never sent).
+//! - g: an endpoint URL with userinfo and a query token: neither shows in stored errors or the API.
 //! - e (PostgreSQL only): the database stops while deliveries are pending, and comes back.
 //! - f (PostgreSQL only): two transactions commit events of one subject out of number order.
 
@@ -533,34 +534,9 @@ impl Source for NoCounters {
     }
 }
 
-/// d: the API, through the real router on TCP with a real token.
-async fn api(db: &Database) {
-    let node = "d-node";
-    let st = RxState::new(&[("panel", b"d-secret-XYZ"), ("gone", b"gone-secret-XYZ")]);
-    // A port for the receiver, not listening yet.
-    let mut rx = Receiver::start(0, &st).await;
-    let port = rx.addr.port();
-    let (panel_url, gone_url) = (rx.url("panel"), rx.url("gone"));
-    rx.kill().await;
-    let panel = endpoint("panel", panel_url, b"d-secret-XYZ", &EventKind::ALL);
-    // Events written while "gone" was configured; then it is removed from the configuration.
-    {
-        let old = Webhooks::new(
-            db.clone(),
-            node.into(),
-            vec![panel.clone(), endpoint("gone", gone_url, b"gone-secret-XYZ", &EventKind::ALL)],
-        )
-        .await
-        .unwrap();
-        old.enqueue(&ev(EventKind::DeviceRecovered, "dev-1", 0)).await.unwrap();
-    }
-    let hooks = Webhooks::new(db.clone(), node.into(), vec![panel.clone()]).await.unwrap();
-    let worker = hooks.spawn();
-    let mut ids = vec![];
-    for (i, subject) in ["10.8.0.2", "10.8.0.3"].into_iter().enumerate() {
-        ids.push(hooks.enqueue(&ev(EventKind::SessionOpened, subject, i as u64)).await.unwrap());
-    }
-
+/// The real API router for `hooks` on 127.0.0.1 (any port), with a read token: (base URL of
+/// /api/v1, token, server task).
+async fn serve_api(db: &Database, node: &str, hooks: &Arc<Webhooks>) -> (String, String, tokio::task::JoinHandle<()>) {
     let ledger = Ledger::open(
         LedgerConfig {
             node_id: node.into(),
@@ -598,6 +574,38 @@ async fn api(db: &Database) {
     let server = tokio::spawn(async move {
         axum::serve(listener, tunmeter::api::router(app)).await.unwrap();
     });
+    (base, token, server)
+}
+
+/// d: the API, through the real router on TCP with a real token.
+async fn api(db: &Database) {
+    let node = "d-node";
+    let st = RxState::new(&[("panel", b"d-secret-XYZ"), ("gone", b"gone-secret-XYZ")]);
+    // A port for the receiver, not listening yet.
+    let mut rx = Receiver::start(0, &st).await;
+    let port = rx.addr.port();
+    let (panel_url, gone_url) = (rx.url("panel"), rx.url("gone"));
+    rx.kill().await;
+    let panel = endpoint("panel", panel_url, b"d-secret-XYZ", &EventKind::ALL);
+    // Events written while "gone" was configured; then it is removed from the configuration.
+    {
+        let old = Webhooks::new(
+            db.clone(),
+            node.into(),
+            vec![panel.clone(), endpoint("gone", gone_url, b"gone-secret-XYZ", &EventKind::ALL)],
+        )
+        .await
+        .unwrap();
+        old.enqueue(&ev(EventKind::DeviceRecovered, "dev-1", 0)).await.unwrap();
+    }
+    let hooks = Webhooks::new(db.clone(), node.into(), vec![panel.clone()]).await.unwrap();
+    let worker = hooks.spawn();
+    let mut ids = vec![];
+    for (i, subject) in ["10.8.0.2", "10.8.0.3"].into_iter().enumerate() {
+        ids.push(hooks.enqueue(&ev(EventKind::SessionOpened, subject, i as u64)).await.unwrap());
+    }
+
+    let (base, token, server) = serve_api(db, node, &hooks).await;
     let http = reqwest::Client::new();
     let get = async |path: &str| -> (u16, String) {
         let r = http.get(format!("{base}{path}")).bearer_auth(&token).send().await.unwrap();
@@ -692,6 +700,57 @@ async fn api(db: &Database) {
     server.abort();
 }
 
+/// g: an endpoint URL with credentials (userinfo and a token in the query) at a closed port: the
+/// stored errors and every API answer show neither the password nor the query value.
+async fn credentials_in_url(db: &Database) {
+    let node = "g-node";
+    let port = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (user, password, token_value) = ("hookuser", "pa55-Wd-in-url", "tok-QQQ-in-query");
+    let url = format!("http://{user}:{password}@127.0.0.1:{port}/hooks/panel?token={token_value}&x=1");
+    let hooks = Webhooks::new(db.clone(), node.into(), vec![endpoint("panel", url, b"g-secret", &EventKind::ALL)])
+        .await
+        .unwrap();
+    let worker = hooks.spawn();
+    let id = hooks.enqueue(&ev(EventKind::SessionOpened, "10.8.3.1", 0)).await.unwrap();
+    wait_for("2 failed attempts", Duration::from_secs(10), async || {
+        outbox::attempts(db, node, None, None, 100).await.unwrap().len() >= 2
+    })
+    .await;
+    let leaked = |what: &str, text: &str| {
+        for secret in [password, token_value, user] {
+            assert!(!text.contains(secret), "{what} shows {secret:?}: {text}");
+        }
+    };
+    for a in outbox::attempts(db, node, None, None, 100).await.unwrap() {
+        let err = a.error.expect("a failed attempt has an error");
+        assert!(!err.is_empty());
+        leaked("webhook_attempts.error", &err);
+    }
+    let evs = outbox::events(db, node, 10, None).await.unwrap();
+    let last = evs[0].deliveries[0].last_error.clone().expect("last_error is set");
+    leaked("webhook_outbox.last_error", &last);
+
+    let (base, token, server) = serve_api(db, node, &hooks).await;
+    let http = reqwest::Client::new();
+    for path in ["/webhooks", "/webhooks/events", &format!("/webhooks/deliveries?event={id}")] {
+        let r = http.get(format!("{base}{path}")).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        let text = r.text().await.unwrap();
+        leaked(path, &text);
+        if path == "/webhooks" {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["endpoints"][0]["url"], json!(format!("http://127.0.0.1:{port}/hooks/panel?…")));
+        }
+    }
+    leaked("Endpoint's Debug", &format!("{:?}", hooks.endpoints()));
+    hooks.shutdown().await;
+    worker.await.unwrap();
+    server.abort();
+}
+
 /// e (PostgreSQL): the database goes down while deliveries are pending: nothing is sent while
 /// results cannot be recorded, nothing is lost, everything goes out in order once it is back.
 async fn database_outage(db: &Database, pg: &mut support::postgres::Postgres) {
@@ -769,6 +828,7 @@ async fn all_scenarios(db: &Database) {
     receiver_down_and_restart(db).await;
     one_subject_fails(db).await;
     api(db).await;
+    credentials_in_url(db).await;
 }
 
 fn rt() -> tokio::runtime::Runtime {

@@ -176,6 +176,24 @@ fn read_peers_of_a_real_wireguard_go_pair() {
     assert_eq!(peers[0].endpoint.as_deref(), Some("10.93.0.1:51820"));
     assert!(peers[0].latest_handshake_unix.is_some());
 
+    // A peer with a link-local IPv6 endpoint. With the kernel module `wg` prints it with its
+    // zone ("[fe80::1%hawva]:51820", which SocketAddr does not parse; unit-tested in
+    // identity::wireguard); wireguard-go drops the zone. Either way the peer is kept.
+    let pub_c = run("wg", &["pubkey"], Some(&format!("{}\n", run("wg", &["genkey"], None))));
+    #[rustfmt::skip]
+    run("ip", &["netns", "exec", &na, "wg", "set", &ia, "peer", &pub_c, "allowed-ips", "10.94.0.3/32",
+        "endpoint", "[fe80::1%hawva]:51820"], None);
+    let ia2 = ia.clone();
+    let peers = tunmeter_lab::in_netns(&na, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(rt.block_on(read_peers(&ia2))?)
+    })
+    .unwrap();
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    let c = peers.iter().find(|p| p.public_key == pub_c).expect("the link-local peer");
+    let ep = c.endpoint.as_deref().expect("an endpoint");
+    assert!(ep.starts_with("[fe80::1") && ep.ends_with("]:51820"), "{ep}");
+
     drop(pair);
     assert!(!PathBuf::from(format!("/var/run/wireguard/{ia}.sock")).exists());
     assert!(!PathBuf::from("/run/netns/haw-a").exists());

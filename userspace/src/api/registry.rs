@@ -12,13 +12,16 @@ use axum::{
     http::StatusCode,
     routing::{get, post},
 };
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
+use tunmeter_common::{ClientKey, MAP_SUBNETS, SubnetKey};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{App, auth::Caller, error::ApiError, error::ErrorBody, routes::parse_client};
 use crate::{
     clock::unix_ms,
     ledger::state::Totals,
+    loader::{LoadError, PinnedMaps},
     registry::{
         RegistryError,
         connections::{self, Connection, NewConnection},
@@ -191,8 +194,59 @@ pub struct NewSessionBody {
     pub client_ip: String,
     pub username: Option<String>,
     pub common_name: Option<String>,
-    /// openvpn-udp, openvpn-tcp, wireguard or other (default).
+    /// openvpn-udp, openvpn-tcp, openvpn (transport unknown), wireguard or other (default).
     pub protocol: Option<String>,
+}
+
+/// The subnet of an entry of the subnet map (interface index ignored): the LPM prefix covers
+/// the 32 interface bits, then the address (IPv4 mapped into IPv6).
+fn subnet_of(prefix_len: u32, key: &SubnetKey) -> Option<IpNet> {
+    let bits = u8::try_from(prefix_len.checked_sub(32)?).ok().filter(|b| *b <= 128)?;
+    let a = key.addr;
+    let mapped = ClientKey { addr: a }.as_v4();
+    match mapped {
+        Some(v4) if bits >= 96 => Ipv4Net::new(v4.into(), bits - 96).ok().map(|n| IpNet::V4(n.trunc())),
+        _ => Ipv6Net::new(a.into(), bits).ok().map(|n| IpNet::V6(n.trunc())),
+    }
+}
+
+/// The subnets configured for counting (every interface), from the pinned subnet map.
+fn counted_subnets(maps: &PinnedMaps) -> Result<Vec<IpNet>, LoadError> {
+    let trie = maps.subnets()?;
+    let mut nets = Vec::new();
+    for k in trie.keys() {
+        let k = k.map_err(|source| LoadError::Map { name: MAP_SUBNETS, source })?;
+        if let Some(n) = subnet_of(k.prefix_len(), &k.data())
+            && !nets.contains(&n)
+        {
+            nets.push(n);
+        }
+    }
+    Ok(nets)
+}
+
+/// 400 unless `ip` can be a client: a unicast VPN address (`devices::check_vpn_address`) in a
+/// subnet configured for counting. Without pinned maps (a bare API) only the first is checked.
+fn check_client_ip(app: &App, ip: IpAddr) -> Result<(), ApiError> {
+    devices::check_vpn_address("client_ip", ip)?;
+    let Some(maps) = &app.maps else { return Ok(()) };
+    let nets = counted_subnets(maps).map_err(|e| {
+        tracing::error!(%e, "reading the client subnets failed");
+        ApiError::unavailable(format!("cannot read the client subnets, nothing was changed: {e}"))
+    })?;
+    in_subnets(ip, &nets)
+}
+
+fn in_subnets(ip: IpAddr, nets: &[IpNet]) -> Result<(), ApiError> {
+    if nets.iter().any(|n| n.contains(&ip)) {
+        return Ok(());
+    }
+    let shown = if nets.is_empty() {
+        "none".to_string()
+    } else {
+        nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    };
+    Err(ApiError::bad_request(format!("client_ip {ip} is in no subnet configured for counting ({shown})")))
 }
 
 #[utoipa::path(post, path = "/api/v1/sessions", tag = "sessions", security(("bearer" = [])),
@@ -208,6 +262,8 @@ pub async fn open_session(
     caller.require_admin()?;
     let b = body(b)?;
     let ip = parse_client(&b.client_ip)?;
+    // Admitting makes a permanent ledger row: only addresses that can be clients.
+    check_client_ip(&app, ip)?;
     let mut new = NewSession {
         client_ip: ip,
         protocol: b.protocol.unwrap_or_else(|| "other".into()),
@@ -263,7 +319,8 @@ pub async fn close_session(
 pub struct DeviceView {
     #[serde(flatten)]
     pub device: Device,
-    /// Live: a packet or a WireGuard handshake within offline_after.
+    /// Live: a packet or a WireGuard handshake within `[identity] device_offline_after_secs`
+    /// (the monitor's threshold).
     pub online: bool,
     pub last_seen_unix_ms: Option<u64>,
     pub latest_handshake_unix_ms: Option<u64>,
@@ -288,7 +345,7 @@ pub fn liveness(app: &App, ip: IpAddr) -> Liveness {
 fn device_view(app: &App, d: Device, connections: usize, now_ms: u64) -> DeviceView {
     let l = liveness(app, d.vpn_ip);
     DeviceView {
-        online: l.online(app.cfg.offline_after_ms, now_ms),
+        online: l.online(app.cfg.device_offline_after_ms, now_ms),
         last_seen_unix_ms: l.last_seen_ms,
         latest_handshake_unix_ms: l.latest_handshake_ms,
         connections,
@@ -530,6 +587,34 @@ mod tests {
         for s in ["SessionView", "DeviceView", "ConnectionView", "NewConnection", "NewSessionBody"] {
             assert!(json.contains(&format!("\"{s}\"")), "schema {s} missing");
         }
+    }
+
+    #[test]
+    fn subnet_map_entries_decode() {
+        let key = |net: &str| {
+            let k = crate::loader::subnet_key(7, &net.parse().unwrap());
+            (k.prefix_len(), k.data())
+        };
+        for net in ["10.8.0.0/24", "fd00:8::/64", "0.0.0.0/0", "::/0", "192.0.2.1/32", "fd00::1/128"] {
+            let (p, d) = key(net);
+            assert_eq!(subnet_of(p, &d), Some(net.parse().unwrap()), "{net}");
+        }
+        assert_eq!(subnet_of(10, &key("10.8.0.0/24").1), None);
+        assert_eq!(subnet_of(200, &key("10.8.0.0/24").1), None);
+    }
+
+    #[test]
+    fn session_addresses_must_be_counted_clients() {
+        let nets: Vec<IpNet> = ["10.8.0.0/24", "fd00:8::/64"].iter().map(|n| n.parse().unwrap()).collect();
+        for ok in ["10.8.0.2", "fd00:8::2"] {
+            assert!(in_subnets(ok.parse().unwrap(), &nets).is_ok(), "{ok}");
+        }
+        for bad in ["10.9.0.2", "203.0.113.5", "fd00:9::2"] {
+            let e = in_subnets(bad.parse().unwrap(), &nets).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(e.message.contains("10.8.0.0/24, fd00:8::/64"), "{bad}: {}", e.message);
+        }
+        assert!(in_subnets("10.8.0.2".parse().unwrap(), &[]).is_err());
     }
 
     #[test]

@@ -173,15 +173,6 @@ pub async fn reset(
     let rec = app.ledger.reset(ip).await?;
     tracing::info!(%ip, by = caller.0.name, reset = rec.id, "reset via API");
     let view = ResetView::from(&rec);
-    let ev = crate::webhook::Event {
-        kind: crate::webhook::EventKind::Reset,
-        subject: ip.to_string(),
-        data: serde_json::to_value(&view).expect("plain data"),
-    };
-    // The reset is durable already; its event is written right after it.
-    if let Err(e) = app.webhooks.enqueue(&ev).await {
-        tracing::error!(%ip, reset = rec.id, %e, "the reset happened but its webhook event could not be written");
-    }
     Ok(Json(view))
 }
 
@@ -248,4 +239,13 @@ pub async fn not_found(uri: axum::http::Uri) -> ApiError {
 
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", uri.path()))
+}
+
+/// The `reset` webhook event of a reset (its data is the API's reset object).
+pub fn reset_event(rec: &crate::ledger::state::ResetRecord) -> crate::webhook::Event {
+    crate::webhook::Event {
+        kind: crate::webhook::EventKind::Reset,
+        subject: rec.ip.to_string(),
+        data: serde_json::to_value(ResetView::from(rec)).expect("plain data"),
+    }
 }

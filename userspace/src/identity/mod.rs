@@ -7,7 +7,9 @@
 //! rules of openvpn connections (`redirects`), runs the device monitor, and answers `lookup`
 //! for the API.
 
+mod admission;
 pub mod openvpn;
+mod reconcile;
 mod redirects;
 pub mod service;
 pub mod sources;

@@ -1,11 +1,16 @@
 //! Redirect rules of openvpn connections: while a user with an openvpn connection is
 //! connected, its VPN address is redirected to the connection's proxy port.
 //!
-//! The rules this service added are remembered in `<state_dir>/identity-redirects.json`, so a
-//! restarted daemon removes the rules of users who left while it was down, and never touches
-//! rules an operator added with `tunmeter steer add`.
+//! Every sync compares what is wanted with the rules in the pinned maps (not with a memory of
+//! what was added: after a reboot or `tunmeter detach` the maps are new, and an operator may
+//! have changed a rule). The rules this service added are also listed in
+//! `<state_dir>/identity-redirects.json`, so that it removes only its own: a rule on the same
+//! source from the config or `tunmeter steer add` is never touched (it is reported once).
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
 
 use ipnet::IpNet;
 use tracing::{info, warn};
@@ -17,6 +22,8 @@ pub struct Redirects {
     file: PathBuf,
     /// What this service installed: source -> proxy port.
     ours: BTreeMap<IpNet, u16>,
+    /// Sources held by someone else's rule, already reported.
+    foreign: BTreeSet<IpNet>,
 }
 
 impl Redirects {
@@ -31,47 +38,66 @@ impl Redirects {
                 }),
             Err(_) => BTreeMap::new(),
         };
-        Redirects { steer, file, ours }
+        Redirects { steer, file, ours, foreign: BTreeSet::new() }
     }
 
-    /// Make the installed rules equal `want`. Rules of others on the same source are left
-    /// alone (and reported). Returns the first error after trying everything.
+    /// Make the maps hold `want` (for the sources no one else holds). Returns the first error
+    /// after trying everything.
     pub fn sync(&mut self, want: &BTreeMap<IpNet, u16>) -> Result<(), SteerError> {
-        if *want == self.ours {
-            return Ok(());
-        }
+        let have = self.steer.redirect_sources()?;
+        let before = self.ours.clone();
         let mut first_err = None;
-        for (net, port) in self.ours.clone() {
-            if want.get(&net) != Some(&port) {
-                match self.steer.del_redirect(net) {
+        // Ours that are no longer wanted (or point elsewhere now): remove if still ours.
+        for (net, port) in before.iter().filter(|(n, p)| want.get(*n) != Some(*p)) {
+            match have.get(net) {
+                Some(&(p, Origin::Runtime)) if p == *port => match self.steer.del_redirect(*net) {
                     Ok(()) | Err(SteerError::NoRedirect(_)) => {
                         info!(source = %net, proxy_port = port, "redirect of a disconnected openvpn user removed");
-                        self.ours.remove(&net);
+                        self.ours.remove(net);
                     }
                     Err(e) => {
                         first_err.get_or_insert(e);
                     }
+                },
+                // Gone already, or replaced by someone else: not ours any more.
+                _ => {
+                    self.ours.remove(net);
                 }
             }
         }
         for (net, port) in want {
-            if self.ours.contains_key(net) {
-                continue;
-            }
-            match self.steer.add_redirect(&RedirectSpec { source: *net, proxy_port: *port }, Origin::Runtime) {
-                Ok(id) => {
-                    info!(source = %net, proxy_port = port, rule = id, "openvpn user redirected to its device's proxy");
-                    self.ours.insert(*net, *port);
+            match have.get(net) {
+                Some(&(p, Origin::Runtime)) if p == *port => {
+                    // Present (added by us earlier, or an identical rule): keep it as ours only
+                    // if we added it.
+                    if !self.ours.contains_key(net) && !self.foreign.contains(net) {
+                        self.ours.insert(*net, *port);
+                    }
                 }
-                Err(e @ SteerError::RedirectExists(_)) => {
-                    warn!(%e, "a redirect rule added by someone else covers this openvpn user; left as it is");
+                Some(&(p, origin)) => {
+                    if self.foreign.insert(*net) {
+                        warn!(source = %net, their_port = p, ?origin, wanted_port = port,
+                            "a redirect rule added by someone else covers this openvpn user; left as it is");
+                    }
                 }
-                Err(e) => {
-                    first_err.get_or_insert(e);
+                None => {
+                    match self.steer.add_redirect(&RedirectSpec { source: *net, proxy_port: *port }, Origin::Runtime) {
+                        Ok(id) => {
+                            info!(source = %net, proxy_port = port, rule = id, "openvpn user redirected to its device's proxy");
+                            self.foreign.remove(net);
+                            self.ours.insert(*net, *port);
+                        }
+                        Err(e) => {
+                            first_err.get_or_insert(e);
+                        }
+                    }
                 }
             }
         }
-        self.save();
+        self.foreign.retain(|n| want.contains_key(n));
+        if self.ours != before {
+            self.save();
+        }
         first_err.map_or(Ok(()), Err)
     }
 

@@ -1,4 +1,8 @@
 //! The identity service: sources in, sessions, redirects and device states out.
+//!
+//! One lock (`inner`) serialises everything that changes sessions: hook calls
+//! (`admission.rs`), management snapshots and ticks (`reconcile.rs`). Slow reads (WireGuard
+//! peers) and the device monitor run outside it, so a hook never waits for them.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -11,30 +15,26 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ipnet::IpNet;
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tracing::{error, info, warn};
 
 use super::{
     ClientIdentity, DeviceRef, SessionRef,
-    openvpn::{
-        hook::{HookCall, HookKind},
-        mgmt::{InstanceConfig, MgmtEvent},
-    },
+    openvpn::mgmt::{InstanceConfig, MgmtEvent},
     redirects::Redirects,
-    sources::{HookSeen, InstanceView, Protocols, Sources, Wanted},
-    wireguard,
+    sources::{InstanceView, Protocols, Sources, WG_SESSION_TIMEOUT_MS},
+    wireguard::{self, WgPeer},
 };
 use crate::{
     clock::unix_ms,
     db::Database,
-    ledger::{Ledger, LedgerError, state::Totals},
+    ledger::{Ledger, LedgerError},
     registry::{
         RegistryError,
-        connections::{self, Connection},
+        connections::Connection,
         devices::{self, Device, Liveness},
-        sessions::{self, NewSession, Session},
+        sessions::Session,
     },
     steer::SteerMaps,
     webhook::Webhooks,
@@ -79,7 +79,13 @@ pub struct IdentityOptions {
     pub wireguard: Vec<String>,
     pub reconcile: Duration,
     pub device_offline_after_ms: u64,
+    /// Sessions of a lost management instance close after this long.
+    pub management_grace: Duration,
 }
+
+/// The hook's work must be done within this (the hook gives each attempt 5 s): past it, what
+/// the call did is undone and the client is refused.
+pub(super) const HOOK_DEADLINE: Duration = Duration::from_secs(4);
 
 /// A session the hook call opened or closed.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -97,39 +103,50 @@ pub struct HookReply {
 #[derive(Default)]
 struct View {
     sessions: HashMap<IpAddr, Session>,
-    devices: Vec<Device>,
-    /// username -> (device id, proxy port) of openvpn connections.
-    openvpn_users: HashMap<String, (String, u16)>,
+    devices: HashMap<String, Device>,
+    device_by_ip: HashMap<IpAddr, String>,
+    /// username -> device id of openvpn connections.
+    openvpn_users: HashMap<String, String>,
     /// address -> (public key, latest handshake ms).
     wg: HashMap<IpAddr, (String, Option<u64>)>,
 }
 
-/// Mutable state, changed under one lock (hook calls, snapshots and ticks are serialised).
+/// Mutable state, changed under one lock.
 #[derive(Default)]
-struct Inner {
-    sources: Sources,
-    active: HashMap<IpAddr, Session>,
-    devices: Vec<Device>,
-    connections: Vec<Connection>,
-    /// Instances whose management connection failed (their sessions were closed).
-    lost: BTreeSet<String>,
-    /// WireGuard interfaces read at least once since start.
-    wg_read: BTreeSet<String>,
-    redirects: Option<Redirects>,
-    loaded: bool,
+pub(super) struct Inner {
+    pub(super) sources: Sources,
+    pub(super) active: HashMap<IpAddr, Session>,
+    pub(super) devices: Vec<Device>,
+    pub(super) connections: Vec<Connection>,
+    /// Instances whose management connection failed, and since when.
+    pub(super) lost: BTreeMap<String, Instant>,
+    /// WireGuard interfaces read at least once since start, and when they last were.
+    pub(super) wg_read: BTreeMap<String, Instant>,
+    pub(super) redirects: Option<Redirects>,
+    pub(super) loaded: bool,
+    /// The last load failed (reported once until it works again).
+    pub(super) db_down: bool,
 }
 
 pub struct Identity {
-    opts: IdentityOptions,
-    db: Database,
-    ledger: Arc<Ledger>,
-    hooks: Arc<Webhooks>,
-    protocols: Protocols,
-    inner: tokio::sync::Mutex<Inner>,
+    pub(super) opts: IdentityOptions,
+    pub(super) db: Database,
+    pub(super) ledger: Arc<Ledger>,
+    pub(super) hooks: Arc<Webhooks>,
+    pub(super) protocols: Protocols,
+    pub(super) inner: tokio::sync::Mutex<Inner>,
     view: RwLock<View>,
-    reload: AtomicBool,
+    pub(super) reload: AtomicBool,
     wake: Notify,
     stop: Notify,
+    /// WireGuard interfaces whose last read failed (reported once).
+    wg_failing: std::sync::Mutex<BTreeSet<String>>,
+}
+
+/// The reads a tick makes outside the lock.
+struct TickReads {
+    /// Interface -> peers, or None if unreadable this time.
+    wg: Vec<(String, Option<Vec<WgPeer>>)>,
 }
 
 impl Identity {
@@ -156,10 +173,11 @@ impl Identity {
             reload: AtomicBool::new(true),
             wake: Notify::new(),
             stop: Notify::new(),
+            wg_failing: Default::default(),
         })
     }
 
-    fn node(&self) -> &str {
+    pub(super) fn node(&self) -> &str {
         &self.opts.node_id
     }
 
@@ -168,10 +186,8 @@ impl Identity {
         let v = self.view.read().unwrap_or_else(|p| p.into_inner());
         let s = v.sessions.get(&ip);
         let wg = v.wg.get(&ip);
-        let own_device = v.devices.iter().find(|d| d.vpn_ip == ip);
-        let via = s
-            .and_then(|s| v.openvpn_users.get(&s.username))
-            .and_then(|(dev, _)| v.devices.iter().find(|d| &d.id == dev));
+        let own_device = v.device_by_ip.get(&ip).and_then(|id| v.devices.get(id));
+        let via = s.and_then(|s| v.openvpn_users.get(&s.username)).and_then(|dev| v.devices.get(dev));
         if s.is_none() && wg.is_none() && own_device.is_none() {
             return None;
         }
@@ -182,7 +198,7 @@ impl Identity {
             status: d.status.clone(),
         });
         let nonempty = |x: &str| (!x.is_empty()).then(|| x.to_string());
-        let now = self.ledger.client(ip).map(|c| c.total);
+        let now = s.and_then(|_| self.ledger.client(ip)).map(|c| c.total);
         Some(ClientIdentity {
             username: s.and_then(|s| nonempty(&s.username).or_else(|| nonempty(&s.common_name))),
             common_name: s.and_then(|s| nonempty(&s.common_name)),
@@ -216,260 +232,17 @@ impl Identity {
         self.wake.notify_one();
     }
 
-    /// The client-connect / client-disconnect hook.
-    pub async fn hook(&self, call: HookCall) -> Result<HookReply, IdentityError> {
-        let mut ips = Vec::new();
-        for (what, v) in [("vpn_v4", &call.vpn_v4), ("vpn_v6", &call.vpn_v6)] {
-            if let Some(text) = v.as_deref().filter(|t| !t.is_empty()) {
-                let ip: IpAddr = text
-                    .parse()
-                    .map_err(|_| IdentityError::BadRequest(format!("{what} {text:?} is not an IP address")))?;
-                ips.push(ip);
-            }
-        }
-        if ips.is_empty() {
-            return Err(IdentityError::BadRequest(
-                "neither vpn_v4 nor vpn_v6 is set: OpenVPN gave the client no pool address (ifconfig_pool_remote_ip)"
-                    .into(),
-            ));
-        }
-        if call.common_name.is_empty() {
-            return Err(IdentityError::BadRequest("common_name is empty".into()));
-        }
-        let instance = self.instance_of_dev(&call.dev);
-        let wanted = Wanted {
-            protocol: self.protocols.get(&instance).cloned().unwrap_or_else(|| "openvpn".into()),
-            instance,
-            common_name: call.common_name.clone(),
-            username: call.username.clone().unwrap_or_default(),
-            real_address: call.real_address.clone(),
-            source: "hook",
-        };
-        let mut inner = self.inner.lock().await;
-        self.load(&mut inner).await?;
-        let now = Instant::now();
-        let mut reply = HookReply { sessions: Vec::new() };
-        match call.kind {
-            HookKind::ClientConnect => {
-                for ip in &ips {
-                    inner.sources.gone.remove(&(*ip, wanted.real_address.clone()));
-                    inner.sources.hooks.insert(*ip, HookSeen { wanted: wanted.clone(), at: now });
-                    let s = self.ensure_session(&mut inner, *ip, &wanted, true).await?;
-                    reply.sessions.push(HookSession { id: s.id, client_ip: ip.to_string() });
-                }
-                info!(cn = call.common_name, username = wanted.username, addresses = ?ips, instance = wanted.instance, "openvpn client connected (hook)");
-            }
-            HookKind::ClientDisconnect => {
-                for ip in &ips {
-                    inner.sources.gone.insert((*ip, wanted.real_address.clone()), now);
-                    if inner.sources.hooks.get(ip).is_some_and(|h| h.wanted.real_address == wanted.real_address) {
-                        inner.sources.hooks.remove(ip);
-                    }
-                    let same = inner.active.get(ip).filter(|s| s.real_address == wanted.real_address).cloned();
-                    if let Some(s) = same {
-                        let closed = self.close_session(&mut inner, &s, "disconnected").await?;
-                        reply.sessions.push(HookSession { id: closed.id, client_ip: ip.to_string() });
-                    }
-                }
-                info!(cn = call.common_name, addresses = ?ips, "openvpn client disconnected (hook)");
-            }
-        }
-        if let Err(e) = self.sync_redirects(&mut inner) {
-            // Fail closed: a client whose redirect could not be installed is not admitted.
-            if call.kind == HookKind::ClientConnect {
-                return Err(IdentityError::Unavailable(format!("installing the redirect rule failed: {e}")));
-            }
-            error!(%e, "removing redirect rules after a disconnect failed; retrying on the next tick");
-        }
-        self.publish(&inner);
-        Ok(reply)
-    }
-
-    fn instance_of_dev(&self, dev: &str) -> String {
-        if let Some((name, _)) = self.opts.openvpn_interfaces.iter().find(|(_, d)| d.as_str() == dev) {
-            return name.clone();
-        }
-        match self.opts.openvpn.as_slice() {
-            [only] => only.name.clone(),
-            _ => dev.to_string(),
-        }
-    }
-
-    /// Reload sessions, devices and connections from the database when asked to.
-    async fn load(&self, inner: &mut Inner) -> Result<(), IdentityError> {
-        if !self.reload.swap(false, Ordering::SeqCst) && inner.loaded {
-            return Ok(());
-        }
-        let r = async {
-            let active = sessions::active(&self.db, self.node()).await?;
-            let devs = devices::list(&self.db, self.node()).await?;
-            let conns = connections::list(&self.db, self.node()).await?;
-            Ok::<_, sqlx::Error>((active, devs, conns))
-        }
-        .await;
-        match r {
-            Ok((active, devs, conns)) => {
-                inner.active = active.into_iter().map(|s| (s.client_ip, s)).collect();
-                inner.devices = devs;
-                inner.connections = conns;
-                inner.loaded = true;
-                Ok(())
-            }
-            Err(e) => {
-                self.reload.store(true, Ordering::SeqCst);
-                error!(db = %self.db.shown_url, %e, "loading sessions, devices and connections failed; retrying");
-                Err(IdentityError::Unavailable(format!("database: {e}")))
-            }
-        }
-    }
-
-    /// Make `ip`'s active session the one `w` describes: keep it if it is that connection,
-    /// else close what is there ("superseded") and open a new one. `force` (the hook): a
-    /// session opened through the API is superseded too.
-    async fn ensure_session(
-        &self,
-        inner: &mut Inner,
-        ip: IpAddr,
-        w: &Wanted,
-        force: bool,
-    ) -> Result<Session, IdentityError> {
-        let existing = inner.active.get(&ip).cloned();
-        if let Some(s) = &existing {
-            if s.instance == w.instance && s.real_address == w.real_address {
-                return Ok(s.clone());
-            }
-            if s.source == "api" && !force {
-                return Ok(s.clone());
-            }
-        }
-        let start = self.ledger.admit(ip).await?;
-        let new = NewSession {
-            client_ip: ip,
-            protocol: w.protocol.clone(),
-            instance: w.instance.clone(),
-            common_name: w.common_name.clone(),
-            username: w.username.clone(),
-            real_address: w.real_address.clone(),
-            source: w.source,
-            start,
-        };
-        // Another connection holds the address: close it ("superseded") and open the new one
-        // in one transaction, so the address is never without a session in between.
-        let opened = if existing.is_some() {
-            sessions::replace(&self.db, self.node(), &self.hooks, &new, unix_ms()).await.map(|r| r.opened)
-        } else {
-            sessions::open(&self.db, self.node(), &self.hooks, &new, unix_ms()).await
-        };
-        match opened {
-            Ok(s) => {
-                inner.active.insert(ip, s.clone());
-                Ok(s)
-            }
-            Err(e) => {
-                // A session opened or closed elsewhere (the API) in between: reload to see it.
-                self.reload.store(true, Ordering::SeqCst);
-                error!(%ip, %e, "opening a session failed");
-                Err(e.into())
-            }
-        }
-    }
-
-    async fn close_session(&self, inner: &mut Inner, s: &Session, reason: &str) -> Result<Session, IdentityError> {
-        let end = self.ledger.client(s.client_ip).map(|c| c.total).unwrap_or(Totals {
-            up_bytes: s.start_up_bytes,
-            down_bytes: s.start_down_bytes,
-            ..Totals::default()
-        });
-        match sessions::close(&self.db, self.node(), &self.hooks, &s.id, reason, end, unix_ms()).await {
-            Ok(c) => {
-                inner.active.remove(&s.client_ip);
-                Ok(c)
-            }
-            Err(RegistryError::Conflict(_) | RegistryError::NotFound { .. }) => {
-                // Closed elsewhere already (the API): nothing left to do.
-                inner.active.remove(&s.client_ip);
-                Ok(s.clone())
-            }
-            Err(e) => {
-                error!(ip = %s.client_ip, session = s.id, reason, %e, "closing a session failed; retrying on the next tick");
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Bring sessions in line with the sources.
-    async fn apply(&self, inner: &mut Inner) {
-        if self.load(inner).await.is_err() {
-            return;
-        }
-        let now = Instant::now();
-        inner.sources.expire(now);
-        let wanted = inner.sources.wanted(&self.protocols, now, unix_ms());
-        for (ip, w) in &wanted {
-            if let Err(e) = self.ensure_session(inner, *ip, w, false).await {
-                warn!(%ip, %e, "session not opened; retrying on the next tick");
-            }
-        }
-        let stale: Vec<(Session, &'static str)> = inner
-            .active
-            .values()
-            .filter(|s| s.source != "api" && !wanted.contains_key(&s.client_ip))
-            .filter_map(|s| self.close_reason(inner, s).map(|r| (s.clone(), r)))
-            .collect();
-        for (s, reason) in stale {
-            let _ = self.close_session(inner, &s, reason).await;
-        }
-        if let Err(e) = self.sync_redirects(inner) {
-            error!(%e, "updating the redirect rules of openvpn users failed; retrying on the next tick");
-        }
-    }
-
-    /// Why an active session that no source lists should close now (None: keep it).
-    fn close_reason(&self, inner: &Inner, s: &Session) -> Option<&'static str> {
-        if s.protocol == "wireguard" {
-            if !self.opts.wireguard.contains(&s.instance) {
-                return Some("interface_not_configured");
-            }
-            return inner.wg_read.contains(&s.instance).then_some("handshake_expired");
-        }
-        match inner.sources.instances.get(&s.instance) {
-            Some(_) if inner.lost.contains(&s.instance) => Some("management_lost"),
-            Some(v) if v.up => Some("disconnected"),
-            // Not heard from yet since start: wait for its first snapshot or failure.
-            Some(_) => None,
-            // Hook-only clients (no management interface for their instance) leave by the hook.
-            None => None,
-        }
-    }
-
-    fn sync_redirects(&self, inner: &mut Inner) -> Result<(), crate::steer::SteerError> {
-        let users: HashMap<&str, u16> = inner
-            .connections
-            .iter()
-            .filter(|c| c.protocol == "openvpn")
-            .filter_map(|c| Some((c.username.as_deref()?, c.proxy_port?)))
-            .collect();
-        let want: BTreeMap<IpNet, u16> = inner
-            .active
-            .values()
-            .filter_map(|s| users.get(s.username.as_str()).map(|p| (IpNet::from(s.client_ip), *p)))
-            .collect();
-        match &mut inner.redirects {
-            Some(r) => r.sync(&want),
-            None => Ok(()),
-        }
-    }
-
     /// Rebuild what `lookup` reads.
-    fn publish(&self, inner: &Inner) {
+    pub(super) fn publish(&self, inner: &Inner) {
         let mut v = View {
             sessions: inner.active.clone(),
-            devices: inner.devices.clone(),
+            devices: inner.devices.iter().map(|d| (d.id.clone(), d.clone())).collect(),
+            device_by_ip: inner.devices.iter().map(|d| (d.vpn_ip, d.id.clone())).collect(),
             openvpn_users: inner
                 .connections
                 .iter()
                 .filter(|c| c.protocol == "openvpn")
-                .filter_map(|c| Some((c.username.clone()?, (c.device_id.clone(), c.proxy_port?))))
+                .filter_map(|c| Some((c.username.clone()?, c.device_id.clone())))
                 .collect(),
             wg: HashMap::new(),
         };
@@ -483,10 +256,10 @@ impl Identity {
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = v;
     }
 
-    async fn on_mgmt(&self, inner: &mut Inner, ev: MgmtEvent) {
+    fn on_mgmt(&self, inner: &mut Inner, ev: MgmtEvent) {
         match ev {
             MgmtEvent::Snapshot { instance, clients } => {
-                if inner.lost.remove(&instance) {
+                if inner.lost.remove(&instance).is_some() {
                     info!(instance, clients = clients.len(), "openvpn management is back");
                 }
                 let v = inner.sources.instances.entry(instance).or_default();
@@ -495,8 +268,14 @@ impl Identity {
                 v.at = Some(Instant::now());
             }
             MgmtEvent::Lost { instance, error } => {
-                if inner.lost.insert(instance.clone()) {
-                    error!(instance, error, "openvpn management interface lost; closing its sessions");
+                if !inner.lost.contains_key(&instance) {
+                    error!(
+                        instance,
+                        error,
+                        grace_s = self.opts.management_grace.as_secs(),
+                        "openvpn management interface lost; its sessions close unless it is back within the grace period"
+                    );
+                    inner.lost.insert(instance.clone(), Instant::now());
                 }
                 let v = inner.sources.instances.entry(instance).or_default();
                 v.up = false;
@@ -505,33 +284,63 @@ impl Identity {
         }
     }
 
-    async fn read_wireguard(&self, inner: &mut Inner) {
+    /// Read every WireGuard interface (outside the lock: `wg` may take a while).
+    async fn read_wireguard(&self) -> TickReads {
+        let mut wg = Vec::new();
         for iface in &self.opts.wireguard {
-            match wireguard::read_peers(iface).await {
+            let r = wireguard::read_peers(iface).await;
+            let mut failing = self.wg_failing.lock().unwrap_or_else(|p| p.into_inner());
+            match r {
                 Ok(peers) => {
-                    inner.sources.wg.insert(iface.clone(), peers);
-                    inner.wg_read.insert(iface.clone());
+                    if failing.remove(iface) {
+                        info!(iface, "WireGuard peers readable again");
+                    }
+                    wg.push((iface.clone(), Some(peers)));
                 }
                 Err(e) => {
-                    // Unreadable: keep the last list (sessions stay) and say so once per tick.
-                    warn!(iface, %e, "reading WireGuard peers failed");
+                    if failing.insert(iface.clone()) {
+                        warn!(iface, %e, "reading WireGuard peers failed; retrying every tick");
+                    }
+                    wg.push((iface.clone(), None));
+                }
+            }
+        }
+        TickReads { wg }
+    }
+
+    fn take_reads(&self, inner: &mut Inner, reads: TickReads) {
+        let now = Instant::now();
+        for (iface, peers) in reads.wg {
+            match peers {
+                Some(p) => {
+                    inner.sources.wg.insert(iface.clone(), p);
+                    inner.wg_read.insert(iface, now);
+                }
+                // Unreadable for longer than a handshake lives: nobody is connected there.
+                None => {
+                    let stale = inner
+                        .wg_read
+                        .get(&iface)
+                        .is_none_or(|t| now.duration_since(*t) > Duration::from_millis(WG_SESSION_TIMEOUT_MS));
+                    if stale {
+                        inner.sources.wg.insert(iface.clone(), Vec::new());
+                        inner.wg_read.insert(iface, now);
+                    }
                 }
             }
         }
     }
 
-    async fn monitor_devices(&self, inner: &mut Inner) {
-        if inner.devices.is_empty() {
-            return;
-        }
+    /// One device monitor pass (outside the lock).
+    async fn monitor_devices(&self) {
+        let wg: HashMap<IpAddr, Option<u64>> = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            if v.devices.is_empty() {
+                return;
+            }
+            v.wg.iter().map(|(ip, (_, hs))| (*ip, *hs)).collect()
+        };
         let ledger = self.ledger.clone();
-        let wg: HashMap<IpAddr, Option<u64>> = inner
-            .sources
-            .wg
-            .values()
-            .flatten()
-            .flat_map(|p| p.allowed_ips.iter().map(move |n| (n.addr(), p.latest_handshake_unix.map(|s| s * 1000))))
-            .collect();
         let liveness = move |ip: IpAddr| Liveness {
             last_seen_ms: ledger.client(ip).and_then(|c| c.last_seen_ms),
             latest_handshake_ms: wg.get(&ip).copied().flatten(),
@@ -551,7 +360,7 @@ impl Identity {
                 for d in &changed {
                     info!(device = d.name, ip = %d.vpn_ip, status = d.status, "device status changed");
                 }
-                self.reload.store(true, Ordering::SeqCst);
+                self.changed();
             }
             Ok(_) => {}
             Err(e) => error!(%e, "device monitor pass failed; retrying on the next tick"),
@@ -582,23 +391,29 @@ impl Identity {
                     _ = me.wake.notified() => Wake::Changed,
                     _ = me.stop.notified() => break,
                 };
-                let mut inner = me.inner.lock().await;
-                match wake {
-                    Wake::Mgmt(ev) => {
-                        me.on_mgmt(&mut inner, ev).await;
-                        // Drain a burst (both instances answer at once).
-                        while let Ok(ev) = rx.try_recv() {
-                            me.on_mgmt(&mut inner, ev).await;
+                let is_tick = matches!(wake, Wake::Tick);
+                let reads = if is_tick { Some(me.read_wireguard().await) } else { None };
+                {
+                    let mut inner = me.inner.lock().await;
+                    match wake {
+                        Wake::Mgmt(ev) => {
+                            me.on_mgmt(&mut inner, ev);
+                            // Drain a burst (both instances answer at once).
+                            while let Ok(ev) = rx.try_recv() {
+                                me.on_mgmt(&mut inner, ev);
+                            }
                         }
+                        Wake::Tick | Wake::Changed => {}
                     }
-                    Wake::Tick => {
-                        me.read_wireguard(&mut inner).await;
-                        me.monitor_devices(&mut inner).await;
+                    if let Some(r) = reads {
+                        me.take_reads(&mut inner, r);
                     }
-                    Wake::Changed => {}
+                    me.apply(&mut inner).await;
+                    me.publish(&inner);
                 }
-                me.apply(&mut inner).await;
-                me.publish(&inner);
+                if is_tick {
+                    me.monitor_devices().await;
+                }
             }
             for t in tasks {
                 t.abort();

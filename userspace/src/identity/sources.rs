@@ -129,7 +129,8 @@ impl Sources {
                     out.entry(net.addr()).or_insert_with(|| Wanted {
                         protocol: "wireguard".into(),
                         instance: iface.clone(),
-                        common_name: String::new(),
+                        // A peer is its key: the endpoint roams.
+                        common_name: p.public_key.clone(),
                         username: String::new(),
                         real_address: p.endpoint.clone().unwrap_or_default(),
                         source: "wireguard",

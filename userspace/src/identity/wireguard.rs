@@ -15,7 +15,8 @@ use ipnet::IpNet;
 pub struct WgPeer {
     /// Base64 public key.
     pub public_key: String,
-    /// "ip:port" or None.
+    /// As `wg` prints it: "ip:port", "[ipv6]:port" or "[fe80::1%eth0]:port"; None if
+    /// "(none)".
     pub endpoint: Option<String>,
     pub allowed_ips: Vec<IpNet>,
     /// Unix seconds; None if never.
@@ -35,36 +36,37 @@ fn is_key(s: &str) -> bool {
     s.len() == 44 && s.ends_with('=') && s[..43].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
 }
 
+/// Why a peer line was skipped. Never contains field values other than the public key: peer
+/// lines carry the preshared key, and the interface line (if it shows up where a peer line
+/// is expected) the private key.
 fn parse_peer(line: &str) -> Result<WgPeer, String> {
     let f: Vec<&str> = line.split('\t').collect();
     if f.len() != 8 {
         return Err(format!("{} fields, expected 8", f.len()));
     }
     if !is_key(f[0]) {
-        return Err(format!("public key {:?} is not a base64 WireGuard key", f[0]));
+        return Err("public-key is not a base64 WireGuard key".to_string());
     }
+    let bad = |what: &str| format!("peer {}: {what}", f[0]);
+    // Kept as printed: `wg` writes link-local IPv6 endpoints with a zone
+    // ("[fe80::1%eth0]:51820"), which `SocketAddr` does not parse.
     let endpoint = match f[2] {
         "(none)" | "" => None,
-        e => {
-            if e.parse::<std::net::SocketAddr>().is_err() {
-                return Err(format!("endpoint {e:?} is not ip:port"));
-            }
-            Some(e.to_string())
-        }
+        e => Some(e.to_string()),
     };
     let allowed_ips = match f[3] {
         "(none)" | "" => Vec::new(),
         list => list
             .split(',')
-            .map(|n| n.trim().parse::<IpNet>().map_err(|_| format!("allowed ip {n:?} is not a network")))
+            .map(|n| n.trim().parse::<IpNet>().map_err(|_| bad("allowed-ips is not a list of networks")))
             .collect::<Result<_, _>>()?,
     };
-    let num = |i: usize, what: &str| f[i].parse::<u64>().map_err(|_| format!("{what} {:?} is not a number", f[i]));
+    let num = |i: usize, what: &str| f[i].parse::<u64>().map_err(|_| bad(&format!("{what} is not a number")));
     let handshake = num(4, "latest-handshake")?;
     let rx_bytes = num(5, "transfer-rx")?;
     let tx_bytes = num(6, "transfer-tx")?;
     if f[7] != "off" && f[7].parse::<u16>().is_err() {
-        return Err(format!("persistent-keepalive {:?} is neither off nor seconds", f[7]));
+        return Err(bad("persistent-keepalive is neither off nor seconds"));
     }
     Ok(WgPeer {
         public_key: f[0].to_string(),
@@ -77,14 +79,20 @@ fn parse_peer(line: &str) -> Result<WgPeer, String> {
 }
 
 /// Parse `wg show IFACE dump` output (first line: the interface; then one line per peer).
-/// Malformed peer lines are skipped (returned as messages in .1).
+/// Malformed peer lines are skipped and described in .1: by line number and field name, and
+/// by public key when the line looks like a peer line, never with the keys or other values.
 pub fn parse_dump(text: &str) -> (Vec<WgPeer>, Vec<String>) {
     let mut peers = Vec::new();
     let mut skipped = Vec::new();
-    let mut lines = text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l)).filter(|l| !l.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .enumerate()
+        .map(|(i, l)| (i + 1, l))
+        .filter(|(_, l)| !l.trim().is_empty());
     match lines.next() {
         None => skipped.push("empty dump: no interface line".to_string()),
-        Some(first) => {
+        Some((_, first)) => {
             let n = first.split('\t').count();
             if n != 4 {
                 // Not fatal: maybe the interface line is missing; try it as a peer.
@@ -93,15 +101,15 @@ pub fn parse_dump(text: &str) -> (Vec<WgPeer>, Vec<String>) {
                         skipped.push(format!("no interface line (first line has {n} fields, expected 4)"));
                         peers.push(p);
                     }
-                    Err(e) => skipped.push(format!("interface line {first:?}: {n} fields, expected 4 ({e})")),
+                    Err(e) => skipped.push(format!("interface line: {n} fields, expected 4 (as a peer line: {e})")),
                 }
             }
         }
     }
-    for line in lines {
+    for (no, line) in lines {
         match parse_peer(line) {
             Ok(p) => peers.push(p),
-            Err(e) => skipped.push(format!("peer line {line:?}: {e}")),
+            Err(e) => skipped.push(format!("line {no}: {e}")),
         }
     }
     (peers, skipped)
@@ -110,7 +118,27 @@ pub fn parse_dump(text: &str) -> (Vec<WgPeer>, Vec<String>) {
 /// `wg` may hang on a stuck userspace implementation's UAPI socket.
 const WG_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Run `wg show IFACE dump` and parse it. Malformed peer lines are logged and skipped.
+/// Problems already warned about, as "iface: message" (bounded), so that a malformed peer is
+/// not warned about on every tick.
+static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+const MAX_WARNED: usize = 256;
+
+/// True the first time (iface, msg) is seen.
+fn first_time(iface: &str, msg: &str) -> bool {
+    let key = format!("{iface}: {msg}");
+    let mut seen = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.contains(&key) {
+        return false;
+    }
+    if seen.len() >= MAX_WARNED {
+        seen.remove(0);
+    }
+    seen.push(key);
+    true
+}
+
+/// Run `wg show IFACE dump` and parse it. Malformed peer lines are skipped and logged: a
+/// warning the first time a problem is seen, at debug level on later reads.
 pub async fn read_peers(iface: &str) -> Result<Vec<WgPeer>, WgError> {
     let err = |reason: String| WgError::Command { iface: iface.to_string(), reason };
     if iface.is_empty() || iface.len() > 15 || iface.contains(['/', '\0']) || iface.starts_with('-') {
@@ -142,7 +170,11 @@ pub async fn read_peers(iface: &str) -> Result<Vec<WgPeer>, WgError> {
     }
     let (peers, skipped) = parse_dump(&String::from_utf8_lossy(&out.stdout));
     for s in skipped {
-        tracing::warn!(iface, "wg show dump: skipping {s}");
+        if first_time(iface, &s) {
+            tracing::warn!(iface, "wg show dump: skipping {s} (logged at debug level from now on)");
+        } else {
+            tracing::debug!(iface, "wg show dump: skipping {s}");
+        }
     }
     Ok(peers)
 }
@@ -205,7 +237,7 @@ Zi/cFauYKTg6HmirCKM2KHzdyCddQ0dRWuUdZYAYmzU=\tNQtbjqn89e+nY7sWLqwmug5kJdwIGg9b7+
             format!("{key}\t(none)\t(none)"),
             "notakey\t(none)\t(none)\t10.97.0.3/32\t0\t0\t0\toff".to_string(),
             format!("{key}\t(none)\t(none)\t10.97.0.300/32\t0\t0\t0\toff"),
-            format!("{key}\t(none)\tnowhere\t10.97.0.3/32\t0\t0\t0\toff"),
+            format!("{key}\t(none)\t(none)\t10.97.0.3/32,nowhere\t0\t0\t0\toff"),
             format!("{key}\t(none)\t(none)\t10.97.0.3/32\tsoon\t0\t0\toff"),
             format!("{key}\t(none)\t(none)\t10.97.0.3/32\t0\t0\t-1\toff"),
             format!("{key}\t(none)\t(none)\t10.97.0.3/32\t0\t0\t0\tsometimes"),
@@ -216,18 +248,90 @@ Zi/cFauYKTg6HmirCKM2KHzdyCddQ0dRWuUdZYAYmzU=\tNQtbjqn89e+nY7sWLqwmug5kJdwIGg9b7+
         assert_eq!(peers.len(), 1);
         assert_eq!(skipped.len(), 7, "{skipped:#?}");
         for (s, want) in skipped.iter().zip([
-            "fields",
-            "not a base64",
-            "not a network",
-            "not ip:port",
+            "line 2: 3 fields",
+            "line 3: public-key is not a base64",
+            "allowed-ips",
+            "allowed-ips",
             "latest-handshake",
             "transfer-tx",
             "persistent-keepalive",
         ]) {
             assert!(s.contains(want), "{s} should mention {want}");
         }
+        for s in &skipped[2..] {
+            assert!(s.contains(&format!("peer {key}")), "{s} should name the peer");
+            assert!(!s.contains("10.97.0.300") && !s.contains("nowhere") && !s.contains("soon"), "{s}");
+        }
         let (peers, skipped) = parse_dump("");
         assert!(peers.is_empty() && skipped[0].contains("empty"));
+    }
+
+    /// Link-local IPv6 endpoints come with a zone, which `SocketAddr` rejects: the peer is kept
+    /// with the endpoint as printed.
+    #[test]
+    fn link_local_endpoint_keeps_the_peer() {
+        let text =
+            "4ExJTc8DNRyfjlAFgZxbgvj171afYqNqSaC4raQybEs=\tZi/cFauYKTg6HmirCKM2KHzdyCddQ0dRWuUdZYAYmzU=\t51820\toff
+DzP2039J2+GwQj4HYuj6riLAcmhuBMmN4cQFC1oZ32A=\t(none)\t[fe80::1%eth0]:51820\t10.97.0.2/32\t1795450355\t1\t2\toff
+lqz5SGHoKpNpx9yVYBfjciNLkAE7tnYjPqEzlCwtz0s=\t(none)\tsomething odd\t10.97.0.3/32\t0\t0\t0\t25
+";
+        let (peers, skipped) = parse_dump(text);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].endpoint.as_deref(), Some("[fe80::1%eth0]:51820"));
+        assert_eq!(peers[0].latest_handshake_unix, Some(1795450355));
+        assert_eq!(peers[1].endpoint.as_deref(), Some("something odd"), "never dropped for its endpoint");
+    }
+
+    /// Messages about bad lines never contain the private or preshared keys (or the whole
+    /// line), only the peer's public key and the field.
+    #[test]
+    fn messages_never_contain_secret_keys() {
+        let private = "4ExJTc8DNRyfjlAFgZxbgvj171afYqNqSaC4raQybEs=";
+        let psk = "NQtbjqn89e+nY7sWLqwmug5kJdwIGg9b7+DTv6Ztrp4=";
+        let public = "DzP2039J2+GwQj4HYuj6riLAcmhuBMmN4cQFC1oZ32A=";
+        let text = [
+            // An interface line with an extra field (tried as a peer, fails).
+            format!("{private}\tZi/cFauYKTg6HmirCKM2KHzdyCddQ0dRWuUdZYAYmzU=\t51820\toff\textra"),
+            // Peer lines with a preshared key and one bad field each.
+            format!("{public}\t{psk}\t10.98.0.2:1\t10.97.0.2/32\tnever\t1\t2\toff"),
+            format!("{public}\t{psk}\t10.98.0.2:1\t{psk}\t0\t1\t2\toff"),
+            format!("{public}\t{psk}\t10.98.0.2:1\t10.97.0.2/32\t0\t1\t2\t{psk}"),
+            // A peer line with a field missing (the columns may have moved: no key is named).
+            format!("{public}\t{psk}\t10.98.0.2:1\t10.97.0.2/32\t0\t1\t2"),
+            // The interface line again where a peer is expected.
+            format!("{private}\tZi/cFauYKTg6HmirCKM2KHzdyCddQ0dRWuUdZYAYmzU=\t51820\toff"),
+            // A line whose first field is a secret but not a key.
+            format!("{psk}x\t(none)\t(none)\t(none)\t0\t0\t0\toff"),
+        ]
+        .join("\n");
+        let (peers, skipped) = parse_dump(&text);
+        assert!(peers.is_empty(), "{peers:?}");
+        assert_eq!(skipped.len(), 7, "{skipped:#?}");
+        for s in &skipped {
+            assert!(!s.contains(private), "private key in {s:?}");
+            assert!(!s.contains(psk), "preshared key in {s:?}");
+            assert!(!s.contains('\t'), "a whole line in {s:?}");
+        }
+        assert!(skipped[0].starts_with("interface line: 5 fields"), "{:?}", skipped[0]);
+        for (s, field) in skipped[1..4].iter().zip(["latest-handshake", "allowed-ips", "persistent-keepalive"]) {
+            assert!(s.contains(&format!("peer {public}")) && s.contains(field), "{s:?} should name {field}");
+        }
+        assert!(skipped[4].contains("line 5: 7 fields") && !skipped[4].contains(public), "{:?}", skipped[4]);
+        assert!(skipped[5].contains("line 6: 4 fields"), "{:?}", skipped[5]);
+        assert!(skipped[6].contains("line 7: public-key is not"), "{:?}", skipped[6]);
+    }
+
+    #[test]
+    fn the_same_problem_is_warned_about_once() {
+        assert!(first_time("hatest0", "line 2: 3 fields, expected 8"));
+        assert!(!first_time("hatest0", "line 2: 3 fields, expected 8"));
+        assert!(first_time("hatest1", "line 2: 3 fields, expected 8"));
+        assert!(first_time("hatest0", "line 3: 3 fields, expected 8"));
+        for i in 0..MAX_WARNED {
+            first_time("hatest2", &format!("{i}"));
+        }
+        assert!(WARNED.lock().unwrap().len() <= MAX_WARNED);
     }
 
     #[tokio::test]

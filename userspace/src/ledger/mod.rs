@@ -114,9 +114,20 @@ pub struct Ledger {
     reset_rx: Mutex<Option<mpsc::Receiver<ResetRequest>>>,
     stopped: AtomicBool,
     stop: tokio::sync::Notify,
+    /// Where resets are announced: a `reset` webhook event written in the reset's transaction.
+    reset_events: std::sync::OnceLock<(Arc<crate::webhook::Webhooks>, ResetEvent)>,
 }
 
+/// Builds the webhook event of a reset.
+pub type ResetEvent = fn(&ResetRecord) -> crate::webhook::Event;
+
 impl Ledger {
+    /// Announce every reset from now on with a `reset` webhook event, written in the same
+    /// transaction as the reset. Set once.
+    pub fn send_resets_to(&self, hooks: Arc<crate::webhook::Webhooks>, make: ResetEvent) {
+        let _ = self.reset_events.set((hooks, make));
+    }
+
     /// Load the node's ledger from the database.
     pub async fn open(
         cfg: LedgerConfig,
@@ -141,6 +152,7 @@ impl Ledger {
             reset_rx: Mutex::new(Some(rx)),
             stopped: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
+            reset_events: std::sync::OnceLock::new(),
         }))
     }
 
@@ -214,7 +226,7 @@ impl Ledger {
         }
         let rows = batch.buckets.len();
         let started = Instant::now();
-        match store::write_batch(&self.db, &self.cfg.node_id, &batch, unix_ms()).await {
+        match store::write_batch(&self.db, &self.cfg.node_id, &batch, unix_ms(), None).await {
             Ok(()) => {
                 let took = started.elapsed().as_secs_f64();
                 self.metrics.flush_seconds.observe(took);
@@ -297,8 +309,13 @@ impl Ledger {
         };
         drop(gate);
         let rec = batch.reset.clone().expect("reset batch");
-        match store::write_batch(&self.db, &self.cfg.node_id, &batch, now).await {
+        let event = self.reset_events.get().map(|(hooks, make)| (hooks.clone(), make(&rec)));
+        match store::write_batch(&self.db, &self.cfg.node_id, &batch, now, event.as_ref().map(|(h, e)| (&**h, e))).await
+        {
             Ok(()) => {
+                if let Some((hooks, _)) = &event {
+                    hooks.wake();
+                }
                 self.state().commit_reset(&rec);
                 self.set_health(|h| h.database_up = true);
                 info!(%ip, closed_up = rec.closed.up_bytes, closed_down = rec.closed.down_bytes, "client reset");

@@ -174,7 +174,15 @@ fn counts(t: &Totals) -> [V; 4] {
 
 /// Write one batch in one transaction: the epoch, client rows (cursor, totals, base), minute
 /// usage, and the reset if there is one.
-pub async fn write_batch(db: &Database, node: &str, b: &FlushBatch, now_ms: u64) -> Result<(), sqlx::Error> {
+/// `event`: a webhook event written in the same transaction (the reset's), so it exists exactly
+/// when the reset does.
+pub async fn write_batch(
+    db: &Database,
+    node: &str,
+    b: &FlushBatch,
+    now_ms: u64,
+    event: Option<(&crate::webhook::Webhooks, &crate::webhook::Event)>,
+) -> Result<(), sqlx::Error> {
     let mut tx = db.pool.begin().await?;
     if let Some(epoch) = &b.epoch {
         sqlx::query("UPDATE nodes SET kernel_epoch = $1, updated_unix_ms = $2 WHERE node_id = $3")
@@ -284,6 +292,9 @@ pub async fn write_batch(db: &Database, node: &str, b: &FlushBatch, now_ms: u64)
             "",
         )
         .await?;
+    }
+    if let Some((hooks, ev)) = event {
+        hooks.enqueue_in(&mut tx, ev, now_ms).await?;
     }
     tx.commit().await
 }

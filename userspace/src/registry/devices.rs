@@ -25,7 +25,7 @@ pub struct Device {
     #[schema(value_type = String)]
     pub vpn_ip: IpAddr,
     pub created_unix_ms: u64,
-    /// unknown, online, offline: the last state announced.
+    /// unknown (never seen yet), online, offline: the last state stored.
     pub status: String,
     pub status_changed_unix_ms: Option<u64>,
 }
@@ -50,10 +50,15 @@ fn logged(what: &str, node: &str, e: sqlx::Error) -> sqlx::Error {
 
 /// A VPN address a device can have: unicast, and IPv4 written as IPv4.
 pub fn check_vpn_ip(ip: IpAddr) -> Result<(), RegistryError> {
+    check_vpn_address("vpn_ip", ip)
+}
+
+/// `check_vpn_ip` for any VPN address (a session's client too), errors naming the field `what`.
+pub fn check_vpn_address(what: &str, ip: IpAddr) -> Result<(), RegistryError> {
     if let IpAddr::V6(v6) = ip
         && let Some(v4) = v6.to_ipv4_mapped()
     {
-        return Err(RegistryError::Invalid(format!("vpn_ip {ip} is IPv4-mapped: use {v4}")));
+        return Err(RegistryError::Invalid(format!("{what} {ip} is IPv4-mapped: use {v4}")));
     }
     let bad = ip.is_unspecified()
         || ip.is_multicast()
@@ -61,7 +66,7 @@ pub fn check_vpn_ip(ip: IpAddr) -> Result<(), RegistryError> {
         || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
     if bad {
         return Err(RegistryError::Invalid(format!(
-            "vpn_ip {ip} is not a unicast VPN address (not unspecified, loopback, broadcast or multicast)"
+            "{what} {ip} is not a unicast VPN address (not unspecified, loopback, broadcast or multicast)"
         )));
     }
     Ok(())
@@ -229,6 +234,11 @@ impl Liveness {
             .flatten()
             .any(|t| now_ms.saturating_sub(t) <= offline_after_ms)
     }
+
+    /// Any sign of life at all, however old: a packet or a handshake.
+    pub fn ever_seen(&self) -> bool {
+        self.last_seen_ms.is_some() || self.latest_handshake_ms.is_some()
+    }
 }
 
 /// The event a status change announces, if any.
@@ -240,10 +250,22 @@ fn transition_event(from: &str, to: &str) -> Option<EventKind> {
     }
 }
 
-/// One monitor pass: a device is online when its last packet or handshake is within
+/// The status a device in `status` should have now, None to leave it as it is. A device never
+/// seen (no packet and no handshake at all) stays unknown; otherwise it is online when its last
+/// packet or handshake is within `offline_after_ms`, offline else.
+fn wanted_status(status: &str, live: &Liveness, offline_after_ms: u64, now_ms: u64) -> Option<&'static str> {
+    if status == "unknown" && !live.ever_seen() {
+        return None;
+    }
+    let want = if live.online(offline_after_ms, now_ms) { "online" } else { "offline" };
+    (status != want).then_some(want)
+}
+
+/// One monitor pass. A device never seen (no packet, no handshake) stays unknown: no change,
+/// no event. Otherwise a device is online when its last packet or handshake is within
 /// `offline_after_ms`. Transitions online->offline enqueue device.offline, offline->online
-/// device.recovered (unknown->online/offline: stored, no event), each in one transaction with
-/// the status change. Returns the devices whose status changed.
+/// device.recovered; unknown->online/offline (first contact) is stored without an event. Each
+/// change is one transaction with its event. Returns the devices whose status changed.
 pub async fn monitor_pass(
     db: &Database,
     node: &str,
@@ -255,10 +277,9 @@ pub async fn monitor_pass(
     let mut changed = Vec::new();
     for d in list(db, node).await? {
         let live = liveness(d.vpn_ip);
-        let want = if live.online(offline_after_ms, now_ms) { "online" } else { "offline" };
-        if d.status == want {
+        let Some(want) = wanted_status(&d.status, &live, offline_after_ms, now_ms) else {
             continue;
-        }
+        };
         let mut tx = begin_write(db).await.map_err(|e| logged("beginning a transaction", node, e))?;
         // Compare and set: a concurrent pass that changed it first wins, and announced it.
         let done = sqlx::query(
@@ -325,6 +346,26 @@ mod tests {
         assert_eq!(transition_event("offline", "online"), Some(EventKind::DeviceRecovered));
         assert_eq!(transition_event("unknown", "online"), None);
         assert_eq!(transition_event("unknown", "offline"), None);
+    }
+
+    #[test]
+    fn never_seen_devices_stay_unknown() {
+        let (off, now) = (10_000, 100_000);
+        let never = Liveness::default();
+        let fresh = Liveness { last_seen_ms: Some(now - 1_000), latest_handshake_ms: None };
+        let stale = Liveness { last_seen_ms: None, latest_handshake_ms: Some(now - 50_000) };
+        assert!(!never.ever_seen() && fresh.ever_seen() && stale.ever_seen());
+        // Never seen: unknown stays unknown (no device.recovered at its first contact later).
+        assert_eq!(wanted_status("unknown", &never, off, now), None);
+        // First contact: unknown -> online; seen once long ago: unknown -> offline.
+        assert_eq!(wanted_status("unknown", &fresh, off, now), Some("online"));
+        assert_eq!(wanted_status("unknown", &stale, off, now), Some("offline"));
+        // Seen once, then silent (or its signs gone): online -> offline.
+        assert_eq!(wanted_status("online", &stale, off, now), Some("offline"));
+        assert_eq!(wanted_status("online", &never, off, now), Some("offline"));
+        assert_eq!(wanted_status("offline", &fresh, off, now), Some("online"));
+        assert_eq!(wanted_status("online", &fresh, off, now), None);
+        assert_eq!(wanted_status("offline", &never, off, now), None);
     }
 
     #[test]

@@ -15,8 +15,9 @@ use crate::{
     webhook::{Event, EventKind, Webhooks},
 };
 
-/// Protocols a session can have.
-pub const PROTOCOLS: [&str; 4] = ["openvpn-udp", "openvpn-tcp", "wireguard", "other"];
+/// Protocols a session can have. "openvpn": an OpenVPN client whose transport is unknown (the
+/// hook reported a `dev` that maps to no configured management instance, e.g. a hook-only setup).
+pub const PROTOCOLS: [&str; 5] = ["openvpn-udp", "openvpn-tcp", "openvpn", "wireguard", "other"];
 /// Who can open one.
 pub const SOURCES: [&str; 4] = ["hook", "management", "wireguard", "api"];
 /// Close reason of a session replaced by a new one of the same client.
@@ -28,7 +29,7 @@ pub struct Session {
     pub id: String,
     #[schema(value_type = String)]
     pub client_ip: IpAddr,
-    /// openvpn-udp, openvpn-tcp, wireguard, other
+    /// openvpn-udp, openvpn-tcp, openvpn (transport unknown), wireguard, other
     pub protocol: String,
     pub instance: String,
     pub common_name: String,
@@ -517,4 +518,41 @@ pub async fn list(db: &Database, node: &str, f: &ListFilter) -> Result<Vec<Sessi
         q = q.bind(ip);
     }
     q.fetch_all(&db.pool).await.map_err(|e| logged("listing sessions", node, e))?.iter().map(from_row).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(protocol: &str, source: &'static str) -> NewSession {
+        NewSession {
+            client_ip: "10.8.0.2".parse().unwrap(),
+            protocol: protocol.into(),
+            instance: "tun0".into(),
+            common_name: "alice".into(),
+            username: "alice".into(),
+            real_address: "198.51.100.7:50000".into(),
+            source,
+            start: Totals::default(),
+        }
+    }
+
+    #[test]
+    fn validate_accepts_every_protocol_and_source() {
+        for p in PROTOCOLS {
+            for s in SOURCES {
+                assert!(validate(&new(p, s)).is_ok(), "{p} {s}");
+            }
+        }
+        // An OpenVPN client whose transport is unknown (hook-only setup).
+        assert!(validate(&new("openvpn", "hook")).is_ok());
+        for bad in ["pptp", "", "OpenVPN", "openvpn-sctp"] {
+            let e = validate(&new(bad, "hook")).unwrap_err();
+            assert!(matches!(&e, RegistryError::Invalid(m) if m.contains("bad protocol")), "{bad}: {e:?}");
+        }
+        assert!(validate(&new("openvpn", "cron")).is_err());
+        let mut ctl = new("openvpn", "hook");
+        ctl.username = "a\nb".into();
+        assert!(validate(&ctl).is_err());
+    }
 }

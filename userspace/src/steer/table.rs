@@ -245,6 +245,16 @@ impl SteerMaps {
         Ok(SteerList { forward, redirect, bypass, events })
     }
 
+    /// The redirect rules without their counters: source -> (proxy port, origin).
+    pub fn redirect_sources(&self) -> Result<BTreeMap<IpNet, (u16, Origin)>, SteerError> {
+        Ok(self
+            .redirects()?
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, r)| (net_of(&k), (u16::from_be(r.proxy_port_be), Origin::of(r.flags))))
+            .collect())
+    }
+
     /// Ids in use by any rule.
     fn used_ids(&self) -> Result<BTreeSet<u32>, SteerError> {
         let mut ids: BTreeSet<u32> = self.fwd_rules()?.iter().filter_map(Result::ok).map(|(_, r)| r.rule_id).collect();

@@ -116,13 +116,15 @@ impl Worker<'_> {
             if self.per_endpoint[i] >= MAX_IN_FLIGHT {
                 continue; // a finished request wakes us
             }
+            // Copied before the read: see `held_back`.
+            let unconfirmed = hooks.unconfirmed_snapshot();
             let heads = outbox::heads(&hooks.db, node, &ep.name, HEADS_PER_SCAN).await?;
             let now_ms = unix_ms();
             for h in heads {
                 if self.busy.contains(&(i, h.subject.clone())) {
                     continue;
                 }
-                if self.held_back(&h) {
+                if held_back(&unconfirmed, &h) {
                     next = next.min(Instant::now() + UNCONFIRMED_RESCAN);
                     continue;
                 }
@@ -185,11 +187,6 @@ impl Worker<'_> {
         Ok(!u.is_empty())
     }
 
-    /// True if an older event of the head's subject may still commit.
-    fn held_back(&self, h: &Head) -> bool {
-        self.hooks.unconfirmed().range(..h.seq).any(|(_, x)| x.subject == h.subject)
-    }
-
     fn start(&mut self, i: usize, h: Head) {
         let hooks = self.hooks.clone();
         let key = (i, h.subject.clone());
@@ -239,6 +236,15 @@ impl Worker<'_> {
     }
 }
 
+/// True if an older event of the head's subject may still commit. `unconfirmed` (the unconfirmed
+/// numbers with their subjects, lowest first) must be copied *before* the heads were read: an
+/// older number that committed after the copy is then still in it (the head waits one rescan),
+/// while with the live set it could already be gone although the read did not see its event, and
+/// the newer head would go out first.
+fn held_back(unconfirmed: &[(i64, String)], h: &Head) -> bool {
+    unconfirmed.iter().take_while(|(seq, _)| *seq < h.seq).any(|(_, subject)| *subject == h.subject)
+}
+
 /// One POST of `h` to endpoint `i`.
 async fn attempt(hooks: &Webhooks, i: usize, h: Head) -> Outcome {
     let ep = &hooks.endpoints[i];
@@ -274,8 +280,10 @@ async fn attempt(hooks: &Webhooks, i: usize, h: Head) -> Outcome {
             (Some(status.as_u16()), Some(error))
         }
         Err(e) if e.is_timeout() => (None, Some(format!("timed out after {} ms", ep.timeout.as_millis()))),
-        Err(e) => (None, Some(chain(&e))),
+        // Without the URL: it may carry credentials, and this text is logged and stored.
+        Err(e) => (None, Some(chain(&e.without_url()))),
     };
+    let error = error.map(|e| scrub(e, &ep.url));
     let duration_ms = started.elapsed().as_millis() as u64;
     let attempt = h.attempts + 1;
     let backoff = ep.backoff(attempt);
@@ -292,7 +300,7 @@ async fn attempt(hooks: &Webhooks, i: usize, h: Head) -> Outcome {
         ),
         Some(err) => warn!(
             endpoint = ep.name,
-            url = ep.url,
+            url = super::redact_url(&ep.url),
             event = h.id,
             kind = h.kind,
             seq = h.seq,
@@ -318,6 +326,20 @@ async fn attempt(hooks: &Webhooks, i: usize, h: Head) -> Outcome {
     }
 }
 
+/// `text` with any copy of `url` replaced by its redacted form (the causes of an error should
+/// not name the URL once it is removed; this makes sure).
+fn scrub(text: String, url: &str) -> String {
+    let shown = super::redact_url(url);
+    if shown == url {
+        return text;
+    }
+    let mut text = text.replace(url, &shown);
+    if let Ok(u) = reqwest::Url::parse(url) {
+        text = text.replace(u.as_str(), &shown);
+    }
+    text
+}
+
 /// An error with its causes ("error sending request: connection refused").
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -331,4 +353,82 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(seq: i64, subject: &str) -> Head {
+        Head {
+            seq,
+            subject: subject.into(),
+            attempts: 0,
+            next_attempt_ms: 0,
+            id: format!("id-{seq}"),
+            kind: "session.opened".into(),
+            body: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn webhook_held_back_by_an_older_number_of_its_subject_only() {
+        let unconfirmed = vec![(5, "a".to_string()), (7, "b".to_string()), (9, "a".to_string())];
+        assert!(held_back(&unconfirmed, &head(6, "a")), "5 (a) is older and unconfirmed");
+        assert!(held_back(&unconfirmed, &head(10, "a")));
+        assert!(!held_back(&unconfirmed, &head(4, "a")), "nothing older");
+        assert!(!held_back(&unconfirmed, &head(5, "a")), "its own number does not hold it");
+        assert!(!held_back(&unconfirmed, &head(8, "c")), "other subjects do not hold it");
+        assert!(held_back(&unconfirmed, &head(8, "b")));
+        assert!(!held_back(&[], &head(8, "b")));
+    }
+
+    /// The race: seq 1 (subject s) is unconfirmed when the worker copies the set; it commits and
+    /// leaves the live set before `held_back` runs, while the heads read (whose snapshot missed
+    /// seq 1) returned seq 2. The decision uses the copy: seq 2 waits.
+    #[tokio::test]
+    async fn webhook_copy_taken_before_the_heads_read_holds_the_newer_head() {
+        let dir = std::env::temp_dir().join(format!("tm-webhook-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = crate::db::Database::open(&format!("sqlite://{}?mode=rwc", dir.join("t.db").display())).await.unwrap();
+        let ep = super::super::Endpoint {
+            name: "panel".into(),
+            url: "http://127.0.0.1:9/hooks".into(),
+            secret: b"k".to_vec(),
+            events: super::super::EventKind::ALL.to_vec(),
+            timeout: Duration::from_secs(1),
+            min_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+        };
+        let hooks = Webhooks::new(db.clone(), "n".into(), vec![ep]).await.unwrap();
+        let ev = super::super::Event {
+            kind: super::super::EventKind::SessionOpened,
+            subject: "s".into(),
+            data: serde_json::json!({}),
+        };
+        let mut t1 = db.pool.begin().await.unwrap();
+        let (_, older) = hooks.write_event(&mut t1, &ev, 1).await.unwrap();
+        // The worker's copy, taken before its heads read.
+        let copy = hooks.unconfirmed_snapshot();
+        t1.rollback().await.unwrap(); // (SQLite has one writer: stand-in for "still uncommitted")
+        let (_, newer) = {
+            let mut t2 = db.pool.begin().await.unwrap();
+            let r = hooks.write_event(&mut t2, &ev, 2).await.unwrap();
+            t2.commit().await.unwrap();
+            r
+        };
+        // The heads read: it sees only the newer event.
+        let heads = outbox::heads(&db, "n", "panel", 10).await.unwrap();
+        assert_eq!(heads.iter().map(|h| h.seq).collect::<Vec<_>>(), vec![newer]);
+        // The older one "commits" and leaves the live set before the decision.
+        hooks.unconfirmed().remove(&older);
+        hooks.unconfirmed().remove(&newer);
+        let live = hooks.unconfirmed_snapshot();
+        assert!(!held_back(&live, &heads[0]), "the live set would let the newer head go first");
+        assert!(held_back(&copy, &heads[0]), "the copy holds it back");
+        drop(hooks);
+        db.pool.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

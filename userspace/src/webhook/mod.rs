@@ -17,7 +17,12 @@
 //! two transactions can commit out of number order; the worker therefore remembers the numbers
 //! it handed out that it has not yet seen committed, and holds back a subject's newer events
 //! until its older ones are visible (or known abandoned: not visible after
-//! `UNCONFIRMED_TTL`, a rolled-back transaction).
+//! `UNCONFIRMED_TTL`, a rolled-back transaction). The worker copies that set *before* it reads
+//! the heads: a number that commits (and leaves the set) between the two would otherwise look
+//! settled while the read's snapshot still missed its event, and the newer head would go first.
+//!
+//! Endpoint URLs may carry credentials (`user:password@`, a token in the query): logs, the API
+//! and stored errors show them through `redact_url` only.
 
 mod deliver;
 pub mod outbox;
@@ -118,7 +123,7 @@ impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Endpoint")
             .field("name", &self.name)
-            .field("url", &self.url)
+            .field("url", &redact_url(&self.url))
             .field("secret", &format_args!("<{} bytes>", self.secret.len()))
             .field("events", &self.events)
             .field("timeout", &self.timeout)
@@ -146,11 +151,11 @@ impl Endpoint {
             Ok(u) => {
                 return bad(format!(
                     "url {:?}: expected http:// or https:// with a host, got {}:",
-                    self.url,
+                    redact_url(&self.url),
                     u.scheme()
                 ));
             }
-            Err(e) => return bad(format!("url {:?}: {e}", self.url)),
+            Err(e) => return bad(format!("url {:?}: {e}", redact_url(&self.url))),
         }
         if self.secret.is_empty() {
             return bad("the secret is empty".into());
@@ -171,13 +176,57 @@ impl Endpoint {
     }
 }
 
+/// `url` without what may be a credential: the userinfo (`user:password@`) and the fragment are
+/// removed, a query is replaced by `?…`. `https://user:pw@h/p?token=x` -> `https://h/p?…`. A URL
+/// with none of these is returned unchanged.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let query = u.query().is_some();
+            if u.username().is_empty() && u.password().is_none() && !query && u.fragment().is_none() {
+                return url.to_string();
+            }
+            // Cannot fail for a URL that had userinfo (it has a host).
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            let mut s = u.to_string();
+            if query {
+                s.push_str("?…");
+            }
+            s
+        }
+        Err(_) => {
+            // Not a URL: cut by hand (query and fragment, then anything up to an '@' in the
+            // authority).
+            let (mut s, query) = match url.find(['?', '#']) {
+                Some(i) => (url[..i].to_string(), url[i..].starts_with('?')),
+                None => (url.to_string(), false),
+            };
+            if let Some(i) = s.find("://") {
+                let start = i + 3;
+                let end = s[start..].find('/').map_or(s.len(), |j| start + j);
+                if let Some(at) = s[start..end].rfind('@') {
+                    s.replace_range(start..=start + at, "");
+                }
+            }
+            if query {
+                s.push_str("?…");
+            }
+            s
+        }
+    }
+}
+
 /// GET /webhooks: an endpoint with its outbox counts (never the secret). Endpoints that are no
 /// longer configured but still have rows are listed with `configured: false`; their pending rows
 /// stay in the outbox and are not sent.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EndpointStatus {
     pub name: String,
-    /// null when not configured any more.
+    /// Without userinfo (`user:password@`) and with the query shown as `?…`; null when not
+    /// configured any more.
     pub url: Option<String>,
     pub events: Vec<String>,
     pub configured: bool,
@@ -319,8 +368,14 @@ impl Webhooks {
             data: &ev.data,
         })
         .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        self.unconfirmed().insert(seq, Unconfirmed { subject: ev.subject.clone(), since: Instant::now() });
+        let seq = {
+            // Number and entry together under the lock: the worker's copy of the set never
+            // lacks a number lower than one it could see committed.
+            let mut u = self.unconfirmed();
+            let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+            u.insert(seq, Unconfirmed { subject: ev.subject.clone(), since: Instant::now() });
+            seq
+        };
         let wanted: Vec<&str> =
             self.endpoints.iter().filter(|e| e.events.contains(&ev.kind)).map(|e| e.name.as_str()).collect();
         let new = outbox::NewEvent {
@@ -390,7 +445,7 @@ impl Webhooks {
             let c = counts.iter().position(|c| c.endpoint == ep.name).map(|i| counts.remove(i)).unwrap_or_default();
             out.push(EndpointStatus {
                 name: ep.name.clone(),
-                url: Some(ep.url.clone()),
+                url: Some(redact_url(&ep.url)),
                 events: ep.events.iter().map(|k| k.as_str().to_string()).collect(),
                 configured: true,
                 pending: c.pending,
@@ -414,5 +469,30 @@ impl Webhooks {
 
     fn unconfirmed(&self) -> std::sync::MutexGuard<'_, BTreeMap<i64, Unconfirmed>> {
         self.unconfirmed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the unconfirmed (sequence number, subject) pairs, lowest number first.
+    fn unconfirmed_snapshot(&self) -> Vec<(i64, String)> {
+        self.unconfirmed().iter().map(|(seq, x)| (*seq, x.subject.clone())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn webhook_redact_url() {
+        assert_eq!(redact_url("https://user:pw@h/p?token=x"), "https://h/p?…");
+        assert_eq!(redact_url("https://user@h:8443/p"), "https://h:8443/p");
+        assert_eq!(redact_url("http://h/p?"), "http://h/p?…");
+        assert_eq!(redact_url("http://h/p#frag"), "http://h/p");
+        // Nothing to hide: unchanged (not normalised).
+        assert_eq!(redact_url("http://127.0.0.1:9/hooks/panel"), "http://127.0.0.1:9/hooks/panel");
+        assert_eq!(redact_url("https://h"), "https://h");
+        // Not parseable: cut by hand.
+        assert_eq!(redact_url("http://u:s3cret@bad host/p?k=v"), "http://bad host/p?…");
+        assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(redact_url("x?token=1"), "x?…");
     }
 }

@@ -10,6 +10,7 @@ pub mod identitybench;
 pub mod packets;
 pub mod postgres;
 pub mod proxies;
+pub mod sqlite_lock;
 pub mod steerbench;
 
 use std::{

@@ -148,9 +148,9 @@ pub fn call_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<HookCall, H
 }
 
 /// Timeout of one attempt.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before the single retry.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Path of the hook endpoint.
 pub const HOOK_PATH: &str = "/api/v1/hooks/openvpn";
 

@@ -34,18 +34,36 @@ impl std::fmt::Display for MgmtAddr {
     }
 }
 
-/// One `[[openvpn]]` instance of the config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One `[[openvpn]]` instance of the config. `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct InstanceConfig {
     /// Unique name, e.g. "udp" or "tcp" (stored with sessions).
     pub name: String,
     /// "openvpn-udp" or "openvpn-tcp" (the session's protocol).
     pub protocol: String,
     pub addr: MgmtAddr,
-    /// Management password (`management ... pw-file`), if set.
+    /// Management password (`management ... pw-file`), if set. Like OpenVPN's pw-file, only
+    /// the first line counts: later lines are never sent (they would be management commands).
     pub password: Option<String>,
     /// `status 3` is issued this often (default 2 s), and on every notification.
     pub reconcile: Duration,
+}
+
+impl std::fmt::Debug for InstanceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstanceConfig")
+            .field("name", &self.name)
+            .field("protocol", &self.protocol)
+            .field("addr", &self.addr)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("reconcile", &self.reconcile)
+            .finish()
+    }
+}
+
+/// The password as OpenVPN reads it from its pw-file: the first line, without its line end.
+fn first_line(password: &str) -> &str {
+    password.split(['\n', '\r']).next().unwrap_or("")
 }
 
 /// What an instance task reports.
@@ -60,8 +78,15 @@ pub enum MgmtEvent {
     Lost { instance: String, error: String },
 }
 
-/// Waiting for a command's END (and for the connect / password exchange).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connecting, the greeting and the password exchange.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Waiting for a command's END (and for a write to finish). OpenVPN serves the management
+/// interface from its single event loop, so it stalls while it runs a synchronous
+/// `client-connect` / `client-disconnect` script, and our hook (`tunmeter hook openvpn`) may
+/// take up to ~11 s when the daemon hangs (5 s per attempt, 1 s pause, 5 s retry). A reply
+/// that late is not a lost connection: `Lost` closes all of the instance's sessions, so wait
+/// longer than the hook's worst case.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Longest line accepted from the server.
@@ -165,6 +190,8 @@ struct Session<'a> {
     warned: &'a mut Warned,
     /// An ESTABLISHED or DISCONNECT arrived: issue `status 3` now.
     refresh: bool,
+    /// REPLY_TIMEOUT (shorter in tests).
+    reply_timeout: Duration,
 }
 
 impl Session<'_> {
@@ -190,11 +217,16 @@ impl Session<'_> {
 
     /// Read a line with the command timeout, handling notifications in between; returns the
     /// next non-notification line.
-    async fn reply_line(&mut self, deadline: tokio::time::Instant, what: &str) -> Result<String, SessionError> {
+    async fn reply_line(
+        &mut self,
+        limit: Duration,
+        deadline: tokio::time::Instant,
+        what: &str,
+    ) -> Result<String, SessionError> {
         loop {
             let line = tokio::time::timeout_at(deadline, self.lines.next_line())
                 .await
-                .map_err(|_| fail(format!("no complete answer to {what} within {} s", REPLY_TIMEOUT.as_secs())))??;
+                .map_err(|_| fail(format!("no complete answer to {what} within {} s", limit.as_secs())))??;
             if line.starts_with('>') {
                 self.notification(&line);
             } else {
@@ -205,24 +237,24 @@ impl Session<'_> {
 
     /// The password exchange (if asked) and the banner.
     async fn login(&mut self) -> Result<(), SessionError> {
-        let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
         let first = tokio::time::timeout_at(deadline, self.lines.next_line())
             .await
             .map_err(|_| {
                 fail(format!(
                     "no greeting within {} s (OpenVPN serves one management client at a time: is another program connected?)",
-                    REPLY_TIMEOUT.as_secs()
+                    LOGIN_TIMEOUT.as_secs()
                 ))
             })??;
         if first == PROMPT {
-            let Some(pw) = self.cfg.password.clone() else {
+            let Some(pw) = self.cfg.password.as_deref().map(first_line) else {
                 return Err(fail(
                     "the management interface asks for a password but none is configured (password_file)",
                 ));
             };
-            self.lines.send(&pw).await?;
+            self.lines.send(pw).await?;
             loop {
-                let line = self.reply_line(deadline, "the password").await?;
+                let line = self.reply_line(LOGIN_TIMEOUT, deadline, "the password").await?;
                 if line.starts_with("SUCCESS:") {
                     break;
                 }
@@ -255,10 +287,10 @@ impl Session<'_> {
     async fn status(&mut self) -> Result<Vec<OvpnClient>, SessionError> {
         self.refresh = false;
         self.lines.send("status 3").await?;
-        let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + self.reply_timeout;
         let mut text = String::new();
         loop {
-            let line = self.reply_line(deadline, "status 3").await?;
+            let line = self.reply_line(self.reply_timeout, deadline, "status 3").await?;
             if line.starts_with("ERROR:") {
                 return Err(fail(format!("status 3 failed: {line}")));
             }
@@ -346,16 +378,20 @@ async fn connect(addr: &MgmtAddr) -> Result<Box<dyn Stream>, SessionError> {
             }
         }
     };
-    match tokio::time::timeout(REPLY_TIMEOUT, fut).await {
+    match tokio::time::timeout(LOGIN_TIMEOUT, fut).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(fail(format!("connecting to {addr}: {e}"))),
-        Err(_) => Err(fail(format!("connecting to {addr}: no answer within {} s", REPLY_TIMEOUT.as_secs()))),
+        Err(_) => Err(fail(format!("connecting to {addr}: no answer within {} s", LOGIN_TIMEOUT.as_secs()))),
     }
 }
 
 /// Run one instance until `events` is closed: connect, authenticate, follow notifications, and
 /// send snapshots. Never returns an error: failures become `Lost` and a reconnect.
 pub async fn run_instance(cfg: InstanceConfig, events: mpsc::Sender<MgmtEvent>) {
+    run(cfg, events, REPLY_TIMEOUT).await
+}
+
+async fn run(cfg: InstanceConfig, events: mpsc::Sender<MgmtEvent>, reply_timeout: Duration) {
     let mut backoff = MIN_BACKOFF;
     // Lost is sent once per outage (the first failed attempt, or the loss of a working
     // connection), not for every failed reconnect.
@@ -376,6 +412,7 @@ pub async fn run_instance(cfg: InstanceConfig, events: mpsc::Sender<MgmtEvent>) 
                     parser: NotificationParser::new(),
                     warned: &mut warned,
                     refresh: false,
+                    reply_timeout,
                 };
                 let r = s.follow(&mut up).await;
                 if up {
@@ -434,5 +471,129 @@ mod tests {
         drop(b);
         let e = lines.next_line().await.unwrap_err();
         assert!(e.to_string().contains("closed"), "{e}");
+    }
+
+    const STATUS_EMPTY: &str = "TITLE\tOpenVPN 2.6.14\r\nTIME\t2026-01-01 00:00:00\t1767225600\r\n\
+        HEADER\tCLIENT_LIST\tCommon Name\tReal Address\tVirtual Address\tVirtual IPv6 Address\t\
+        Bytes Received\tBytes Sent\tConnected Since\tConnected Since (time_t)\tUsername\tClient ID\t\
+        Peer ID\tData Channel Cipher\r\nGLOBAL_STATS\tMax bcast/mcast queue length\t0\r\nEND\r\n";
+
+    /// A fake management interface on a unix socket (one connection): asks for a password,
+    /// records what it received as the password and as the next command, and answers that
+    /// command with an empty status table after `delay`.
+    async fn fake_server(
+        name: &str,
+        delay: Duration,
+    ) -> (MgmtAddr, tokio::task::JoinHandle<(String, String)>, PathBuf) {
+        let path = std::env::temp_dir().join(format!("tunmeter-mgmt-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let mut lines = Lines { io: Box::new(sock), buf: Vec::new() };
+            lines.io.write_all(PROMPT.as_bytes()).await.unwrap();
+            let password = lines.next_line().await.unwrap();
+            lines
+                .io
+                .write_all(b"SUCCESS: password is correct\r\n>INFO:OpenVPN Management Interface Version 5\r\n")
+                .await
+                .unwrap();
+            let command = lines.next_line().await.unwrap();
+            tokio::time::sleep(delay).await;
+            lines.io.write_all(STATUS_EMPTY.as_bytes()).await.unwrap();
+            // Keep the connection open until the client goes away.
+            let _ = lines.next_line().await;
+            (password, command)
+        });
+        (MgmtAddr::Unix(path.clone()), server, path)
+    }
+
+    fn test_cfg(addr: MgmtAddr, password: &str) -> InstanceConfig {
+        InstanceConfig {
+            name: "udp".into(),
+            protocol: "openvpn-udp".into(),
+            addr,
+            password: Some(password.into()),
+            reconcile: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn only_the_first_line_of_the_password_counts() {
+        assert_eq!(first_line("s3cret"), "s3cret");
+        assert_eq!(first_line("s3cret\nsignal SIGTERM\n"), "s3cret");
+        assert_eq!(first_line("s3cret\r\nkill client1\r\n"), "s3cret");
+        assert_eq!(first_line(""), "");
+        assert_eq!(first_line("\nsecond"), "");
+    }
+
+    /// Extra lines of the password file are never sent: the line after the password is our
+    /// `status 3`, not the file's second line.
+    #[tokio::test]
+    async fn extra_password_lines_are_not_sent() {
+        let (addr, server, path) = fake_server("pw", Duration::ZERO).await;
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(run_instance(test_cfg(addr, "s3cret pass\nsignal SIGTERM\nquit"), tx));
+        let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(ev, MgmtEvent::Snapshot { instance: "udp".into(), clients: vec![] });
+        drop(rx);
+        task.await.unwrap();
+        let (password, command) = server.await.unwrap();
+        let _ = std::fs::remove_file(path);
+        assert_eq!(password, "s3cret pass");
+        assert_eq!(command, "status 3");
+    }
+
+    /// OpenVPN stalls its management interface while it runs our hook synchronously: the
+    /// status timeout must outlast the hook's worst case (two attempts and the pause).
+    #[test]
+    fn reply_timeout_outlasts_the_hook() {
+        use super::super::hook::{ATTEMPT_TIMEOUT, RETRY_AFTER};
+        let hook_worst = ATTEMPT_TIMEOUT * 2 + RETRY_AFTER;
+        assert!(REPLY_TIMEOUT >= hook_worst + Duration::from_secs(3), "{REPLY_TIMEOUT:?} vs {hook_worst:?}");
+        assert_eq!(LOGIN_TIMEOUT, Duration::from_secs(5));
+    }
+
+    /// A late status reply within the reply timeout (scaled down: 1.5 s of 3 s) is a reply,
+    /// not a lost connection.
+    #[tokio::test]
+    async fn a_slow_status_reply_is_not_lost() {
+        let (addr, server, path) = fake_server("slow", Duration::from_millis(1500)).await;
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(run(test_cfg(addr, "pw"), tx, Duration::from_secs(3)));
+        let t = std::time::Instant::now();
+        let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(ev, MgmtEvent::Snapshot { instance: "udp".into(), clients: vec![] });
+        assert!(t.elapsed() >= Duration::from_millis(1500), "{:?}", t.elapsed());
+        drop(rx);
+        task.await.unwrap();
+        server.await.unwrap();
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// A status reply later than the reply timeout is Lost, naming the command and the limit.
+    #[tokio::test]
+    async fn a_status_reply_later_than_the_timeout_is_lost() {
+        let (addr, server, path) = fake_server("late", Duration::from_secs(30)).await;
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(run(test_cfg(addr, "pw"), tx, Duration::from_secs(1)));
+        let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        let MgmtEvent::Lost { error, .. } = ev else { panic!("expected Lost, got {ev:?}") };
+        assert!(error.contains("status 3") && error.contains("1 s"), "{error}");
+        drop(rx);
+        task.await.unwrap();
+        server.abort();
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let c = test_cfg(MgmtAddr::Tcp("127.0.0.1:7505".into()), "s3cret\nmore");
+        let d = format!("{c:?}");
+        assert!(d.contains(r#"password: Some("***")"#), "{d}");
+        assert!(!d.contains("s3cret") && !d.contains("more"), "{d}");
+        assert!(d.contains("127.0.0.1:7505") && d.contains("reconcile"), "{d}");
+        let d = format!("{:?}", InstanceConfig { password: None, ..c });
+        assert!(d.contains("password: None"), "{d}");
     }
 }

@@ -246,6 +246,10 @@ struct Block {
     header: String,
     kind: BlockKind,
     env: Vec<(String, String)>,
+    /// Bytes of the ENV lines so far (keys and values).
+    bytes: usize,
+    /// Over a limit: reported once, the rest of the block is swallowed up to its END.
+    dropped: bool,
 }
 
 /// Incremental parser for `>` lines: feed every line that starts with `>` (CR stripped or
@@ -256,8 +260,11 @@ pub struct NotificationParser {
     block: Option<Block>,
 }
 
-/// Longest ENV block accepted (OpenVPN sends ~60 variables; a runaway block is cut).
+/// Longest ENV block accepted (OpenVPN sends ~60 variables, ~4 KiB; a runaway block is
+/// dropped): at most this many lines ...
 const MAX_ENV: usize = 4096;
+/// ... and this many bytes of keys and values (each line may be up to 1 MiB long).
+const MAX_ENV_BYTES: usize = 256 * 1024;
 
 impl NotificationParser {
     pub fn new() -> Self {
@@ -283,6 +290,10 @@ impl NotificationParser {
                 None => out.push(Err(Skipped::new(line, "ENV line outside a >CLIENT: block"))),
                 Some(_) if env == "END" => {
                     let b = self.block.take().expect("checked");
+                    if b.dropped {
+                        // Already reported when it went over the limit.
+                        return out;
+                    }
                     out.push(match b.kind {
                         BlockKind::Established(client_id) => Ok(Notification::Established { client_id, env: b.env }),
                         BlockKind::Disconnect(client_id) => Ok(Notification::Disconnect { client_id, env: b.env }),
@@ -290,14 +301,21 @@ impl NotificationParser {
                         BlockKind::Broken(reason) => Err(Skipped { line: b.header, reason }),
                     });
                 }
+                Some(b) if b.dropped => {}
                 Some(b) => {
-                    if b.env.len() >= MAX_ENV {
-                        let b = self.block.take().expect("checked");
-                        out.push(Err(Skipped {
-                            line: b.header,
-                            reason: format!("ENV block longer than {MAX_ENV} lines"),
-                        }));
+                    let too_long = if b.env.len() >= MAX_ENV {
+                        Some(format!("ENV block longer than {MAX_ENV} lines: dropped"))
+                    } else if b.bytes + env.len() > MAX_ENV_BYTES {
+                        Some(format!("ENV block larger than {} KiB: dropped", MAX_ENV_BYTES / 1024))
                     } else {
+                        None
+                    };
+                    if let Some(reason) = too_long {
+                        b.dropped = true;
+                        b.env = Vec::new();
+                        out.push(Err(Skipped { line: b.header.clone(), reason }));
+                    } else {
+                        b.bytes += env.len();
                         let (k, v) = env.split_once('=').unwrap_or((env, ""));
                         b.env.push((k.to_string(), v.to_string()));
                     }
@@ -305,7 +323,9 @@ impl NotificationParser {
             }
             return out;
         }
-        if let Some(b) = self.block.take() {
+        if let Some(b) = self.block.take()
+            && !b.dropped
+        {
             out.push(Err(Skipped { line: b.header, reason: format!("ENV block not ended before {line:?}") }));
         }
         if let Some(rest) = body.strip_prefix("CLIENT:") {
@@ -323,7 +343,7 @@ impl NotificationParser {
                 },
                 _ => BlockKind::Other,
             };
-            self.block = Some(Block { header: line.to_string(), kind, env: Vec::new() });
+            self.block = Some(Block { header: line.to_string(), kind, env: Vec::new(), bytes: 0, dropped: false });
         } else {
             out.push(Ok(Notification::Other(line.to_string())));
         }
@@ -548,12 +568,50 @@ mod tests {
         assert_eq!(out[1], Ok(Notification::Other(">LOG:1,I,hello".into())));
         // A non-notification line.
         assert!(p.feed("SUCCESS: x").pop().unwrap().is_err());
-        // An over-long block is cut.
+        // An over-long block is dropped with one message; the rest of it up to END is
+        // swallowed, and the next block parses again.
         p.feed(">CLIENT:ESTABLISHED,1");
-        let mut cut = false;
-        for i in 0..=MAX_ENV {
-            cut |= !p.feed(&format!(">CLIENT:ENV,k{i}=v")).is_empty();
+        let mut out = Vec::new();
+        for i in 0..MAX_ENV + 10 {
+            out.extend(p.feed(&format!(">CLIENT:ENV,k{i}=v")));
         }
-        assert!(cut && !p.in_block());
+        out.extend(p.feed(">CLIENT:ENV,END"));
+        assert_eq!(out.len(), 1, "{out:?}");
+        let s = out[0].as_ref().unwrap_err();
+        assert!(s.reason.contains("lines") && s.line == ">CLIENT:ESTABLISHED,1", "{s:?}");
+        assert!(!p.in_block());
+        assert!(p.feed(">CLIENT:ESTABLISHED,2").is_empty());
+        assert!(matches!(p.feed(">CLIENT:ENV,END").pop(), Some(Ok(Notification::Established { client_id: 2, .. }))));
+    }
+
+    #[test]
+    fn an_env_block_over_the_byte_limit_is_dropped_once() {
+        let mut p = NotificationParser::new();
+        assert!(p.feed(">CLIENT:ESTABLISHED,7").is_empty());
+        // 100 lines of ~4 KiB: well under the line limit, over 256 KiB.
+        let value = "x".repeat(4000);
+        let mut out = Vec::new();
+        for i in 0..100 {
+            out.extend(p.feed(&format!(">CLIENT:ENV,k{i}={value}\r")));
+        }
+        assert!(p.in_block(), "the rest of the block is swallowed up to its END");
+        // An interrupted dropped block is not reported a second time either.
+        out.extend(p.feed(">LOG:1,I,hello"));
+        assert_eq!(out.len(), 2, "{out:?}");
+        let s = out[0].as_ref().unwrap_err();
+        assert_eq!(s.line, ">CLIENT:ESTABLISHED,7");
+        assert!(s.reason.contains("256 KiB"), "{s:?}");
+        assert_eq!(out[1], Ok(Notification::Other(">LOG:1,I,hello".into())));
+        assert!(!p.in_block());
+
+        // Just under the limit is accepted.
+        p.feed(">CLIENT:ESTABLISHED,8");
+        let line = "y".repeat(1000);
+        let n = MAX_ENV_BYTES / (line.len() + 2);
+        for i in 0..n {
+            assert!(p.feed(&format!(">CLIENT:ENV,{:02}{}", i % 100, line)).is_empty());
+        }
+        let n8 = p.feed(">CLIENT:ENV,END").pop().unwrap().unwrap();
+        assert!(matches!(&n8, Notification::Established { client_id: 8, env } if env.len() == n), "{}", n);
     }
 }
