@@ -328,13 +328,7 @@ impl Lab {
         if let Some(mut s) = self.sinks.take() {
             s.stop();
         }
-        for ns in self.namespaces.drain(..).rev() {
-            if std::path::Path::new(&sys::netns_path(&ns)).exists()
-                && let Err(e) = run("ip", &["netns", "delete", &ns])
-            {
-                errors.push(format!("{e:#}"));
-            }
-        }
+        delete_namespaces(&mut self.namespaces, &mut errors);
         if let Err(e) = cleanup_prefix(&self.prefix) {
             errors.push(format!("{e:#}"));
         }
@@ -355,12 +349,27 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.cleanup()));
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("tunmeter-lab: {e:#}"),
-            Err(_) => eprintln!("tunmeter-lab: panic during cleanup"),
+        cleanup_on_drop("lab", || self.cleanup());
+    }
+}
+
+/// Delete `namespaces` that still exist, newest first, adding failures to `errors`.
+pub(crate) fn delete_namespaces(namespaces: &mut Vec<String>, errors: &mut Vec<String>) {
+    for ns in namespaces.drain(..).rev() {
+        if std::path::Path::new(&sys::netns_path(&ns)).exists()
+            && let Err(e) = run("ip", &["netns", "delete", &ns])
+        {
+            errors.push(format!("{e:#}"));
         }
+    }
+}
+
+/// A lab's cleanup run from `Drop`: failures and panics are reported on stderr, never unwound.
+pub(crate) fn cleanup_on_drop(what: &str, cleanup: impl FnOnce() -> Result<()>) {
+    match std::panic::catch_unwind(AssertUnwindSafe(cleanup)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("tunmeter-lab: {e:#}"),
+        Err(_) => eprintln!("tunmeter-lab: panic during {what} cleanup"),
     }
 }
 

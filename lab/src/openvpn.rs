@@ -31,7 +31,6 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -44,7 +43,7 @@ use crate::oracle::{Counter, Direction, Oracle, OracleCounts, OracleDevice};
 use crate::procs::{LabProc, kill_leftovers, tail, wait_for};
 use crate::sinks::Sinks;
 use crate::transfer::TransferServer;
-use crate::{in_netns, init_ns, ipn, list_prefix, run, sys, traffic, transfer, validate_prefix};
+use crate::{in_netns, init_ns, ipn, list_prefix, run, traffic, transfer, validate_prefix};
 
 /// OpenVPN port of both instances (UDP and TCP).
 pub const OVPN_PORT: u16 = 1194;
@@ -863,13 +862,7 @@ impl OvpnLab {
             }
         }
         self.services.clear();
-        for ns in self.namespaces.drain(..).rev() {
-            if Path::new(&sys::netns_path(&ns)).exists()
-                && let Err(e) = run("ip", &["netns", "delete", &ns])
-            {
-                errors.push(format!("{e:#}"));
-            }
-        }
+        crate::delete_namespaces(&mut self.namespaces, &mut errors);
         if let Err(e) = cleanup(&self.cfg.prefix) {
             errors.push(format!("{e:#}"));
         }
@@ -879,11 +872,7 @@ impl OvpnLab {
 
 impl Drop for OvpnLab {
     fn drop(&mut self) {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.cleanup())) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("tunmeter-lab: {e:#}"),
-            Err(_) => eprintln!("tunmeter-lab: panic during OpenVPN lab cleanup"),
-        }
+        crate::cleanup_on_drop("OpenVPN lab", || self.cleanup());
     }
 }
 

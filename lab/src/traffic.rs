@@ -86,6 +86,20 @@ pub fn tcp_exchange(ns: &str, dst: IpAddr, bytes: usize) -> Result<()> {
     .with_context(|| format!("tcp_exchange {ns} -> {dst} ({bytes} B)"))
 }
 
+/// A UDP socket on an ephemeral port connected to `dst`, with [`IO_TIMEOUT`] both ways. Call
+/// from inside the namespace.
+pub(crate) fn udp_connected(dst: SocketAddr) -> std::io::Result<UdpSocket> {
+    let local: SocketAddr = match dst {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = UdpSocket::bind(local)?;
+    s.connect(dst)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(s)
+}
+
 /// Send `count` datagrams of `size` bytes (>= 1) to `dst`:5002 from inside `ns`, waiting for each
 /// echo (no retries: a missing reply within [`IO_TIMEOUT`] is an error).
 pub fn udp_exchange(ns: &str, dst: IpAddr, count: usize, size: usize) -> Result<()> {
@@ -93,14 +107,7 @@ pub fn udp_exchange(ns: &str, dst: IpAddr, count: usize, size: usize) -> Result<
         bail!("udp size must be 1..=65000");
     }
     in_netns(ns, move || {
-        let local: SocketAddr = match dst {
-            IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let s = UdpSocket::bind(local)?;
-        s.connect(SocketAddr::new(dst, UDP_PORT))?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        let s = udp_connected(SocketAddr::new(dst, UDP_PORT))?;
         let mut out = vec![0u8; size];
         let mut inp = vec![0u8; size + 1];
         for seq in 0..count {

@@ -327,14 +327,7 @@ pub fn udp_transfer(ns: &str, dst: IpAddr, count: usize, up_size: usize, down_si
         bail!("udp_transfer: up_size must be {UDP_MIN_UP}..={UDP_MAX}, down_size {UDP_MIN_DOWN}..={UDP_MAX}");
     }
     in_netns(ns, move || {
-        let local: SocketAddr = match dst {
-            IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let s = UdpSocket::bind(local)?;
-        s.connect(SocketAddr::new(dst, UDP_PORT))?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        let s = crate::traffic::udp_connected(SocketAddr::new(dst, UDP_PORT))?;
         let mut out = vec![0u8; up_size];
         fill(&mut out, 1);
         let mut inp = vec![0u8; down_size + 1];

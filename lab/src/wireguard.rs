@@ -25,7 +25,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -367,13 +366,7 @@ impl WgLab {
                 errors.push(format!("{e:#}"));
             }
         }
-        for ns in self.namespaces.drain(..).rev() {
-            if Path::new(&sys::netns_path(&ns)).exists()
-                && let Err(e) = run("ip", &["netns", "delete", &ns])
-            {
-                errors.push(format!("{e:#}"));
-            }
-        }
+        crate::delete_namespaces(&mut self.namespaces, &mut errors);
         if let Err(e) = cleanup(&self.prefix) {
             errors.push(format!("{e:#}"));
         }
@@ -383,11 +376,7 @@ impl WgLab {
 
 impl Drop for WgLab {
     fn drop(&mut self) {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.cleanup())) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("tunmeter-lab: {e:#}"),
-            Err(_) => eprintln!("tunmeter-lab: panic during WireGuard lab cleanup"),
-        }
+        crate::cleanup_on_drop("WireGuard lab", || self.cleanup());
     }
 }
 

@@ -1,9 +1,9 @@
 //! Talking to the running daemon over its local control socket (`<state_dir>/control.sock`),
 //! which serves the same API as the TCP listener and acts as admin (the socket is root-only).
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, body::Bytes};
 use hyper_util::rt::TokioIo;
 
@@ -19,12 +19,33 @@ pub enum ControlError {
     Timeout(u64),
 }
 
-/// One request; returns the status code and the body.
+/// One request without a body; returns the status code and the body.
 pub async fn request(
     state_dir: &Path,
     method: Method,
     path: &str,
     timeout_secs: u64,
+) -> Result<(u16, String), ControlError> {
+    send(state_dir, method, path, None, Duration::from_secs(timeout_secs)).await
+}
+
+/// One request with a JSON body; returns the status code and the body.
+pub async fn request_json(
+    state_dir: &Path,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<(u16, String), ControlError> {
+    send(state_dir, method, path, Some(body), timeout).await
+}
+
+async fn send(
+    state_dir: &Path,
+    method: Method,
+    path: &str,
+    json: Option<Vec<u8>>,
+    timeout: Duration,
 ) -> Result<(u16, String), ControlError> {
     let fut = async {
         let sock = crate::api::control_socket(state_dir);
@@ -33,13 +54,15 @@ pub async fn request(
             .map_err(|source| ControlError::Connect { path: sock.display().to_string(), source })?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let req = Request::builder().method(method).uri(path).header("host", "localhost").body(Empty::<Bytes>::new())?;
+        let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
+        if json.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req.body(Full::new(Bytes::from(json.unwrap_or_default())))?;
         let resp = send.send_request(req).await?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
-    tokio::time::timeout(std::time::Duration::from_secs(timeout_secs), fut)
-        .await
-        .map_err(|_| ControlError::Timeout(timeout_secs))?
+    tokio::time::timeout(timeout, fut).await.map_err(|_| ControlError::Timeout(timeout.as_secs()))?
 }

@@ -44,6 +44,11 @@ impl Redirects {
     /// Make the maps hold `want` (for the sources no one else holds). Returns the first error
     /// after trying everything.
     pub fn sync(&mut self, want: &BTreeMap<IpNet, u16>) -> Result<(), SteerError> {
+        if want.is_empty() && self.ours.is_empty() {
+            // Nothing to add and nothing of ours to remove: no need to read the maps.
+            self.foreign.clear();
+            return Ok(());
+        }
         let have = self.steer.redirect_sources()?;
         let before = self.ours.clone();
         let mut first_err = None;

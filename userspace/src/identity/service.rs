@@ -220,11 +220,6 @@ impl Identity {
         })
     }
 
-    /// Latest WireGuard handshake of `ip`, if it is a peer's address.
-    pub fn wg_handshake_ms(&self, ip: IpAddr) -> Option<u64> {
-        self.view.read().unwrap_or_else(|p| p.into_inner()).wg.get(&ip).and_then(|w| w.1)
-    }
-
     /// Something changed in the database behind the service's back (a session opened or
     /// closed through the API, a connection or device created or deleted): reload soon.
     pub fn changed(&self) {
@@ -265,7 +260,6 @@ impl Identity {
                 let v = inner.sources.instances.entry(instance).or_default();
                 v.up = true;
                 v.clients = clients;
-                v.at = Some(Instant::now());
             }
             MgmtEvent::Lost { instance, error } => {
                 if !inner.lost.contains_key(&instance) {

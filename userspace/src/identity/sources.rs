@@ -49,8 +49,6 @@ pub struct InstanceView {
     /// Up: the last snapshot is current. Down: the connection is lost (or never made).
     pub up: bool,
     pub clients: Vec<OvpnClient>,
-    /// When the last snapshot arrived.
-    pub at: Option<Instant>,
 }
 
 /// A client-connect the hook reported.
@@ -156,16 +154,6 @@ impl Sources {
         self.hooks.retain(|_, h| !up.contains(&h.wanted.instance) || now.duration_since(h.at) < HOOK_GRACE * 4);
         self.gone.retain(|_, t| now.duration_since(*t) < DISCONNECT_QUIET);
     }
-
-    /// The WireGuard peer behind an address (host routes only).
-    pub fn wg_peer(&self, ip: IpAddr) -> Option<(&str, &WgPeer)> {
-        self.wg.iter().find_map(|(iface, peers)| {
-            peers
-                .iter()
-                .find(|p| p.allowed_ips.iter().any(|n| n.prefix_len() == n.max_prefix_len() && n.addr() == ip))
-                .map(|p| (iface.as_str(), p))
-        })
-    }
 }
 
 #[cfg(test)]
@@ -208,14 +196,10 @@ mod tests {
     #[test]
     fn snapshots_of_instances_that_are_up_count() {
         let mut s = Sources::default();
-        s.instances.insert(
-            "udp".into(),
-            InstanceView { up: true, clients: vec![client("alice", "10.8.0.2", "1.2.3.4:5")], at: None },
-        );
-        s.instances.insert(
-            "tcp".into(),
-            InstanceView { up: false, clients: vec![client("bob", "10.8.100.2", "1.2.3.5:6")], at: None },
-        );
+        s.instances
+            .insert("udp".into(), InstanceView { up: true, clients: vec![client("alice", "10.8.0.2", "1.2.3.4:5")] });
+        s.instances
+            .insert("tcp".into(), InstanceView { up: false, clients: vec![client("bob", "10.8.100.2", "1.2.3.5:6")] });
         let w = s.wanted(&protocols(), Instant::now(), 0);
         assert_eq!(w.len(), 1);
         let a = &w[&"10.8.0.2".parse().unwrap()];
@@ -247,10 +231,8 @@ mod tests {
         let now = Instant::now();
         let ip: IpAddr = "10.8.0.2".parse().unwrap();
         let mut s = Sources::default();
-        s.instances.insert(
-            "udp".into(),
-            InstanceView { up: true, clients: vec![client("alice", "10.8.0.2", "1.2.3.4:5")], at: None },
-        );
+        s.instances
+            .insert("udp".into(), InstanceView { up: true, clients: vec![client("alice", "10.8.0.2", "1.2.3.4:5")] });
         s.gone.insert((ip, "1.2.3.4:5".into()), now);
         assert!(s.wanted(&protocols(), now, 0).is_empty());
         // A new connection of the same address (another source port) is believed.
@@ -279,6 +261,5 @@ mod tests {
         );
         let w = s.wanted(&Protocols::new(), Instant::now(), 1_010_000);
         assert_eq!(w.keys().map(|k| k.to_string()).collect::<Vec<_>>(), ["10.7.0.2", "fd00:7::2"]);
-        assert_eq!(s.wg_peer("10.7.0.3".parse().unwrap()).unwrap().0, "wg0");
     }
 }

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use serde::Serialize;
-use sqlx::{AnyConnection, Row as _, any::AnyRow};
+use sqlx::{Any, AnyConnection, Row as _, Transaction, any::AnyRow};
 use tracing::{error, info};
 
 use super::{RegistryError, begin_write, ip_column, is_foreign_key_violation, is_unique_violation, new_id};
@@ -244,6 +244,29 @@ async fn insert_failed(db: &Database, node: &str, ip: IpAddr, e: sqlx::Error) ->
     RegistryError::Db(logged("opening a session", node, e))
 }
 
+/// Insert `new` (with its `session.opened` event) in `tx` and commit; wakes the webhook worker.
+async fn insert_and_commit(
+    db: &Database,
+    node: &str,
+    hooks: &Webhooks,
+    mut tx: Transaction<'static, Any>,
+    new: &NewSession,
+    now_ms: u64,
+) -> Result<Session, RegistryError> {
+    let s = match insert_on(&mut tx, node, hooks, new, now_ms).await {
+        Ok(s) => s,
+        Err(e) => {
+            drop(tx);
+            return Err(insert_failed(db, node, new.client_ip, e).await);
+        }
+    };
+    if let Err(e) = tx.commit().await {
+        return Err(insert_failed(db, node, new.client_ip, e).await);
+    }
+    hooks.wake();
+    Ok(s)
+}
+
 /// Open a session and enqueue `session.opened`, in one transaction. The client must have a
 /// row in `clients` (the caller admits it to the ledger first). A concurrent or existing
 /// active session for the same client -> `RegistryError::Conflict` (the unique index decides).
@@ -260,18 +283,8 @@ pub async fn open(
     if let Some(a) = active_on(&db.pool, node, ip).await.map_err(|e| logged("reading the active session", node, e))? {
         return Err(conflict_active(ip, Some(&a)));
     }
-    let mut tx = begin_write(db).await.map_err(|e| logged("beginning a transaction", node, e))?;
-    let s = match insert_on(&mut tx, node, hooks, new, now_ms).await {
-        Ok(s) => s,
-        Err(e) => {
-            drop(tx);
-            return Err(insert_failed(db, node, ip, e).await);
-        }
-    };
-    if let Err(e) = tx.commit().await {
-        return Err(insert_failed(db, node, ip, e).await);
-    }
-    hooks.wake();
+    let tx = begin_write(db).await.map_err(|e| logged("beginning a transaction", node, e))?;
+    let s = insert_and_commit(db, node, hooks, tx, new, now_ms).await?;
     info!(node, session = s.id, %ip, source = s.source, username = s.username, "session opened");
     Ok(s)
 }
@@ -382,17 +395,7 @@ pub async fn replace(
     }
     .await
     .map_err(|e| logged("closing the superseded session", node, e))?;
-    let opened = match insert_on(&mut tx, node, hooks, new, now_ms).await {
-        Ok(s) => s,
-        Err(e) => {
-            drop(tx);
-            return Err(insert_failed(db, node, ip, e).await);
-        }
-    };
-    if let Err(e) = tx.commit().await {
-        return Err(insert_failed(db, node, ip, e).await);
-    }
-    hooks.wake();
+    let opened = insert_and_commit(db, node, hooks, tx, new, now_ms).await?;
     if let Some(c) = &closed {
         info!(node, old = c.id, new = opened.id, %ip, "session superseded");
     }

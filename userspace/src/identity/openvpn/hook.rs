@@ -10,9 +10,7 @@
 
 use std::{path::Path, time::Duration};
 
-use http_body_util::{BodyExt as _, Full};
-use hyper::{Method, Request, body::Bytes};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use serde::{Deserialize, Serialize};
 
 /// client-connect or client-disconnect.
@@ -154,41 +152,6 @@ pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Path of the hook endpoint.
 pub const HOOK_PATH: &str = "/api/v1/hooks/openvpn";
 
-/// POST `body` (JSON) to `path` on the daemon's control socket; the status and the body.
-pub async fn post_json(
-    state_dir: &Path,
-    path: &str,
-    body: Vec<u8>,
-    timeout: Duration,
-) -> Result<(u16, String), String> {
-    let sock = crate::api::control_socket(state_dir);
-    let fut = async {
-        let stream = tokio::net::UnixStream::connect(&sock).await.map_err(|e| {
-            format!(
-                "cannot reach the daemon at {}: {e} (is `tunmeter run` running with this --state-dir?)",
-                sock.display()
-            )
-        })?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("HTTP: {e}"))?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(path)
-            .header("host", "localhost")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| format!("building the request: {e}"))?;
-        let resp = send.send_request(req).await.map_err(|e| format!("HTTP: {e}"))?;
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.map_err(|e| format!("reading the answer: {e}"))?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| format!("the daemon did not answer within {} s", timeout.as_secs()))?
-}
-
 /// The message of an API error body (`{"error": {"message"}}`), else the raw body.
 fn error_text(status: u16, body: &str) -> String {
     let msg = serde_json::from_str::<serde_json::Value>(body)
@@ -205,10 +168,11 @@ pub async fn send(state_dir: &Path, call: &HookCall) -> Result<(), String> {
     let body = serde_json::to_vec(call).map_err(|e| format!("encoding the hook call: {e}"))?;
     let mut first_error = None;
     for attempt in 1..=2 {
-        let err = match post_json(state_dir, HOOK_PATH, body.clone(), ATTEMPT_TIMEOUT).await {
+        let sent = crate::control::request_json(state_dir, Method::POST, HOOK_PATH, body.clone(), ATTEMPT_TIMEOUT);
+        let err = match sent.await {
             Ok((status, _)) if (200..300).contains(&status) => return Ok(()),
             Ok((status, text)) => error_text(status, &text),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         if attempt == 1 {
             first_error = Some(err);
