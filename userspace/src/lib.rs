@@ -1,33 +1,35 @@
-//! tunmeter: per-VPN-client traffic accounting with eBPF.
+//! tunmeter: per-VPN-client traffic accounting and steering with eBPF.
 //!
-//! One module per job:
-//! - dataplane: `config` (file + flags), `loader` (the eBPF object and its pinned maps),
-//!   `attach` (TCX/netlink attachment and link pins), `links` (rtnetlink devices and events),
-//!   `clock` (kernel time for last-seen), `counters` and `batch` (reading maps into rows),
-//!   `system` (host checks that name the fix), `daemon` (the run loop);
-//! - ledger: `db` (SQLite/PostgreSQL and migrations), `ledger` (polling, lossless deltas,
-//!   resets, history), `tokens` (API tokens);
-//! - serving: `api` (REST, live stream), `metrics` (Prometheus), `web` (the dashboard);
-//! - `report` (CLI tables).
+//! Layers, each using only the layers above it in this list (checked by `cargo xtask check`;
+//! see ARCHITECTURE.md):
+//! 1. foundation: `types` (shared vocabulary), `time`, `config` (file + flags), `db`
+//!    (SQLite/PostgreSQL and migrations), `tasks` (background tasks that stop together);
+//! 2. kernel: `bpf` (loading, attaching, devices, the kernel clock, reading the maps);
+//! 3. domain: `webhook` (durable outbox), `ledger` (lossless usage), `tokens` (API tokens),
+//!    `steer` (forward and redirect rules), `registry` (sessions, devices, connections),
+//!    `identity` (who is behind each address);
+//! 4. serving: `control` (the local control socket), `web` (the dashboard's files), `api`
+//!    (REST, live stream, metrics);
+//! 5. top: `daemon` (`tunmeter run`) and `cli` (every subcommand).
 
-pub mod api;
-pub mod attach;
-pub mod batch;
-pub mod clock;
 pub mod config;
-pub mod control;
-pub mod counters;
-pub mod daemon;
 pub mod db;
+pub mod tasks;
+pub mod time;
+pub mod types;
+
+pub mod bpf;
+
 pub mod identity;
 pub mod ledger;
-pub mod links;
-pub mod loader;
-pub mod metrics;
 pub mod registry;
-pub mod report;
 pub mod steer;
-pub mod system;
 pub mod tokens;
-pub mod web;
 pub mod webhook;
+
+pub mod api;
+pub mod control;
+pub mod web;
+
+pub mod cli;
+pub mod daemon;

@@ -11,12 +11,14 @@ use sha2::{Digest as _, Sha256};
 use sqlx::Row as _;
 
 use crate::{
-    clock::unix_ms,
     db::{Database, from_db, to_db},
     ledger::store,
+    time::unix_ms,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize, utoipa::ToSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Every GET.

@@ -1,10 +1,13 @@
 //! The HTTP API (axum): REST under `/api/v1`, the live stream, `/metrics`, `/healthz`, and the
-//! dashboard. Served on a TCP address (bearer tokens) and on a local control socket in the
+//! dashboard. Served on a TCP address (bearer tokens) and on the local control socket in the
 //! state directory (root-only by file mode; acts as admin), which the CLI uses.
 
 pub mod auth;
+pub mod doc;
 pub mod error;
 pub mod hooks;
+pub mod metrics;
+pub mod params;
 pub mod registry;
 pub mod routes;
 pub mod stream;
@@ -18,13 +21,15 @@ use axum::{
     routing::{get, post},
 };
 use tracing::info;
-use utoipa::OpenApi;
 
 use crate::{
-    counters::OutcomeRow,
+    bpf::{
+        counters::OutcomeRow,
+        loader::{LoadError, PinnedMaps},
+    },
+    control,
     ledger::Ledger,
-    loader::{LoadError, PinnedMaps},
-    metrics::Metrics,
+    tasks::Tasks,
     tokens::TokenCache,
 };
 
@@ -45,7 +50,6 @@ pub struct App {
     pub cfg: ApiConfig,
     pub ledger: Arc<Ledger>,
     pub tokens: TokenCache,
-    pub metrics: Arc<Metrics>,
     pub hub: stream::Hub,
     pub maps: Option<PinnedMaps>,
     /// The serialised client list of the latest poll.
@@ -64,32 +68,9 @@ pub struct ListCache {
 impl App {
     pub fn kernel_outcomes(&self) -> Result<Vec<OutcomeRow>, LoadError> {
         match &self.maps {
-            Some(m) => crate::counters::read_stats(m),
+            Some(m) => crate::bpf::counters::read_stats(m),
             None => Ok(Vec::new()),
         }
-    }
-}
-
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "tunmeter", description = "Per-VPN-client usage ledger, resets and live rates"),
-    paths(
-        routes::healthz, routes::me, routes::list_clients, routes::get_client, routes::usage, routes::reset,
-        routes::resets, routes::stats, routes::metrics, stream::stream, hooks::openvpn
-    ),
-    modifiers(&BearerScheme)
-)]
-pub struct ApiDoc;
-
-struct BearerScheme;
-
-impl utoipa::Modify for BearerScheme {
-    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        api.components.get_or_insert_with(Default::default).add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
     }
 }
 
@@ -103,7 +84,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/clients/{ip}/resets", get(routes::resets))
         .route("/stats", get(routes::stats))
         .route("/stream", get(stream::stream))
-        .route("/openapi.json", get(routes::openapi))
+        .route("/openapi.json", get(doc::openapi))
         .route("/hooks/openvpn", post(hooks::openvpn))
         .merge(registry::routes())
         .merge(webhooks::routes());
@@ -123,17 +104,9 @@ pub enum ServeError {
     Listen { addr: String, source: std::io::Error },
 }
 
-/// Path of the local control socket.
-pub fn control_socket(state_dir: &Path) -> std::path::PathBuf {
-    state_dir.join("control.sock")
-}
-
-/// Bind the TCP listener (if configured) and the control socket; serve until `shutdown`.
-pub async fn serve(
-    app: Arc<App>,
-    state_dir: &Path,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+/// Bind the TCP listener (if configured) and the control socket, then serve both (and the
+/// live-stream producer) as tasks of `tasks` until its token is cancelled.
+pub async fn serve(app: Arc<App>, state_dir: &Path, tasks: &mut Tasks) -> Result<(), ServeError> {
     let tcp = match app.cfg.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -142,39 +115,18 @@ pub async fn serve(
         ),
         None => None,
     };
-    let sock = control_socket(state_dir);
-    let _ = std::fs::remove_file(&sock);
-    let unix = tokio::net::UnixListener::bind(&sock)
+    let sock = control::socket_path(state_dir);
+    let unix = control::server::bind(&sock)
         .map_err(|source| ServeError::Listen { addr: sock.display().to_string(), source })?;
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
-    }
-    stream::spawn_producer(app.clone());
+    let stop = tasks.token();
+    tasks.spawn("stream producer", stream::produce(app.clone(), stop.clone()));
     let router = router(app.clone());
     let local = router.clone().layer(Extension(auth::LocalControl));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-    if let Some(l) = &tcp {
+    let stopped = stop.clone();
+    tasks.spawn("control socket", control::server::serve(unix, local, async move { stopped.cancelled().await }));
+    if let Some(l) = tcp {
         info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "API listening");
+        tasks.spawn("api", async move { axum::serve(l, router).with_graceful_shutdown(stop.cancelled_owned()).await });
     }
-    let rx2 = stop_rx.clone();
-    Ok(tokio::spawn(async move {
-        let unix_srv = axum::serve(unix, local).with_graceful_shutdown(wait(rx2));
-        match tcp {
-            Some(l) => {
-                let tcp_srv = axum::serve(l, router).with_graceful_shutdown(wait(stop_rx));
-                let _ = tokio::join!(unix_srv, tcp_srv);
-            }
-            None => {
-                let _ = unix_srv.await;
-            }
-        }
-    }))
+    Ok(())
 }

@@ -1,4 +1,5 @@
-//! Route handlers.
+//! The client routes (list, one client, usage history, reset), health, stats, metrics and the
+//! JSON fallbacks for unknown routes and methods.
 
 use std::{net::IpAddr, sync::Arc};
 
@@ -11,24 +12,11 @@ use axum::{
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::{App, auth::Caller, error::ApiError, error::ErrorBody, views::*};
+use super::{App, auth::Caller, error::ApiError, error::ErrorBody, params::parse_client, views::*};
 use crate::{
-    clock::unix_ms,
     ledger::{LedgerError, state::ClientState, store, store::Granularity},
+    time::unix_ms,
 };
-
-/// Parse a client address from the path: canonical IPv4 or IPv6 text.
-pub fn parse_client(s: &str) -> Result<IpAddr, ApiError> {
-    let ip: IpAddr = s.parse().map_err(|_| {
-        ApiError::bad_request(format!("{s:?} is not an IP address (expected e.g. 10.8.0.2 or fd00:8::2)"))
-    })?;
-    if let IpAddr::V6(v6) = ip
-        && let Some(v4) = v6.to_ipv4_mapped()
-    {
-        return Err(ApiError::bad_request(format!("{s:?} is IPv4-mapped: use {v4}")));
-    }
-    Ok(ip)
-}
 
 /// A client address from the path that this node's ledger knows (400 if malformed, 404 if not).
 fn known_client(app: &App, s: &str) -> Result<(IpAddr, ClientState), ApiError> {
@@ -210,7 +198,7 @@ pub async fn stats(_c: Caller, State(app): State<Arc<App>>) -> Json<serde_json::
             "polls": h.polls, "poll_errors": h.poll_errors,
             "flushes": h.flushes, "flush_errors": h.flush_errors, "flush_cycles": h.flush_cycles,
         },
-        "stream_subscribers": app.metrics.stream_subscribers.load(std::sync::atomic::Ordering::Relaxed),
+        "stream_subscribers": app.hub.subscribers(),
         "kernel": kernel,
     }))
 }
@@ -220,17 +208,14 @@ pub async fn stats(_c: Caller, State(app): State<Arc<App>>) -> Json<serde_json::
 pub async fn metrics(_c: Caller, State(app): State<Arc<App>>) -> impl IntoResponse {
     let outcomes = app.kernel_outcomes().unwrap_or_default();
     let steer = app.maps.as_ref().and_then(|m| crate::steer::SteerMaps::new(&m.dir).list().ok());
-    let body =
-        crate::metrics::render(&app.metrics, &app.ledger, &outcomes, steer.as_ref(), app.cfg.metrics_max_clients);
+    let body = super::metrics::render(
+        &app.ledger,
+        app.hub.subscribers(),
+        &outcomes,
+        steer.as_ref(),
+        app.cfg.metrics_max_clients,
+    );
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
-}
-
-pub async fn openapi(_c: Caller) -> impl IntoResponse {
-    use utoipa::OpenApi as _;
-    let mut doc = super::ApiDoc::openapi();
-    doc.merge(super::registry::RegistryDoc::openapi());
-    doc.merge(super::webhooks::WebhookDoc::openapi());
-    ([(header::CONTENT_TYPE, "application/json")], doc.to_pretty_json().unwrap_or_default())
 }
 
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -239,13 +224,4 @@ pub async fn not_found(uri: axum::http::Uri) -> ApiError {
 
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", uri.path()))
-}
-
-/// The `reset` webhook event of a reset (its data is the API's reset object).
-pub fn reset_event(rec: &crate::ledger::state::ResetRecord) -> crate::webhook::Event {
-    crate::webhook::Event {
-        kind: crate::webhook::EventKind::Reset,
-        subject: rec.ip.to_string(),
-        data: serde_json::to_value(ResetView::from(rec)).expect("plain data"),
-    }
 }

@@ -5,7 +5,7 @@
 //! Each subscriber sends the newest frame when it can; a slow one skips frames, and one whose
 //! send does not complete within `stall_timeout` is disconnected.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::sync::Arc;
 
 use axum::{
     extract::{
@@ -16,10 +16,11 @@ use axum::{
 };
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::{App, auth::Caller, views::is_online};
-use crate::clock::unix_ms;
+use crate::time::unix_ms;
 
 pub struct Hub {
     tx: watch::Sender<Utf8Bytes>,
@@ -76,19 +77,20 @@ pub fn frame(app: &App) -> String {
     .to_string()
 }
 
-/// Publish frames while there are subscribers.
-pub fn spawn_producer(app: Arc<App>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(app.cfg.stream_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tick.tick().await;
-            if app.hub.subscribers() > 0 {
-                let f = frame(&app);
-                app.hub.tx.send_replace(Utf8Bytes::from(f));
-            }
+/// Publish frames while there are subscribers, until `stop` is cancelled.
+pub async fn produce(app: Arc<App>, stop: CancellationToken) -> Result<(), std::convert::Infallible> {
+    let mut tick = tokio::time::interval(app.cfg.stream_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return Ok(()),
         }
-    })
+        if app.hub.subscribers() > 0 {
+            let f = frame(&app);
+            app.hub.tx.send_replace(Utf8Bytes::from(f));
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/stream", tag = "stream", security(("bearer" = [])),
@@ -100,7 +102,6 @@ pub async fn stream(_c: Caller, State(app): State<Arc<App>>, ws: WebSocketUpgrad
 
 async fn serve(socket: WebSocket, app: Arc<App>) {
     let mut rx = app.hub.tx.subscribe();
-    app.metrics.stream_subscribers.fetch_add(1, Ordering::Relaxed);
     let stall = app.cfg.stall_timeout;
     let (mut sink, mut incoming) = socket.split();
     let first = Utf8Bytes::from(frame(&app));
@@ -132,5 +133,4 @@ async fn serve(socket: WebSocket, app: Arc<App>) {
             },
         }
     }
-    app.metrics.stream_subscribers.fetch_sub(1, Ordering::Relaxed);
 }

@@ -183,3 +183,12 @@ pub struct Healthz {
     /// "ok", or "down" while writes fail (counting goes on; pending usage is written later).
     pub database: &'static str,
 }
+
+/// The `reset` webhook event of a reset (its data is the API's reset object).
+pub fn reset_event(rec: &crate::ledger::state::ResetRecord) -> crate::webhook::Event {
+    crate::webhook::Event {
+        kind: crate::types::EventKind::Reset,
+        subject: rec.ip.to_string(),
+        data: serde_json::to_value(ResetView::from(rec)).expect("plain data"),
+    }
+}

@@ -10,6 +10,8 @@ use std::{net::IpAddr, time::Instant};
 
 use tracing::{error, info, warn};
 
+use crate::types::{CloseReason, SessionProtocol, SessionSource};
+
 use super::{
     openvpn::hook::{HookCall, HookKind},
     service::{HOOK_DEADLINE, HookReply, HookSession, Identity, IdentityError, Inner},
@@ -39,12 +41,12 @@ impl Identity {
         }
         let instance = self.instance_of_dev(&call.dev);
         let wanted = Wanted {
-            protocol: self.protocols.get(&instance).cloned().unwrap_or_else(|| "openvpn".into()),
+            protocol: self.protocols.get(&instance).copied().unwrap_or(SessionProtocol::Openvpn),
             instance,
             common_name: call.common_name.clone(),
             username: call.username.clone().unwrap_or_default(),
             real_address: call.real_address.clone(),
-            source: "hook",
+            source: SessionSource::Hook,
         };
         match call.kind {
             HookKind::ClientConnect => {
@@ -108,7 +110,7 @@ impl Identity {
                 inner.sources.hooks.remove(ip);
             }
             if let Some(s) = inner.active.get(ip).filter(|s| s.real_address == w.real_address).cloned()
-                && let Err(e) = self.close_session(&mut inner, &s, "rejected").await
+                && let Err(e) = self.close_session(&mut inner, &s, CloseReason::Rejected).await
             {
                 error!(%ip, session = s.id, %e, "closing the session of a refused client failed; the next tick retries");
             }
@@ -160,7 +162,7 @@ impl Identity {
         }
         // A disconnect of an older connection of this address changes nothing.
         if let Some(s) = inner.active.get(&ip).filter(|s| s.real_address == w.real_address).cloned() {
-            let closed = self.close_session(inner, &s, "disconnected").await?;
+            let closed = self.close_session(inner, &s, CloseReason::Disconnected).await?;
             reply.sessions.push(HookSession { id: closed.id, client_ip: ip.to_string() });
         }
         Ok(())

@@ -46,7 +46,7 @@ pub struct ClientIdentity {
     pub username: Option<String>,
     pub common_name: Option<String>,
     /// openvpn-udp, openvpn-tcp, wireguard, other
-    pub protocol: Option<String>,
+    pub protocol: Option<crate::types::SessionProtocol>,
     /// Management instance or WireGuard interface.
     pub instance: Option<String>,
     pub real_address: Option<String>,

@@ -16,19 +16,24 @@ use super::{
     sources::Wanted,
 };
 use crate::{
-    clock::unix_ms,
     ledger::state::Totals,
     registry::{
         RegistryError, connections, devices,
         sessions::{self, NewSession, Session},
     },
+    time::unix_ms,
+    types::{CloseReason, ConnectionProtocol, SessionProtocol, SessionSource},
 };
 
 /// The same connection: a retried hook, the snapshot of a hook-announced client, a session
 /// of the previous run. WireGuard peers are one connection per key (the endpoint roams).
 fn same_connection(s: &Session, w: &Wanted) -> bool {
     s.instance == w.instance
-        && if w.protocol == "wireguard" { s.common_name == w.common_name } else { s.real_address == w.real_address }
+        && if w.protocol == SessionProtocol::Wireguard {
+            s.common_name == w.common_name
+        } else {
+            s.real_address == w.real_address
+        }
 }
 
 impl Identity {
@@ -81,14 +86,14 @@ impl Identity {
     ) -> Result<(Session, bool), IdentityError> {
         let existing = inner.active.get(&ip).cloned();
         if let Some(s) = &existing
-            && (same_connection(s, w) || (s.source == "api" && !force))
+            && (same_connection(s, w) || (s.source == SessionSource::Api && !force))
         {
             return Ok((s.clone(), false));
         }
         let start = self.ledger.admit(ip).await?;
         let new = NewSession {
             client_ip: ip,
-            protocol: w.protocol.clone(),
+            protocol: w.protocol,
             instance: w.instance.clone(),
             common_name: w.common_name.clone(),
             username: w.username.clone(),
@@ -118,7 +123,7 @@ impl Identity {
         &self,
         inner: &mut Inner,
         s: &Session,
-        reason: &str,
+        reason: CloseReason,
     ) -> Result<Session, IdentityError> {
         let end = self.ledger.client(s.client_ip).map(|c| c.total).unwrap_or(Totals {
             up_bytes: s.start_up_bytes,
@@ -159,15 +164,15 @@ impl Identity {
         if let Some(e) = last_err {
             warn!(addresses = ?failed_opens, %e, "sessions not opened; retrying on the next tick");
         }
-        let stale: Vec<(Session, &'static str)> = inner
+        let stale: Vec<(Session, CloseReason)> = inner
             .active
             .values()
-            .filter(|s| s.source != "api" && !wanted.contains_key(&s.client_ip))
+            .filter(|s| s.source != SessionSource::Api && !wanted.contains_key(&s.client_ip))
             .filter_map(|s| self.close_reason(inner, s, now).map(|r| (s.clone(), r)))
             .collect();
         for (s, reason) in stale {
             if let Err(e) = self.close_session(inner, &s, reason).await {
-                error!(ip = %s.client_ip, session = s.id, reason, %e, "closing a session failed; retrying on the next tick");
+                error!(ip = %s.client_ip, session = s.id, %reason, %e, "closing a session failed; retrying on the next tick");
             }
         }
         if let Err(e) = self.sync_redirects(inner) {
@@ -176,24 +181,26 @@ impl Identity {
     }
 
     /// Why an active session that no source lists should close now (None: keep it).
-    fn close_reason(&self, inner: &Inner, s: &Session, now: Instant) -> Option<&'static str> {
-        if s.protocol == "wireguard" {
+    fn close_reason(&self, inner: &Inner, s: &Session, now: Instant) -> Option<CloseReason> {
+        if s.protocol == SessionProtocol::Wireguard {
             if !self.opts.wireguard.contains(&s.instance) {
-                return Some("interface_not_configured");
+                return Some(CloseReason::InterfaceNotConfigured);
             }
-            return inner.wg_read.contains_key(&s.instance).then_some("handshake_expired");
+            return inner.wg_read.contains_key(&s.instance).then_some(CloseReason::HandshakeExpired);
         }
         match inner.sources.instances.get(&s.instance) {
             Some(_) => match inner.lost.get(&s.instance) {
-                Some(since) if now.duration_since(*since) >= self.opts.management_grace => Some("management_lost"),
+                Some(since) if now.duration_since(*since) >= self.opts.management_grace => {
+                    Some(CloseReason::ManagementLost)
+                }
                 // Lost only a moment ago: a management restart or stall changes nothing.
                 Some(_) => None,
-                None if inner.sources.instances[&s.instance].up => Some("disconnected"),
+                None if inner.sources.instances[&s.instance].up => Some(CloseReason::Disconnected),
                 // Not heard from yet since start: wait for its first snapshot or failure.
                 None => None,
             },
             // Listed by a management instance that is no longer configured.
-            None if s.source == "management" => Some("instance_not_configured"),
+            None if s.source == SessionSource::Management => Some(CloseReason::InstanceNotConfigured),
             // Hook-only clients (no management interface for their instance) leave by the hook.
             None => None,
         }
@@ -204,7 +211,7 @@ impl Identity {
         let users: HashMap<&str, u16> = inner
             .connections
             .iter()
-            .filter(|c| c.protocol == "openvpn")
+            .filter(|c| c.protocol == ConnectionProtocol::Openvpn)
             .filter_map(|c| Some((c.username.as_deref()?, c.proxy_port?)))
             .collect();
         let want: BTreeMap<IpNet, u16> = inner

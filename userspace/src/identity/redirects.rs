@@ -15,7 +15,10 @@ use std::{
 use ipnet::IpNet;
 use tracing::{info, warn};
 
-use crate::steer::{Origin, RedirectSpec, SteerError, SteerMaps};
+use crate::{
+    steer::{Origin, SteerError, SteerMaps},
+    types::RedirectSpec,
+};
 
 pub struct Redirects {
     steer: SteerMaps,

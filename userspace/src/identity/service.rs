@@ -17,17 +17,18 @@ use std::{
 
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::{
     ClientIdentity, DeviceRef, SessionRef,
-    openvpn::mgmt::{InstanceConfig, MgmtEvent},
+    openvpn::mgmt::MgmtEvent,
     redirects::Redirects,
     sources::{InstanceView, Protocols, Sources, WG_SESSION_TIMEOUT_MS},
     wireguard::{self, WgPeer},
 };
 use crate::{
-    clock::unix_ms,
+    config::OpenvpnInstance,
     db::Database,
     ledger::{Ledger, LedgerError},
     registry::{
@@ -37,6 +38,9 @@ use crate::{
         sessions::Session,
     },
     steer::SteerMaps,
+    tasks::Tasks,
+    time::unix_ms,
+    types::{ConnectionProtocol, SessionProtocol},
     webhook::Webhooks,
 };
 
@@ -73,7 +77,7 @@ impl From<RegistryError> for IdentityError {
 pub struct IdentityOptions {
     pub node_id: String,
     pub state_dir: PathBuf,
-    pub openvpn: Vec<InstanceConfig>,
+    pub openvpn: Vec<OpenvpnInstance>,
     /// Instance name -> tun device (maps the hook's `dev` to an instance).
     pub openvpn_interfaces: BTreeMap<String, String>,
     pub wireguard: Vec<String>,
@@ -138,7 +142,6 @@ pub struct Identity {
     view: RwLock<View>,
     pub(super) reload: AtomicBool,
     wake: Notify,
-    stop: Notify,
     /// WireGuard interfaces whose last read failed (reported once).
     wg_failing: std::sync::Mutex<BTreeSet<String>>,
 }
@@ -157,7 +160,7 @@ impl Identity {
         hooks: Arc<Webhooks>,
         steer: Option<SteerMaps>,
     ) -> Arc<Identity> {
-        let protocols = opts.openvpn.iter().map(|i| (i.name.clone(), i.protocol.clone())).collect();
+        let protocols = opts.openvpn.iter().map(|i| (i.name.clone(), i.protocol)).collect();
         let mut inner = Inner { redirects: steer.map(|s| Redirects::new(s, &opts.state_dir)), ..Inner::default() };
         for i in &opts.openvpn {
             inner.sources.instances.insert(i.name.clone(), InstanceView::default());
@@ -172,7 +175,6 @@ impl Identity {
             view: RwLock::new(View::default()),
             reload: AtomicBool::new(true),
             wake: Notify::new(),
-            stop: Notify::new(),
             wg_failing: Default::default(),
         })
     }
@@ -202,7 +204,7 @@ impl Identity {
         Some(ClientIdentity {
             username: s.and_then(|s| nonempty(&s.username).or_else(|| nonempty(&s.common_name))),
             common_name: s.and_then(|s| nonempty(&s.common_name)),
-            protocol: s.map(|s| s.protocol.clone()).or(wg.map(|_| "wireguard".into())),
+            protocol: s.map(|s| s.protocol).or(wg.map(|_| SessionProtocol::Wireguard)),
             instance: s.and_then(|s| nonempty(&s.instance)),
             real_address: s.and_then(|s| nonempty(&s.real_address)),
             wg_public_key: wg.map(|w| w.0.clone()),
@@ -236,7 +238,7 @@ impl Identity {
             openvpn_users: inner
                 .connections
                 .iter()
-                .filter(|c| c.protocol == "openvpn")
+                .filter(|c| c.protocol == ConnectionProtocol::Openvpn)
                 .filter_map(|c| Some((c.username.clone()?, c.device_id.clone())))
                 .collect(),
             wg: HashMap::new(),
@@ -361,14 +363,20 @@ impl Identity {
         }
     }
 
-    /// Run the service: management instances, WireGuard reads, reconcile ticks.
-    pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
-        tokio::spawn(async move {
+    /// Run the service as a task of `tasks` until its token is cancelled: management
+    /// instances, WireGuard reads, reconcile ticks.
+    pub fn spawn(self: &Arc<Self>, tasks: &mut Tasks) {
+        tasks.spawn("identity", self.clone().run(tasks.token()));
+    }
+
+    async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<(), std::convert::Infallible> {
+        let me = self;
+        {
             let (tx, mut rx) = mpsc::channel(64);
-            let mut tasks = Vec::new();
+            // One task per management interface; dropped (aborted) with this set.
+            let mut instances = tokio::task::JoinSet::new();
             for cfg in me.opts.openvpn.clone() {
-                tasks.push(tokio::spawn(super::openvpn::mgmt::run_instance(cfg, tx.clone())));
+                instances.spawn(super::openvpn::mgmt::run_instance(cfg, tx.clone()));
             }
             drop(tx);
             let mut tick = tokio::time::interval(me.opts.reconcile);
@@ -383,7 +391,7 @@ impl Identity {
                     Some(ev) = rx.recv() => Wake::Mgmt(ev),
                     _ = tick.tick() => Wake::Tick,
                     _ = me.wake.notified() => Wake::Changed,
-                    _ = me.stop.notified() => break,
+                    _ = stop.cancelled() => break,
                 };
                 let is_tick = matches!(wake, Wake::Tick);
                 let reads = if is_tick { Some(me.read_wireguard().await) } else { None };
@@ -409,13 +417,8 @@ impl Identity {
                     me.monitor_devices().await;
                 }
             }
-            for t in tasks {
-                t.abort();
-            }
-        })
-    }
-
-    pub fn shutdown(&self) {
-        self.stop.notify_one();
+            instances.abort_all();
+        }
+        Ok(())
     }
 }

@@ -14,6 +14,7 @@ use std::{
 };
 
 use super::{openvpn::status::OvpnClient, wireguard::WgPeer};
+use crate::types::{SessionProtocol, SessionSource};
 
 /// How long a hook-announced connection counts as connected without being listed by its
 /// instance's management interface.
@@ -27,13 +28,12 @@ pub const WG_SESSION_TIMEOUT_MS: u64 = 180_000;
 /// One connected address as the session it should have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
-    pub protocol: String,
+    pub protocol: SessionProtocol,
     pub instance: String,
     pub common_name: String,
     pub username: String,
     pub real_address: String,
-    /// hook, management, wireguard
-    pub source: &'static str,
+    pub source: SessionSource,
 }
 
 impl Wanted {
@@ -71,7 +71,7 @@ pub struct Sources {
 }
 
 /// The protocol of an instance ("openvpn-udp"), by instance name.
-pub type Protocols = BTreeMap<String, String>;
+pub type Protocols = BTreeMap<String, SessionProtocol>;
 
 impl Sources {
     /// Everything connected now, by address, and the instances whose absence of a client is
@@ -82,7 +82,7 @@ impl Sources {
             if !view.up {
                 continue;
             }
-            let protocol = protocols.get(name).cloned().unwrap_or_else(|| "openvpn".into());
+            let protocol = protocols.get(name).copied().unwrap_or(SessionProtocol::Openvpn);
             for c in &view.clients {
                 for ip in c.addresses() {
                     if self.is_quiet(ip, &c.real_address, now) {
@@ -91,12 +91,12 @@ impl Sources {
                     out.insert(
                         ip,
                         Wanted {
-                            protocol: protocol.clone(),
+                            protocol,
                             instance: name.clone(),
                             common_name: c.common_name.clone(),
                             username: c.username.clone().unwrap_or_default(),
                             real_address: c.real_address.clone(),
-                            source: "management",
+                            source: SessionSource::Management,
                         },
                     );
                 }
@@ -125,13 +125,13 @@ impl Sources {
                         continue;
                     }
                     out.entry(net.addr()).or_insert_with(|| Wanted {
-                        protocol: "wireguard".into(),
+                        protocol: SessionProtocol::Wireguard,
                         instance: iface.clone(),
                         // A peer is its key: the endpoint roams.
                         common_name: p.public_key.clone(),
                         username: String::new(),
                         real_address: p.endpoint.clone().unwrap_or_default(),
-                        source: "wireguard",
+                        source: SessionSource::Wireguard,
                     });
                 }
             }
@@ -176,18 +176,18 @@ mod tests {
     }
 
     fn protocols() -> Protocols {
-        [("udp".to_string(), "openvpn-udp".to_string())].into()
+        [("udp".to_string(), SessionProtocol::OpenvpnUdp)].into()
     }
 
     fn hook(real: &str, at: Instant) -> HookSeen {
         HookSeen {
             wanted: Wanted {
-                protocol: "openvpn-udp".into(),
+                protocol: SessionProtocol::OpenvpnUdp,
                 instance: "udp".into(),
                 common_name: "alice".into(),
                 username: "alice-user".into(),
                 real_address: real.into(),
-                source: "hook",
+                source: SessionSource::Hook,
             },
             at,
         }
@@ -203,7 +203,10 @@ mod tests {
         let w = s.wanted(&protocols(), Instant::now(), 0);
         assert_eq!(w.len(), 1);
         let a = &w[&"10.8.0.2".parse().unwrap()];
-        assert_eq!((a.protocol.as_str(), a.source, a.common_name.as_str()), ("openvpn-udp", "management", "alice"));
+        assert_eq!(
+            (a.protocol, a.source, a.common_name.as_str()),
+            (SessionProtocol::OpenvpnUdp, SessionSource::Management, "alice")
+        );
     }
 
     #[test]
@@ -213,17 +216,17 @@ mod tests {
         let mut s = Sources::default();
         s.instances.insert("udp".into(), InstanceView { up: true, ..Default::default() });
         s.hooks.insert(ip, hook("1.2.3.4:5", now));
-        assert_eq!(s.wanted(&protocols(), now, 0)[&ip].source, "hook");
+        assert_eq!(s.wanted(&protocols(), now, 0)[&ip].source, SessionSource::Hook);
         assert!(s.wanted(&protocols(), now + HOOK_GRACE, 0).is_empty());
         // While management is down the hook alone decides.
         s.instances.get_mut("udp").unwrap().up = false;
-        assert_eq!(s.wanted(&protocols(), now + HOOK_GRACE * 10, 0)[&ip].source, "hook");
+        assert_eq!(s.wanted(&protocols(), now + HOOK_GRACE * 10, 0)[&ip].source, SessionSource::Hook);
         s.expire(now + HOOK_GRACE * 10);
         assert!(s.hooks.contains_key(&ip));
         s.instances.get_mut("udp").unwrap().up = true;
         s.instances.get_mut("udp").unwrap().clients.push(client("alice", "10.8.0.2", "1.2.3.4:5"));
         let w = s.wanted(&protocols(), now + HOOK_GRACE, 0);
-        assert_eq!((w[&ip].source, w[&ip].username.as_str()), ("management", "alice-user"));
+        assert_eq!((w[&ip].source, w[&ip].username.as_str()), (SessionSource::Management, "alice-user"));
     }
 
     #[test]

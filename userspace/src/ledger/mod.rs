@@ -15,19 +15,19 @@ pub mod state;
 pub mod store;
 
 use std::{
+    convert::Infallible,
     net::IpAddr,
-    sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::{clock::unix_ms, db::Database, metrics::Metrics};
+use crate::{db::Database, tasks::Tasks, time::unix_ms};
 use source::Source;
 use state::{ClientState, ResetRecord, State};
 use store::Granularity;
@@ -71,23 +71,19 @@ pub struct Health {
     pub flush_cycles: u64,
 }
 
-/// The ledger's two tasks.
-pub struct Tasks {
-    poller: tokio::task::JoinHandle<()>,
-    writer: tokio::task::JoinHandle<()>,
+/// How long polls and flushes take, as histograms (rendered by the API's `/metrics`).
+pub struct Timings {
+    pub poll_seconds: Histogram,
+    pub flush_seconds: Histogram,
 }
 
-impl Tasks {
-    /// Wait for both to end (after `Ledger::shutdown`).
-    pub async fn join(self) {
-        let _ = self.poller.await;
-        let _ = self.writer.await;
-    }
-
-    /// Stop both at once, without a last flush (what a crash does; for tests).
-    pub fn abort(&self) {
-        self.poller.abort();
-        self.writer.abort();
+impl Default for Timings {
+    fn default() -> Self {
+        // 100 µs .. ~6.5 s
+        Timings {
+            poll_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+            flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+        }
     }
 }
 
@@ -100,7 +96,7 @@ pub struct Ledger {
     pub cfg: LedgerConfig,
     pub db: Database,
     source: Arc<dyn Source>,
-    metrics: Arc<Metrics>,
+    timings: Timings,
     state: Mutex<State>,
     health: Mutex<Health>,
     /// Held across a kernel read and its application, so two readings are never applied out
@@ -112,8 +108,6 @@ pub struct Ledger {
     write_gate: tokio::sync::Mutex<()>,
     resets: mpsc::Sender<ResetRequest>,
     reset_rx: Mutex<Option<mpsc::Receiver<ResetRequest>>>,
-    stopped: AtomicBool,
-    stop: tokio::sync::Notify,
     /// Where resets are announced: a `reset` webhook event written in the reset's transaction.
     reset_events: std::sync::OnceLock<(Arc<crate::webhook::Webhooks>, ResetEvent)>,
 }
@@ -129,12 +123,7 @@ impl Ledger {
     }
 
     /// Load the node's ledger from the database.
-    pub async fn open(
-        cfg: LedgerConfig,
-        db: Database,
-        source: Arc<dyn Source>,
-        metrics: Arc<Metrics>,
-    ) -> Result<Arc<Ledger>, LedgerError> {
+    pub async fn open(cfg: LedgerConfig, db: Database, source: Arc<dyn Source>) -> Result<Arc<Ledger>, LedgerError> {
         let epoch = store::ensure_node(&db, &cfg.node_id, unix_ms()).await.map_err(LedgerError::Load)?;
         let clients = store::load_clients(&db, &cfg.node_id).await.map_err(LedgerError::Load)?;
         info!(node = cfg.node_id, clients = clients.len(), epoch, "ledger loaded");
@@ -143,15 +132,13 @@ impl Ledger {
             cfg,
             db,
             source,
-            metrics,
+            timings: Timings::default(),
             state: Mutex::new(State::restore(epoch, clients)),
             health: Mutex::new(Health { database_up: true, ..Health::default() }),
             read_gate: tokio::sync::Mutex::new(None),
             write_gate: tokio::sync::Mutex::new(()),
             resets: tx,
             reset_rx: Mutex::new(Some(rx)),
-            stopped: AtomicBool::new(false),
-            stop: tokio::sync::Notify::new(),
             reset_events: std::sync::OnceLock::new(),
         }))
     }
@@ -172,6 +159,11 @@ impl Ledger {
         self.state().clients.get(&ip).cloned()
     }
 
+    /// How long polls and flushes take.
+    pub fn timings(&self) -> &Timings {
+        &self.timings
+    }
+
     /// Run `f` on the state without copying it (for building stream frames and metrics).
     pub fn with_clients<R>(&self, f: impl FnOnce(&state::ClientMap) -> R) -> R {
         f(&self.state().clients)
@@ -182,14 +174,15 @@ impl Ledger {
     }
 
     /// Read the kernel map once and fold it in.
-    pub async fn poll_once(&self) -> Result<(), crate::loader::LoadError> {
+    pub async fn poll_once(&self) -> Result<(), crate::bpf::loader::LoadError> {
         let mut last = self.read_gate.lock().await;
         let started = Instant::now();
         let src = self.source.clone();
-        let read =
-            tokio::task::spawn_blocking(move || Ok::<_, crate::loader::LoadError>((src.epoch()?, src.read_all()?)))
-                .await
-                .expect("poll task panicked");
+        let read = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::bpf::loader::LoadError>((src.epoch()?, src.read_all()?))
+        })
+        .await
+        .expect("poll task panicked");
         let (epoch, readings) = match read {
             Ok(r) => r,
             Err(e) => {
@@ -208,7 +201,7 @@ impl Ledger {
         }
         drop(last);
         let took = started.elapsed();
-        self.metrics.poll_seconds.observe(took.as_secs_f64());
+        self.timings.poll_seconds.observe(took.as_secs_f64());
         self.set_health(|h| {
             h.polls += 1;
             h.last_poll_ms = took.as_secs_f64() * 1e3;
@@ -229,7 +222,7 @@ impl Ledger {
         match store::write_batch(&self.db, &self.cfg.node_id, &batch, unix_ms(), None).await {
             Ok(()) => {
                 let took = started.elapsed().as_secs_f64();
-                self.metrics.flush_seconds.observe(took);
+                self.timings.flush_seconds.observe(took);
                 let was_down = !self.health().database_up;
                 self.set_health(|h| {
                     h.database_up = true;
@@ -290,10 +283,11 @@ impl Ledger {
         let _writing = self.write_gate.lock().await;
         let gate = self.read_gate.lock().await;
         let src = self.source.clone();
-        let fresh =
-            tokio::task::spawn_blocking(move || Ok::<_, crate::loader::LoadError>((src.epoch()?, src.read_one(ip)?)))
-                .await
-                .expect("read task panicked");
+        let fresh = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::bpf::loader::LoadError>((src.epoch()?, src.read_one(ip)?))
+        })
+        .await
+        .expect("read task panicked");
         let now = unix_ms();
         let batch = {
             let mut st = self.state();
@@ -332,82 +326,88 @@ impl Ledger {
         }
     }
 
-    /// Run the poller and the writer until `shutdown`.
-    pub fn spawn(self: &Arc<Self>) -> Tasks {
-        let me = self.clone();
-        let poller = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(me.cfg.poll_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // `stop` wakes only a task that waits; the flag catches one that was busy.
-            while !me.stopped.load(Ordering::SeqCst) {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = me.stop.notified() => break,
-                }
-                if me.stopped.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Err(e) = me.poll_once().await {
-                    error!(%e, "reading the kernel counters failed");
-                }
-            }
-        });
-        let me = self.clone();
-        let mut rx = self.reset_rx.lock().unwrap_or_else(|p| p.into_inner()).take().expect("spawned once");
-        let writer = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(me.cfg.flush_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut backoff = Duration::ZERO;
-            let mut retry_at = Instant::now();
-            let mut next_retention = Instant::now();
-            let mut next_rollup = Instant::now();
-            // `stop` wakes only a task that waits; the flag catches one that was busy.
-            while !me.stopped.load(Ordering::SeqCst) {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        // After a failure, wait out the backoff (resets are still served).
-                        if Instant::now() < retry_at {
-                            continue;
-                        }
-                        match me.flush().await {
-                            Ok(_) => backoff = Duration::ZERO,
-                            // Retry sooner than never, later than hammering: up to 30 s apart.
-                            Err(_) => {
-                                backoff = (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
-                                retry_at = Instant::now() + backoff;
-                            }
-                        }
-                        if backoff.is_zero() && Instant::now() >= next_rollup {
-                            next_rollup = Instant::now() + Duration::from_secs(60);
-                            if let Err(e) = store::roll_up(&me.db, &me.cfg.node_id, unix_ms()).await {
-                                warn!(%e, "rolling up hour and day history failed; retrying in a minute");
-                            }
-                        }
-                        if backoff.is_zero() && Instant::now() >= next_retention {
-                            next_retention = Instant::now() + Duration::from_secs(600);
-                            match store::apply_retention(&me.db, &me.cfg.node_id, unix_ms(), me.cfg.retention_days).await {
-                                Ok(n) if n > 0 => info!(rows = n, "old history removed"),
-                                Ok(_) => {}
-                                Err(e) => warn!(%e, "applying retention failed"),
-                            }
-                        }
-                    }
-                    Some(req) = rx.recv() => {
-                        let _ = req.reply.send(me.do_reset(req.ip).await);
-                    }
-                    _ = me.stop.notified() => break,
-                }
-            }
-        });
-        Tasks { poller, writer }
+    /// Run the poller and the writer as tasks of `tasks`, until its token is cancelled; the
+    /// writer then takes a last reading and writes everything held.
+    pub fn spawn(self: &Arc<Self>, tasks: &mut Tasks) {
+        let rx = self.reset_rx.lock().unwrap_or_else(|p| p.into_inner()).take().expect("spawned once");
+        tasks.spawn("ledger poller", self.clone().run_poller(tasks.token()));
+        tasks.spawn("ledger writer", self.clone().run_writer(rx, tasks.token()));
     }
 
-    /// Stop the tasks, take a last reading and write everything held. Safe to call twice.
-    pub async fn shutdown(&self) {
-        if self.stopped.swap(true, Ordering::SeqCst) {
-            return;
+    async fn run_poller(self: Arc<Self>, stop: CancellationToken) -> Result<(), Infallible> {
+        let mut tick = tokio::time::interval(self.cfg.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.poll_once().await {
+                error!(%e, "reading the kernel counters failed");
+            }
         }
-        self.stop.notify_waiters();
+    }
+
+    async fn run_writer(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<ResetRequest>,
+        stop: CancellationToken,
+    ) -> Result<(), Infallible> {
+        let mut tick = tokio::time::interval(self.cfg.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = Duration::ZERO;
+        let mut retry_at = Instant::now();
+        let mut next_retention = Instant::now();
+        let mut next_rollup = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    // After a failure, wait out the backoff (resets are still served).
+                    if Instant::now() < retry_at {
+                        continue;
+                    }
+                    match self.flush().await {
+                        Ok(_) => backoff = Duration::ZERO,
+                        // Retry sooner than never, later than hammering: up to 30 s apart.
+                        Err(_) => {
+                            backoff = (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
+                            retry_at = Instant::now() + backoff;
+                        }
+                    }
+                    if backoff.is_zero() && Instant::now() >= next_rollup {
+                        next_rollup = Instant::now() + Duration::from_secs(60);
+                        if let Err(e) = store::roll_up(&self.db, &self.cfg.node_id, unix_ms()).await {
+                            warn!(%e, "rolling up hour and day history failed; retrying in a minute");
+                        }
+                    }
+                    if backoff.is_zero() && Instant::now() >= next_retention {
+                        next_retention = Instant::now() + Duration::from_secs(600);
+                        match store::apply_retention(&self.db, &self.cfg.node_id, unix_ms(), self.cfg.retention_days).await {
+                            Ok(n) if n > 0 => info!(rows = n, "old history removed"),
+                            Ok(_) => {}
+                            Err(e) => warn!(%e, "applying retention failed"),
+                        }
+                    }
+                }
+                Some(req) = rx.recv() => {
+                    let _ = req.reply.send(self.do_reset(req.ip).await);
+                }
+            }
+        }
+        // Resets asked for meanwhile are refused, not left hanging.
+        rx.close();
+        while let Ok(req) = rx.try_recv() {
+            let _ = req.reply.send(Err(LedgerError::ShuttingDown));
+        }
+        self.final_flush().await;
+        Ok(())
+    }
+
+    /// Take a last reading and write everything held (the writer does this when it stops).
+    async fn final_flush(&self) {
         if let Err(e) = self.poll_once().await {
             warn!(%e, "last reading before shutdown failed; the next start catches up from the kernel");
         }

@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::Path};
 use tunmeter_common::ClientCounters;
 
 use super::state::{Reading, Totals};
-use crate::{
+use crate::bpf::{
     clock::{Calibration, KernelClock},
     counters::{self, ip_key, key_ip},
     loader::{LoadError, PinnedMaps},

@@ -12,11 +12,9 @@ use tracing::{error, info, warn};
 use super::{RegistryError, devices, is_unique_violation, new_id, parse_id};
 use crate::{
     db::{Database, from_db, to_db},
-    steer::{ForwardSpec, Origin, Proto, SteerError, SteerMaps, host},
+    steer::{Origin, SteerError, SteerMaps, host},
+    types::{ConnectionProtocol, ForwardSpec, Proto},
 };
-
-/// Protocols a connection can have.
-pub const PROTOCOLS: [&str; 3] = ["http", "socks5", "openvpn"];
 /// Longest OpenVPN username, in characters.
 pub const MAX_USERNAME: usize = 64;
 
@@ -24,8 +22,7 @@ pub const MAX_USERNAME: usize = 64;
 pub struct Connection {
     pub id: String,
     pub device_id: String,
-    /// http, socks5, openvpn
-    pub protocol: String,
+    pub protocol: ConnectionProtocol,
     pub public_port: Option<u16>,
     pub device_port: Option<u16>,
     pub username: Option<String>,
@@ -36,7 +33,7 @@ pub struct Connection {
 impl Connection {
     /// http and socks5 connections are served by a forward rule.
     pub fn is_forward(&self) -> bool {
-        self.protocol != "openvpn"
+        self.protocol != ConnectionProtocol::Openvpn
     }
 
     /// The forward rule this connection needs on a device at `vpn_ip` (http/socks5 only).
@@ -59,7 +56,7 @@ impl Connection {
 #[serde(deny_unknown_fields)]
 pub struct NewConnection {
     pub device_id: String,
-    pub protocol: String,
+    pub protocol: ConnectionProtocol,
     pub public_port: Option<u16>,
     pub device_port: Option<u16>,
     pub username: Option<String>,
@@ -78,7 +75,7 @@ fn from_row(row: &AnyRow) -> Result<Connection, sqlx::Error> {
     Ok(Connection {
         id: row.try_get("id")?,
         device_id: row.try_get("device_id")?,
-        protocol: row.try_get("protocol")?,
+        protocol: row.try_get::<String, _>("protocol")?.parse().map_err(|e: String| sqlx::Error::Decode(e.into()))?,
         public_port: port_column(row, "public_port")?,
         device_port: port_column(row, "device_port")?,
         username: row.try_get("username")?,
@@ -99,10 +96,7 @@ fn invalid(m: String) -> RegistryError {
 /// Check the shape of a new connection (not whether its device exists): the protocol, which
 /// fields it needs and which it must not have, ports 1..=65535, the username's characters.
 pub fn validate(new: &NewConnection) -> Result<(), RegistryError> {
-    let p = new.protocol.as_str();
-    if !PROTOCOLS.contains(&p) {
-        return Err(invalid(format!("bad protocol {p:?}: expected http, socks5 or openvpn")));
-    }
+    let p = new.protocol;
     let port = |what: &str, v: Option<u16>, wanted: bool| -> Result<(), RegistryError> {
         match (v, wanted) {
             (None, true) => Err(invalid(format!("a {p} connection needs {what}"))),
@@ -111,7 +105,7 @@ pub fn validate(new: &NewConnection) -> Result<(), RegistryError> {
             _ => Ok(()),
         }
     };
-    let forward = p != "openvpn";
+    let forward = p != ConnectionProtocol::Openvpn;
     port("public_port", new.public_port, forward)?;
     port("device_port", new.device_port, forward)?;
     port("proxy_port", new.proxy_port, !forward)?;
@@ -204,7 +198,7 @@ pub async fn create(
     let c = Connection {
         id: new_id(),
         device_id,
-        protocol: new.protocol.clone(),
+        protocol: new.protocol,
         public_port: new.public_port,
         device_port: new.device_port,
         username: new.username.clone(),
@@ -228,7 +222,7 @@ pub async fn create(
     .bind(&c.id)
     .bind(node)
     .bind(&c.device_id)
-    .bind(&c.protocol)
+    .bind(c.protocol.as_str())
     .bind(c.public_port.map(i32::from))
     .bind(c.device_port.map(i32::from))
     .bind(c.username.clone())
@@ -269,7 +263,7 @@ pub async fn create(
         }
         (None, _) => {}
     }
-    info!(node, connection = c.id, device = device.name, protocol = c.protocol, public_port = ?c.public_port,
+    info!(node, connection = c.id, device = device.name, protocol = %c.protocol, public_port = ?c.public_port,
         device_port = ?c.device_port, username = ?c.username, proxy_port = ?c.proxy_port, "connection created");
     Ok(c)
 }
@@ -336,7 +330,7 @@ pub async fn delete(db: &Database, node: &str, steer: Option<&SteerMaps>, id: &s
     match delete_row(db, node, &c.id).await {
         Ok(0) => Err(RegistryError::NotFound { what: "connection", id: c.id }),
         Ok(_) => {
-            info!(node, connection = c.id, protocol = c.protocol, "connection deleted");
+            info!(node, connection = c.id, protocol = %c.protocol, "connection deleted");
             Ok(())
         }
         Err(e) => {
@@ -400,7 +394,7 @@ mod tests {
     ) -> NewConnection {
         NewConnection {
             device_id: "00000000-0000-0000-0000-000000000000".into(),
-            protocol: protocol.into(),
+            protocol: protocol.parse().unwrap(),
             public_port: public,
             device_port: device,
             username: user.map(str::to_string),
@@ -413,8 +407,11 @@ mod tests {
         assert!(validate(&nc("http", Some(8080), Some(3128), None, None)).is_ok());
         assert!(validate(&nc("socks5", Some(1080), Some(1080), None, None)).is_ok());
         assert!(validate(&nc("openvpn", None, None, Some("bob@x.y-z_1"), Some(12345))).is_ok());
-        let cases: [(NewConnection, &str); 10] = [
-            (nc("ftp", Some(1), Some(1), None, None), "bad protocol \"ftp\""),
+        assert_eq!(
+            serde_json::from_str::<ConnectionProtocol>("\"ftp\"").unwrap_err().to_string(),
+            "bad protocol \"ftp\": expected one of http, socks5, openvpn"
+        );
+        let cases: [(NewConnection, &str); 9] = [
             (nc("http", None, Some(1), None, None), "needs public_port"),
             (nc("http", Some(1), None, None, None), "needs device_port"),
             (nc("http", Some(0), Some(1), None, None), "public_port 0 is not a port"),

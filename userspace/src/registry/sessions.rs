@@ -12,16 +12,9 @@ use super::{RegistryError, begin_write, ip_column, is_foreign_key_violation, is_
 use crate::{
     db::{Database, from_db, to_db},
     ledger::state::Totals,
+    types::{CloseReason, SessionProtocol, SessionSource},
     webhook::{Event, EventKind, Webhooks},
 };
-
-/// Protocols a session can have. "openvpn": an OpenVPN client whose transport is unknown (the
-/// hook reported a `dev` that maps to no configured management instance, e.g. a hook-only setup).
-pub const PROTOCOLS: [&str; 5] = ["openvpn-udp", "openvpn-tcp", "openvpn", "wireguard", "other"];
-/// Who can open one.
-pub const SOURCES: [&str; 4] = ["hook", "management", "wireguard", "api"];
-/// Close reason of a session replaced by a new one of the same client.
-pub const SUPERSEDED: &str = "superseded";
 
 /// A session row.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -29,17 +22,15 @@ pub struct Session {
     pub id: String,
     #[schema(value_type = String)]
     pub client_ip: IpAddr,
-    /// openvpn-udp, openvpn-tcp, openvpn (transport unknown), wireguard, other
-    pub protocol: String,
+    pub protocol: SessionProtocol,
     pub instance: String,
     pub common_name: String,
     pub username: String,
     pub real_address: String,
-    /// hook, management, wireguard, api
-    pub source: String,
+    pub source: SessionSource,
     pub opened_unix_ms: u64,
     pub closed_unix_ms: Option<u64>,
-    pub close_reason: Option<String>,
+    pub close_reason: Option<CloseReason>,
     /// Ledger totals of the client when the session opened.
     pub start_up_bytes: u64,
     pub start_down_bytes: u64,
@@ -63,12 +54,12 @@ impl Session {
 #[derive(Debug, Clone)]
 pub struct NewSession {
     pub client_ip: IpAddr,
-    pub protocol: String,
+    pub protocol: SessionProtocol,
     pub instance: String,
     pub common_name: String,
     pub username: String,
     pub real_address: String,
-    pub source: &'static str,
+    pub source: SessionSource,
     /// The client's ledger totals now (the session's bytes are counted from here).
     pub start: Totals,
 }
@@ -80,15 +71,18 @@ fn from_row(row: &AnyRow) -> Result<Session, sqlx::Error> {
     Ok(Session {
         id: row.try_get("id")?,
         client_ip: ip_column(row, "client_ip")?,
-        protocol: row.try_get("protocol")?,
+        protocol: named(row, "protocol")?,
         instance: row.try_get("instance")?,
         common_name: row.try_get("common_name")?,
         username: row.try_get("username")?,
         real_address: row.try_get("real_address")?,
-        source: row.try_get("source")?,
+        source: named(row, "source")?,
         opened_unix_ms: from_db(row.try_get("opened_unix_ms")?),
         closed_unix_ms: row.try_get::<Option<i64>, _>("closed_unix_ms")?.map(from_db),
-        close_reason: row.try_get("close_reason")?,
+        close_reason: row
+            .try_get::<Option<String>, _>("close_reason")?
+            .map(|r| r.parse().map_err(|e: String| sqlx::Error::Decode(e.into())))
+            .transpose()?,
         start_up_bytes: from_db(row.try_get("start_up_bytes")?),
         start_down_bytes: from_db(row.try_get("start_down_bytes")?),
         up_bytes: from_db(row.try_get("up_bytes")?),
@@ -96,22 +90,13 @@ fn from_row(row: &AnyRow) -> Result<Session, sqlx::Error> {
     })
 }
 
-/// Check what opening `new` needs: a known protocol and source, short printable texts.
+/// A column that holds one of an enum's wire names.
+fn named<T: std::str::FromStr<Err = String>>(row: &AnyRow, col: &str) -> Result<T, sqlx::Error> {
+    row.try_get::<String, _>(col)?.parse().map_err(|e: String| sqlx::Error::Decode(e.into()))
+}
+
+/// Check what opening `new` needs: short printable texts.
 pub fn validate(new: &NewSession) -> Result<(), RegistryError> {
-    if !PROTOCOLS.contains(&new.protocol.as_str()) {
-        return Err(RegistryError::Invalid(format!(
-            "bad protocol {:?}: expected one of {}",
-            new.protocol,
-            PROTOCOLS.join(", ")
-        )));
-    }
-    if !SOURCES.contains(&new.source) {
-        return Err(RegistryError::Invalid(format!(
-            "bad source {:?}: expected one of {}",
-            new.source,
-            SOURCES.join(", ")
-        )));
-    }
     for (what, v) in [
         ("instance", &new.instance),
         ("common_name", &new.common_name),
@@ -192,12 +177,12 @@ async fn insert_on(
     let s = Session {
         id: new_id(),
         client_ip: new.client_ip,
-        protocol: new.protocol.clone(),
+        protocol: new.protocol,
         instance: new.instance.clone(),
         common_name: new.common_name.clone(),
         username: new.username.clone(),
         real_address: new.real_address.clone(),
-        source: new.source.to_string(),
+        source: new.source,
         opened_unix_ms: now_ms,
         closed_unix_ms: None,
         close_reason: None,
@@ -214,12 +199,12 @@ async fn insert_on(
     .bind(&s.id)
     .bind(node)
     .bind(s.client_ip.to_string())
-    .bind(&s.protocol)
+    .bind(s.protocol.as_str())
     .bind(&s.instance)
     .bind(&s.common_name)
     .bind(&s.username)
     .bind(&s.real_address)
-    .bind(&s.source)
+    .bind(s.source.as_str())
     .bind(to_db(now_ms))
     .bind(to_db(s.start_up_bytes))
     .bind(to_db(s.start_down_bytes))
@@ -285,7 +270,7 @@ pub async fn open(
     }
     let tx = begin_write(db).await.map_err(|e| logged("beginning a transaction", node, e))?;
     let s = insert_and_commit(db, node, hooks, tx, new, now_ms).await?;
-    info!(node, session = s.id, %ip, source = s.source, username = s.username, "session opened");
+    info!(node, session = s.id, %ip, source = %s.source, username = s.username, "session opened");
     Ok(s)
 }
 
@@ -296,7 +281,7 @@ async fn close_on(
     node: &str,
     hooks: &Webhooks,
     id: &str,
-    reason: &str,
+    reason: CloseReason,
     end: &Totals,
     now_ms: u64,
 ) -> Result<Option<Session>, sqlx::Error> {
@@ -307,7 +292,7 @@ async fn close_on(
          WHERE node_id = $5 AND id = $6 AND closed_unix_ms IS NULL",
     )
     .bind(to_db(now_ms))
-    .bind(reason)
+    .bind(reason.as_str())
     .bind(to_db(end.up_bytes))
     .bind(to_db(end.down_bytes))
     .bind(node)
@@ -322,15 +307,6 @@ async fn close_on(
     Ok(Some(s))
 }
 
-fn check_reason(reason: &str) -> Result<(), RegistryError> {
-    if reason.is_empty() || reason.chars().count() > 128 || reason.chars().any(char::is_control) {
-        return Err(RegistryError::Invalid(format!(
-            "bad close reason {reason:?}: 1 to 128 characters, no control characters"
-        )));
-    }
-    Ok(())
-}
-
 /// Close session `id` with `reason`; `end` is the client's ledger totals now. Enqueues
 /// `session.closed` in the same transaction. Already closed -> Conflict; unknown -> NotFound.
 pub async fn close(
@@ -338,12 +314,11 @@ pub async fn close(
     node: &str,
     hooks: &Webhooks,
     id: &str,
-    reason: &str,
+    reason: CloseReason,
     end: Totals,
     now_ms: u64,
 ) -> Result<Session, RegistryError> {
     let id = super::parse_id(id)?;
-    check_reason(reason)?;
     let mut tx = begin_write(db).await.map_err(|e| logged("beginning a transaction", node, e))?;
     let closed = close_on(&mut tx, node, hooks, &id, reason, &end, now_ms)
         .await
@@ -356,13 +331,13 @@ pub async fn close(
             Some(s) => RegistryError::Conflict(format!(
                 "session {id} is already closed (at {} ms, reason {})",
                 s.closed_unix_ms.unwrap_or(0),
-                s.close_reason.as_deref().unwrap_or("none")
+                s.close_reason.map_or("none", CloseReason::as_str)
             )),
         });
     };
     tx.commit().await.map_err(|e| logged("committing a session close", node, e))?;
     hooks.wake();
-    info!(node, session = s.id, ip = %s.client_ip, reason, up = s.up_bytes, down = s.down_bytes, "session closed");
+    info!(node, session = s.id, ip = %s.client_ip, %reason, up = s.up_bytes, down = s.down_bytes, "session closed");
     Ok(s)
 }
 
@@ -389,7 +364,7 @@ pub async fn replace(
     let mut tx = begin_write(db).await.map_err(|e| logged("beginning a transaction", node, e))?;
     let closed = async {
         match active_on(&mut *tx, node, ip).await? {
-            Some(old) => close_on(&mut tx, node, hooks, &old.id, SUPERSEDED, &new.start, now_ms).await,
+            Some(old) => close_on(&mut tx, node, hooks, &old.id, CloseReason::Superseded, &new.start, now_ms).await,
             None => Ok(None),
         }
     }
@@ -399,16 +374,16 @@ pub async fn replace(
     if let Some(c) = &closed {
         info!(node, old = c.id, new = opened.id, %ip, "session superseded");
     }
-    info!(node, session = opened.id, %ip, source = opened.source, username = opened.username, "session opened");
+    info!(node, session = opened.id, %ip, source = %opened.source, username = opened.username, "session opened");
     Ok(Replaced { closed, opened })
 }
 
 /// Which active sessions `close_all_for` looks at (None: any).
 #[derive(Debug, Clone, Default)]
 pub struct ActiveFilter {
-    pub protocol: Option<String>,
+    pub protocol: Option<SessionProtocol>,
     pub instance: Option<String>,
-    pub source: Option<String>,
+    pub source: Option<SessionSource>,
 }
 
 /// Close every active session matching `filter` whose id is not in `keep` (e.g. the sessions
@@ -423,10 +398,9 @@ pub async fn close_all_for(
     filter: &ActiveFilter,
     keep: &[String],
     end_of: &(dyn Fn(IpAddr) -> Totals + Send + Sync),
-    reason: &str,
+    reason: CloseReason,
     now_ms: u64,
 ) -> Result<Vec<Session>, RegistryError> {
-    check_reason(reason)?;
     let mut tx = begin_write(db).await.map_err(|e| logged("beginning a transaction", node, e))?;
     let work = async {
         let candidates = active_on_filter(&mut tx, node, filter).await?;
@@ -443,7 +417,7 @@ pub async fn close_all_for(
     tx.commit().await.map_err(|e| logged("committing session closes", node, e))?;
     if !out.is_empty() {
         hooks.wake();
-        info!(node, closed = out.len(), reason, ?filter, "sessions closed");
+        info!(node, closed = out.len(), %reason, ?filter, "sessions closed");
     }
     Ok(out)
 }
@@ -451,7 +425,11 @@ pub async fn close_all_for(
 async fn active_on_filter(conn: &mut AnyConnection, node: &str, f: &ActiveFilter) -> Result<Vec<Session>, sqlx::Error> {
     let mut sql = format!("SELECT {COLUMNS} FROM sessions WHERE node_id = $1 AND closed_unix_ms IS NULL");
     let mut binds: Vec<&str> = vec![node];
-    for (col, v) in [("protocol", &f.protocol), ("instance", &f.instance), ("source", &f.source)] {
+    for (col, v) in [
+        ("protocol", f.protocol.map(SessionProtocol::as_str)),
+        ("instance", f.instance.as_deref()),
+        ("source", f.source.map(SessionSource::as_str)),
+    ] {
         if let Some(v) = v {
             binds.push(v);
             sql.push_str(&format!(" AND {col} = ${}", binds.len()));
@@ -527,35 +505,39 @@ pub async fn list(db: &Database, node: &str, f: &ListFilter) -> Result<Vec<Sessi
 mod tests {
     use super::*;
 
-    fn new(protocol: &str, source: &'static str) -> NewSession {
+    fn new() -> NewSession {
         NewSession {
             client_ip: "10.8.0.2".parse().unwrap(),
-            protocol: protocol.into(),
+            protocol: SessionProtocol::Openvpn,
             instance: "tun0".into(),
             common_name: "alice".into(),
             username: "alice".into(),
             real_address: "198.51.100.7:50000".into(),
-            source,
+            source: SessionSource::Hook,
             start: Totals::default(),
         }
     }
 
     #[test]
-    fn validate_accepts_every_protocol_and_source() {
-        for p in PROTOCOLS {
-            for s in SOURCES {
-                assert!(validate(&new(p, s)).is_ok(), "{p} {s}");
-            }
-        }
-        // An OpenVPN client whose transport is unknown (hook-only setup).
-        assert!(validate(&new("openvpn", "hook")).is_ok());
-        for bad in ["pptp", "", "OpenVPN", "openvpn-sctp"] {
-            let e = validate(&new(bad, "hook")).unwrap_err();
-            assert!(matches!(&e, RegistryError::Invalid(m) if m.contains("bad protocol")), "{bad}: {e:?}");
-        }
-        assert!(validate(&new("openvpn", "cron")).is_err());
-        let mut ctl = new("openvpn", "hook");
+    fn validate_checks_the_texts() {
+        assert!(validate(&new()).is_ok());
+        let mut ctl = new();
         ctl.username = "a\nb".into();
         assert!(validate(&ctl).is_err());
+        let mut long = new();
+        long.common_name = "x".repeat(257);
+        assert!(validate(&long).is_err());
+    }
+
+    #[test]
+    fn protocols_and_sources_parse_only_their_names() {
+        for p in SessionProtocol::ALL {
+            assert_eq!(p.as_str().parse::<SessionProtocol>(), Ok(*p));
+        }
+        for bad in ["pptp", "", "OpenVPN", "openvpn-sctp"] {
+            let e = bad.parse::<SessionProtocol>().unwrap_err();
+            assert!(e.contains("bad protocol"), "{bad}: {e}");
+        }
+        assert!("cron".parse::<SessionSource>().is_err());
     }
 }

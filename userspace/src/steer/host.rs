@@ -16,6 +16,8 @@ use netlink_packet_route::{
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 use tracing::{debug, info};
 
+use crate::types::PolicyRoute;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("opening an rtnetlink socket: {0}")]
@@ -28,14 +30,6 @@ pub enum HostError {
     Sysctl { path: &'static str, source: std::io::Error },
     #[error("listing this host's addresses: {0}")]
     Addresses(nix::Error),
-}
-
-/// Mark, table and priority of the redirect policy route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PolicyRoute {
-    pub mark: u32,
-    pub table: u32,
-    pub priority: u32,
 }
 
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> HostError {

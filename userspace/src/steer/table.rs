@@ -23,7 +23,7 @@ use tunmeter_common::{
     RuleCounters, SteerEvent,
 };
 
-use super::rules::{ForwardSpec, Proto, RedirectSpec};
+use crate::types::{ForwardSpec, Proto, RedirectSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SteerError {

@@ -14,11 +14,12 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{
@@ -26,7 +27,7 @@ use super::{
     outbox::{self, Head, Outcome},
     sign,
 };
-use crate::clock::unix_ms;
+use crate::time::unix_ms;
 
 /// Requests in flight per endpoint (each for a different subject).
 pub(super) const MAX_IN_FLIGHT: usize = 8;
@@ -54,7 +55,7 @@ struct Worker<'a> {
     db_backoff: Duration,
 }
 
-pub(super) async fn run(hooks: &Arc<Webhooks>) {
+pub(super) async fn run(hooks: &Arc<Webhooks>, stop: CancellationToken) {
     let mut w = Worker {
         hooks,
         inflight: JoinSet::new(),
@@ -66,8 +67,8 @@ pub(super) async fn run(hooks: &Arc<Webhooks>) {
         db_backoff: Duration::ZERO,
     };
     info!(endpoints = hooks.endpoints.len(), "webhook worker started; resuming pending deliveries");
-    // `stop` stores a permit, so a stop during a scan is seen at the next wait.
-    while !hooks.stopped.load(Ordering::SeqCst) {
+    // A cancellation during a scan is seen at the next wait.
+    while !stop.is_cancelled() {
         let next = match w.pass().await {
             Ok(next) => {
                 if w.db_down {
@@ -92,7 +93,7 @@ pub(super) async fn run(hooks: &Arc<Webhooks>) {
             Some(done) = w.inflight.join_next_with_id(), if !w.inflight.is_empty() => w.finished(done),
             _ = hooks.wake.notified() => {}
             _ = tokio::time::sleep_until(next.into()) => {}
-            _ = hooks.stop.notified() => break,
+            _ = stop.cancelled() => break,
         }
     }
     w.stop().await;

@@ -40,7 +40,10 @@ use std::{
 use serde::Serialize;
 use tracing::{error, info};
 
-use crate::db::Database;
+use crate::{db::Database, tasks::Tasks};
+
+pub use crate::config::{Endpoint, redact_url};
+pub use crate::types::EventKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
@@ -48,46 +51,6 @@ pub enum WebhookError {
     Db(#[from] sqlx::Error),
     #[error("webhook {name:?}: {reason}")]
     Config { name: String, reason: String },
-}
-
-/// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
-pub enum EventKind {
-    #[serde(rename = "device.offline")]
-    DeviceOffline,
-    #[serde(rename = "device.recovered")]
-    DeviceRecovered,
-    #[serde(rename = "session.opened")]
-    SessionOpened,
-    #[serde(rename = "session.closed")]
-    SessionClosed,
-    #[serde(rename = "reset")]
-    Reset,
-}
-
-impl EventKind {
-    pub const ALL: [EventKind; 5] = [
-        EventKind::DeviceOffline,
-        EventKind::DeviceRecovered,
-        EventKind::SessionOpened,
-        EventKind::SessionClosed,
-        EventKind::Reset,
-    ];
-
-    /// The wire name, e.g. "device.offline".
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::DeviceOffline => "device.offline",
-            EventKind::DeviceRecovered => "device.recovered",
-            EventKind::SessionOpened => "session.opened",
-            EventKind::SessionClosed => "session.closed",
-            EventKind::Reset => "reset",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<EventKind> {
-        EventKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
 }
 
 /// One event to send.
@@ -99,38 +62,6 @@ pub struct Event {
     pub subject: String,
     /// The event's payload (`data` in the JSON body).
     pub data: serde_json::Value,
-}
-
-/// One configured receiver (`[[webhook]]` in the config file).
-#[derive(Clone)]
-pub struct Endpoint {
-    /// Unique name, used in the outbox and the delivery log.
-    pub name: String,
-    pub url: String,
-    /// HMAC-SHA256 key.
-    pub secret: Vec<u8>,
-    /// Kinds sent to this endpoint.
-    pub events: Vec<EventKind>,
-    /// Per-request timeout.
-    pub timeout: Duration,
-    /// Backoff after the first failure; doubles per failure up to `max_backoff`.
-    pub min_backoff: Duration,
-    pub max_backoff: Duration,
-}
-
-/// Never prints the secret.
-impl std::fmt::Debug for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint")
-            .field("name", &self.name)
-            .field("url", &redact_url(&self.url))
-            .field("secret", &format_args!("<{} bytes>", self.secret.len()))
-            .field("events", &self.events)
-            .field("timeout", &self.timeout)
-            .field("min_backoff", &self.min_backoff)
-            .field("max_backoff", &self.max_backoff)
-            .finish()
-    }
 }
 
 impl Endpoint {
@@ -173,49 +104,6 @@ impl Endpoint {
             ));
         }
         Ok(())
-    }
-}
-
-/// `url` without what may be a credential: the userinfo (`user:password@`) and the fragment are
-/// removed, a query is replaced by `?…`. `https://user:pw@h/p?token=x` -> `https://h/p?…`. A URL
-/// with none of these is returned unchanged.
-pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            let query = u.query().is_some();
-            if u.username().is_empty() && u.password().is_none() && !query && u.fragment().is_none() {
-                return url.to_string();
-            }
-            // Cannot fail for a URL that had userinfo (it has a host).
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            u.set_query(None);
-            u.set_fragment(None);
-            let mut s = u.to_string();
-            if query {
-                s.push_str("?…");
-            }
-            s
-        }
-        Err(_) => {
-            // Not a URL: cut by hand (query and fragment, then anything up to an '@' in the
-            // authority).
-            let (mut s, query) = match url.find(['?', '#']) {
-                Some(i) => (url[..i].to_string(), url[i..].starts_with('?')),
-                None => (url.to_string(), false),
-            };
-            if let Some(i) = s.find("://") {
-                let start = i + 3;
-                let end = s[start..].find('/').map_or(s.len(), |j| start + j);
-                if let Some(at) = s[start..end].rfind('@') {
-                    s.replace_range(start..=start + at, "");
-                }
-            }
-            if query {
-                s.push_str("?…");
-            }
-            s
-        }
     }
 }
 
@@ -274,11 +162,7 @@ pub struct Webhooks {
     seq: AtomicI64,
     unconfirmed: Mutex<BTreeMap<i64, Unconfirmed>>,
     wake: tokio::sync::Notify,
-    stopped: AtomicBool,
-    stop: tokio::sync::Notify,
     spawned: AtomicBool,
-    /// true while no worker runs.
-    idle: tokio::sync::watch::Sender<bool>,
 }
 
 impl Webhooks {
@@ -320,10 +204,7 @@ impl Webhooks {
             seq: AtomicI64::new(last),
             unconfirmed: Mutex::new(BTreeMap::new()),
             wake: tokio::sync::Notify::new(),
-            stopped: AtomicBool::new(false),
-            stop: tokio::sync::Notify::new(),
             spawned: AtomicBool::new(false),
-            idle: tokio::sync::watch::Sender::new(true),
         }))
     }
 
@@ -398,7 +279,7 @@ impl Webhooks {
     /// Write `ev` in its own transaction and wake the worker. Durable when it returns.
     pub async fn enqueue(&self, ev: &Event) -> Result<String, sqlx::Error> {
         let mut tx = self.db.pool.begin().await?;
-        let (id, seq) = self.write_event(&mut tx, ev, crate::clock::unix_ms()).await?;
+        let (id, seq) = self.write_event(&mut tx, ev, crate::time::unix_ms()).await?;
         tx.commit().await?;
         // Committed: its number holds nothing back any more. (If the commit failed, whether it
         // committed is unknown: the worker finds out, or the number expires.)
@@ -412,28 +293,21 @@ impl Webhooks {
         self.wake.notify_one();
     }
 
-    /// Run the delivery worker until `shutdown`. Call once; it resumes whatever is pending in
-    /// the database.
-    pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Run the delivery worker as a task of `tasks` until its token is cancelled; requests in
+    /// flight then get a short grace period and their results are recorded; anything
+    /// unfinished is sent again by the next start. Call once; it resumes whatever is pending
+    /// in the database.
+    pub fn spawn(self: &Arc<Self>, tasks: &mut Tasks) {
         if self.spawned.swap(true, Ordering::SeqCst) {
             error!("Webhooks::spawn called twice; the second worker is not started");
-            return tokio::spawn(async {});
+            return;
         }
-        self.idle.send_replace(false);
         let me = self.clone();
-        tokio::spawn(async move {
-            deliver::run(&me).await;
-            me.idle.send_replace(true);
-        })
-    }
-
-    /// Stop the worker: requests in flight get a short grace period, their results are
-    /// recorded; anything unfinished is sent again by the next start. Safe to call twice.
-    pub async fn shutdown(&self) {
-        self.stopped.store(true, Ordering::SeqCst);
-        self.stop.notify_one();
-        let mut rx = self.idle.subscribe();
-        let _ = rx.wait_for(|idle| *idle).await;
+        let stop = tasks.token();
+        tasks.spawn("webhook worker", async move {
+            deliver::run(&me, stop).await;
+            Ok::<_, std::convert::Infallible>(())
+        });
     }
 
     /// Every configured endpoint with its counts, then endpoints that are no longer configured
@@ -474,25 +348,5 @@ impl Webhooks {
     /// A copy of the unconfirmed (sequence number, subject) pairs, lowest number first.
     fn unconfirmed_snapshot(&self) -> Vec<(i64, String)> {
         self.unconfirmed().iter().map(|(seq, x)| (*seq, x.subject.clone())).collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn webhook_redact_url() {
-        assert_eq!(redact_url("https://user:pw@h/p?token=x"), "https://h/p?…");
-        assert_eq!(redact_url("https://user@h:8443/p"), "https://h:8443/p");
-        assert_eq!(redact_url("http://h/p?"), "http://h/p?…");
-        assert_eq!(redact_url("http://h/p#frag"), "http://h/p");
-        // Nothing to hide: unchanged (not normalised).
-        assert_eq!(redact_url("http://127.0.0.1:9/hooks/panel"), "http://127.0.0.1:9/hooks/panel");
-        assert_eq!(redact_url("https://h"), "https://h");
-        // Not parseable: cut by hand.
-        assert_eq!(redact_url("http://u:s3cret@bad host/p?k=v"), "http://bad host/p?…");
-        assert_eq!(redact_url("not a url"), "not a url");
-        assert_eq!(redact_url("x?token=1"), "x?…");
     }
 }

@@ -1,6 +1,6 @@
-//! `tunmeter hook openvpn`: OpenVPN's client-connect / client-disconnect script. It reads the
-//! environment OpenVPN passes and tells the daemon over the control socket
-//! (POST /api/v1/hooks/openvpn with a `HookCall` body), retrying once after 1 s, 5 s timeout per
+//! What OpenVPN's client-connect / client-disconnect script tells the daemon: the `HookCall`
+//! built from the environment OpenVPN passes, POSTed to /api/v1/hooks/openvpn over the control
+//! socket by `tunmeter hook openvpn` (`cli::hook`), retrying once after 1 s, 5 s timeout per
 //! attempt. Exit status 0 only when the daemon accepted (2xx): OpenVPN rejects the client
 //! otherwise (fail closed).
 //!
@@ -8,9 +8,8 @@
 //! interface's CLIENT_LIST row by (VPN address, real address), so `real_address` is built
 //! exactly the way OpenVPN 2.6 prints the Real Address column (see [`real_address`]).
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
-use hyper::Method;
 use serde::{Deserialize, Serialize};
 
 /// client-connect or client-disconnect.
@@ -146,48 +145,11 @@ pub fn call_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<HookCall, H
 }
 
 /// Timeout of one attempt.
-pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before the single retry.
-pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Path of the hook endpoint.
 pub const HOOK_PATH: &str = "/api/v1/hooks/openvpn";
-
-/// The message of an API error body (`{"error": {"message"}}`), else the raw body.
-fn error_text(status: u16, body: &str) -> String {
-    let msg = serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| body.trim().chars().take(500).collect());
-    format!("the daemon answered HTTP {status}: {msg}")
-}
-
-/// Send `call` to the daemon behind `state_dir`: attempt, on failure wait 1 s and attempt once
-/// more; each attempt times out after 5 s. Ok(()) only on a 2xx. Err carries a message for
-/// OpenVPN's log (stderr).
-pub async fn send(state_dir: &Path, call: &HookCall) -> Result<(), String> {
-    let body = serde_json::to_vec(call).map_err(|e| format!("encoding the hook call: {e}"))?;
-    let mut first_error = None;
-    for attempt in 1..=2 {
-        let sent = crate::control::request_json(state_dir, Method::POST, HOOK_PATH, body.clone(), ATTEMPT_TIMEOUT);
-        let err = match sent.await {
-            Ok((status, _)) if (200..300).contains(&status) => return Ok(()),
-            Ok((status, text)) => error_text(status, &text),
-            Err(e) => e.to_string(),
-        };
-        if attempt == 1 {
-            first_error = Some(err);
-            tokio::time::sleep(RETRY_AFTER).await;
-        } else {
-            let first = first_error.take().unwrap_or_default();
-            return Err(if first == err {
-                format!("{err} (2 attempts)")
-            } else {
-                format!("{err} (first attempt: {first})")
-            });
-        }
-    }
-    unreachable!("the loop returns on its second attempt")
-}
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,7 @@
 //! `>CLIENT:ESTABLISHED` is sent without `management-client-auth`; `>CLIENT:DISCONNECT` only
 //! with it (docs/openvpn.md). Disconnects are therefore also found by the periodic `status 3`.
 
-use std::{collections::HashSet, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
@@ -17,49 +17,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::status::{Notification, NotificationParser, OvpnClient, parse_status};
-
-/// Where the management interface listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MgmtAddr {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl std::fmt::Display for MgmtAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MgmtAddr::Tcp(a) => f.write_str(a),
-            MgmtAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
-/// One `[[openvpn]]` instance of the config. `Debug` hides the password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct InstanceConfig {
-    /// Unique name, e.g. "udp" or "tcp" (stored with sessions).
-    pub name: String,
-    /// "openvpn-udp" or "openvpn-tcp" (the session's protocol).
-    pub protocol: String,
-    pub addr: MgmtAddr,
-    /// Management password (`management ... pw-file`), if set. Like OpenVPN's pw-file, only
-    /// the first line counts: later lines are never sent (they would be management commands).
-    pub password: Option<String>,
-    /// `status 3` is issued this often (default 2 s), and on every notification.
-    pub reconcile: Duration,
-}
-
-impl std::fmt::Debug for InstanceConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InstanceConfig")
-            .field("name", &self.name)
-            .field("protocol", &self.protocol)
-            .field("addr", &self.addr)
-            .field("password", &self.password.as_ref().map(|_| "***"))
-            .field("reconcile", &self.reconcile)
-            .finish()
-    }
-}
+use crate::config::{MgmtAddr, OpenvpnInstance};
 
 /// The password as OpenVPN reads it from its pw-file: the first line, without its line end.
 fn first_line(password: &str) -> &str {
@@ -183,7 +141,7 @@ impl Warned {
 
 /// One connection's state.
 struct Session<'a> {
-    cfg: &'a InstanceConfig,
+    cfg: &'a OpenvpnInstance,
     events: &'a mpsc::Sender<MgmtEvent>,
     lines: Lines,
     parser: NotificationParser,
@@ -387,11 +345,11 @@ async fn connect(addr: &MgmtAddr) -> Result<Box<dyn Stream>, SessionError> {
 
 /// Run one instance until `events` is closed: connect, authenticate, follow notifications, and
 /// send snapshots. Never returns an error: failures become `Lost` and a reconnect.
-pub async fn run_instance(cfg: InstanceConfig, events: mpsc::Sender<MgmtEvent>) {
+pub async fn run_instance(cfg: OpenvpnInstance, events: mpsc::Sender<MgmtEvent>) {
     run(cfg, events, REPLY_TIMEOUT).await
 }
 
-async fn run(cfg: InstanceConfig, events: mpsc::Sender<MgmtEvent>, reply_timeout: Duration) {
+async fn run(cfg: OpenvpnInstance, events: mpsc::Sender<MgmtEvent>, reply_timeout: Duration) {
     let mut backoff = MIN_BACKOFF;
     // Lost is sent once per outage (the first failed attempt, or the loss of a working
     // connection), not for every failed reconnect.
@@ -453,6 +411,8 @@ async fn run(cfg: InstanceConfig, events: mpsc::Sender<MgmtEvent>, reply_timeout
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     /// The line reader on a real socket pair: CRLF, the prompt without a line end, a line split
@@ -508,10 +468,10 @@ mod tests {
         (MgmtAddr::Unix(path.clone()), server, path)
     }
 
-    fn test_cfg(addr: MgmtAddr, password: &str) -> InstanceConfig {
-        InstanceConfig {
+    fn test_cfg(addr: MgmtAddr, password: &str) -> OpenvpnInstance {
+        OpenvpnInstance {
             name: "udp".into(),
-            protocol: "openvpn-udp".into(),
+            protocol: crate::types::SessionProtocol::OpenvpnUdp,
             addr,
             password: Some(password.into()),
             reconcile: Duration::from_secs(3600),
@@ -593,7 +553,7 @@ mod tests {
         assert!(d.contains(r#"password: Some("***")"#), "{d}");
         assert!(!d.contains("s3cret") && !d.contains("more"), "{d}");
         assert!(d.contains("127.0.0.1:7505") && d.contains("reconcile"), "{d}");
-        let d = format!("{:?}", InstanceConfig { password: None, ..c });
+        let d = format!("{:?}", OpenvpnInstance { password: None, ..c });
         assert!(d.contains("password: None"), "{d}");
     }
 }

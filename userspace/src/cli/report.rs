@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::IpAddr, time::Duration};
 
 use serde::Serialize;
 
-use crate::counters::{ClientsSnapshot, Count, OutcomeRow};
+use crate::bpf::counters::{ClientsSnapshot, Count, OutcomeRow};
 
 /// Rates between two snapshots, bits per second.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -201,7 +201,7 @@ pub fn sessions_table(sessions: &[serde_json::Value]) -> String {
         "{:<24} {:<14} {:<12} {:<12} {:<22} {:>10} {:>10}  {:<20}  {}\n",
         "CLIENT", "USERNAME", "PROTOCOL", "INSTANCE", "FROM", "UPLOAD", "DOWNLOAD", "OPENED", "SESSION"
     );
-    let now = crate::clock::unix_ms();
+    let now = crate::time::unix_ms();
     for s in sessions {
         let opened = num(s, "opened_unix_ms");
         let state = match s["closed_unix_ms"].as_u64() {
@@ -241,7 +241,7 @@ fn human_duration(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::counters::{Bucket, ClientRow};
+    use crate::bpf::counters::{Bucket, ClientRow};
 
     fn snap(ms: u64, up: u64) -> ClientsSnapshot {
         ClientsSnapshot {

@@ -19,7 +19,7 @@ use tunmeter_common::{
     SubnetKey, SubnetValue,
 };
 
-use crate::config::Layer;
+use crate::types::Layer;
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunmeter"));
@@ -61,7 +61,7 @@ pub struct Instance {
 impl Instance {
     /// Load the object for `layer` with its maps under `pin_dir` and the default redirect mark.
     pub fn load(layer: Layer, pin_dir: &Path, max_clients: u32) -> Result<Instance, LoadError> {
-        Self::load_with(layer, pin_dir, max_clients, crate::config::DEFAULT_REDIRECT_MARK)
+        Self::load_with(layer, pin_dir, max_clients, crate::types::DEFAULT_REDIRECT_MARK)
     }
 
     /// Load with `redirect_mark` as the mark of redirected packets (see `steer::PolicyRoute`).

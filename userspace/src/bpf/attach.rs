@@ -28,8 +28,8 @@ use aya::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::AttachMode,
-    loader::{Instance, PROG_EGRESS, PROG_INGRESS},
+    bpf::loader::{Instance, PROG_EGRESS, PROG_INGRESS},
+    types::AttachMode,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -342,6 +342,14 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize, AttachError> {
         }
     }
     Ok(removed)
+}
+
+/// Remove map pins, link pins and the pin directory.
+pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(pin_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
 }
 
 #[cfg(test)]

@@ -7,12 +7,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use aya::programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions};
 
-use crate::loader::{Instance, PROG_CLOCK};
+use super::loader::{Instance, PROG_CLOCK};
+use crate::time::unix_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClockError {
@@ -72,11 +73,6 @@ impl Calibration {
 pub struct KernelClock {
     prog: SchedClassifier,
     path: PathBuf,
-}
-
-/// Wall-clock milliseconds since the Unix epoch.
-pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
 impl KernelClock {

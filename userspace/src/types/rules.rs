@@ -1,4 +1,5 @@
-//! Rule specifications as operators write them (config file, CLI, API), parsed and checked.
+//! Steering rule specifications as operators write them (config file, CLI, API), parsed and
+//! checked: forward rules (protocol, public port -> device) and redirect rules (source -> proxy).
 
 use std::{
     fmt,
@@ -27,7 +28,7 @@ pub enum RuleError {
 }
 
 /// Transport protocol of a forward rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,

@@ -9,7 +9,7 @@ use netlink_sys::{AsyncSocket as _, SocketAddr};
 use rtnetlink::{Handle, constants::RTMGRP_LINK};
 use tracing::warn;
 
-use crate::config::Layer;
+use crate::types::Layer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinksError {
@@ -28,6 +28,9 @@ pub struct Link {
 }
 
 pub type LinkTable = BTreeMap<String, Link>;
+
+/// One `()` per link event (added, removed, renamed): a wake-up, not a description.
+pub type LinkEvents = UnboundedReceiver<()>;
 
 /// `ARPHRD_NONE` (tun, WireGuard) is L3; Ethernet (veth, NICs) is L2.
 pub fn layer_of(t: LinkLayerType) -> Option<Layer> {
@@ -54,7 +57,7 @@ pub struct Links {
 impl Links {
     /// Open two rtnetlink sockets: one for requests, one subscribed to link events.
     /// Must be called inside a tokio runtime.
-    pub fn open() -> Result<(Links, UnboundedReceiver<()>), LinksError> {
+    pub fn open() -> Result<(Links, LinkEvents), LinksError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(LinksError::Socket)?;
         tokio::spawn(conn);
 

@@ -1,40 +1,18 @@
-//! Prometheus metrics: `/metrics` in the text format.
+//! Prometheus metrics: `/metrics` in the OpenMetrics text format, rendered at scrape time.
 //!
-//! Durations are histograms fed as things happen; everything else is read at scrape time from
-//! the ledger and the kernel maps, so a scrape costs nothing between scrapes.
+//! Durations come from the ledger's histograms (fed as polls and flushes happen); everything
+//! else is read at scrape time from the ledger and the kernel maps, so a scrape costs nothing
+//! between scrapes.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-use crate::{counters::OutcomeRow, ledger::Ledger, steer::SteerList};
-
-/// Metrics updated as events happen.
-pub struct Metrics {
-    pub poll_seconds: Histogram,
-    pub flush_seconds: Histogram,
-    pub stream_subscribers: AtomicI64,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics {
-            // 100 µs .. ~6.5 s
-            poll_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
-            flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
-            stream_subscribers: AtomicI64::new(0),
-        }
-    }
-}
+use crate::{bpf::counters::OutcomeRow, ledger::Ledger, steer::SteerList};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClientLabels {
@@ -93,8 +71,8 @@ fn register_steer(reg: &mut Registry, l: &SteerList) {
 /// Render every metric. `max_clients` caps the per-client label sets (the clients with the most
 /// bytes are kept).
 pub fn render(
-    m: &Metrics,
     ledger: &Ledger,
+    stream_subscribers: usize,
     outcomes: &[OutcomeRow],
     steer: Option<&SteerList>,
     max_clients: usize,
@@ -135,8 +113,9 @@ pub fn render(
     if let Some(l) = steer {
         register_steer(&mut reg, l);
     }
-    reg.register("poll_duration_seconds", "Time to read the kernel client map", m.poll_seconds.clone());
-    reg.register("flush_duration_seconds", "Time to write one ledger batch", m.flush_seconds.clone());
+    let timings = ledger.timings();
+    reg.register("poll_duration_seconds", "Time to read the kernel client map", timings.poll_seconds.clone());
+    reg.register("flush_duration_seconds", "Time to write one ledger batch", timings.flush_seconds.clone());
     let gauge = |v: i64| {
         let g = Gauge::<i64, AtomicI64>::default();
         g.set(v);
@@ -144,7 +123,7 @@ pub fn render(
     };
     reg.register("ledger_pending_rows", "Usage rows waiting to be written", gauge(ledger.pending_rows() as i64));
     reg.register("database_up", "1 if the last database write succeeded", gauge(ledger.health().database_up as i64));
-    reg.register("stream_subscribers", "Live stream subscribers", gauge(m.stream_subscribers.load(Ordering::Relaxed)));
+    reg.register("stream_subscribers", "Live stream subscribers", gauge(stream_subscribers as i64));
     reg.register("clients", "Clients in the ledger", gauge(ledger.with_clients(|c| c.len()) as i64));
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");

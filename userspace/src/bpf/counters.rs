@@ -7,11 +7,12 @@ use serde::Serialize;
 use tracing::debug;
 use tunmeter_common::{ClientCounters, ClientKey, Direction, MAP_CLIENTS, Outcome, OutcomeCounter, stats_index};
 
-use crate::{
+use super::{
     batch::{self, BatchError},
-    clock::{Calibration, unix_ms},
+    clock::Calibration,
     loader::{LoadError, PinnedMaps},
 };
+use crate::time::unix_ms;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Count {

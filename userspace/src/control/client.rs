@@ -1,5 +1,5 @@
-//! Talking to the running daemon over its local control socket (`<state_dir>/control.sock`),
-//! which serves the same API as the TCP listener and acts as admin (the socket is root-only).
+//! The client side of the control socket: one HTTP/1 request to the running daemon, with a
+//! timeout, answered with the status code and the body.
 
 use std::{path::Path, time::Duration};
 
@@ -48,7 +48,7 @@ async fn send(
     timeout: Duration,
 ) -> Result<(u16, String), ControlError> {
     let fut = async {
-        let sock = crate::api::control_socket(state_dir);
+        let sock = super::socket_path(state_dir);
         let stream = tokio::net::UnixStream::connect(&sock)
             .await
             .map_err(|source| ControlError::Connect { path: sock.display().to_string(), source })?;

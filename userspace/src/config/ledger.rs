@@ -1,0 +1,56 @@
+//! `[ledger]`: where usage is stored (SQLite by default, PostgreSQL for fleets), how often the
+//! kernel counters are read and written, and how long history is kept.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::{ConfigError, Overrides, ranged};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerSettings {
+    /// `sqlite://PATH` or `postgres://...`; default: tunmeter.db in the state directory.
+    pub database_url: String,
+    pub poll_interval_ms: u64,
+    pub flush_interval_ms: u64,
+    pub retention_minute_days: u32,
+    pub retention_hour_days: u32,
+    pub retention_day_days: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileLedger {
+    database_url: Option<String>,
+    poll_interval_ms: Option<u64>,
+    flush_interval_ms: Option<u64>,
+    retention_minute_days: Option<u32>,
+    retention_hour_days: Option<u32>,
+    retention_day_days: Option<u32>,
+}
+
+/// The default database: `tunmeter.db` in the state directory, created if missing.
+pub fn default_url(state_dir: &Path) -> String {
+    format!("sqlite://{}/tunmeter.db?mode=rwc", state_dir.display())
+}
+
+pub(super) fn build(l: FileLedger, ov: &Overrides, state_dir: &Path) -> Result<LedgerSettings, ConfigError> {
+    Ok(LedgerSettings {
+        database_url: ov.database_url.clone().or(l.database_url).unwrap_or_else(|| default_url(state_dir)),
+        poll_interval_ms: ranged(
+            "poll_interval_ms",
+            ov.poll_interval_ms.or(l.poll_interval_ms).unwrap_or(1000),
+            100,
+            60_000,
+        )?,
+        flush_interval_ms: ranged(
+            "flush_interval_ms",
+            ov.flush_interval_ms.or(l.flush_interval_ms).unwrap_or(10_000),
+            100,
+            300_000,
+        )?,
+        retention_minute_days: l.retention_minute_days.unwrap_or(2),
+        retention_hour_days: l.retention_hour_days.unwrap_or(90),
+        retention_day_days: l.retention_day_days.unwrap_or(0),
+    })
+}
