@@ -1,6 +1,8 @@
 //! tunmeter's developer tasks, run as `cargo xtask <task>` (alias in .cargo/config.toml).
 
+mod check;
 mod demo;
+mod modtree;
 mod setup;
 mod util;
 
@@ -26,7 +28,9 @@ enum Task {
     /// Check the prerequisites (Debian packages, Rust toolchains, bpf-linker, bpffs) and
     /// install only what is missing. Safe to run repeatedly.
     Setup,
-    /// Run setup, then the whole test suite (`cargo test --no-fail-fast` over the default
+    /// Check the structure rules: no import cycles, layers, file sizes (ARCHITECTURE.md).
+    Check,
+    /// Run setup, the structure check, rustfmt and clippy, then the whole test suite (`cargo test --no-fail-fast` over the default
     /// members) as root, with TUNMETER_REQUIRE_ROOT_TESTS=1 so root-only tests cannot skip.
     Test {
         /// Extra arguments for `cargo test`, e.g. `-- -p tunmeter -- --nocapture`.
@@ -48,6 +52,7 @@ enum Task {
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
+        Task::Check => check::check(),
         Task::Test { args } => test(&args),
         Task::Demo { seconds } => demo::demo(seconds),
         Task::Bench => bench(),
