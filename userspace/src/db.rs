@@ -1,4 +1,5 @@
-//! The database: SQLite (a file in the state directory) by default, PostgreSQL by URL.
+//! The database: SQLite (a file in the state directory) by default, PostgreSQL by URL, opened
+//! with the schema of `migrations/` applied.
 //!
 //! One schema serves both (`migrations/`, portable SQL), applied at start-up. Queries use `$N`
 //! placeholders, which both drivers accept, through sqlx's `Any` driver.

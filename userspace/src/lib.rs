@@ -1,4 +1,5 @@
-//! tunmeter: per-VPN-client traffic accounting and steering with eBPF.
+//! tunmeter: per-VPN-client traffic accounting and steering with eBPF. The daemon, the CLI and
+//! everything they share, in layers that only point down.
 //!
 //! Layers, each using only the layers above it in this list (checked by `cargo xtask check`;
 //! see ARCHITECTURE.md):

@@ -1,4 +1,5 @@
-//! The `tunmeter` binary: the command line lives in `tunmeter::cli`.
+//! The `tunmeter` binary. Everything it does lives in the library: the command line is
+//! `tunmeter::cli`.
 
 fn main() -> std::process::ExitCode {
     tunmeter::cli::main()

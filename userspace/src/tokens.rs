@@ -1,4 +1,5 @@
-//! API bearer tokens: created by `tunmeter token create`, stored as SHA-256 only.
+//! API bearer tokens: created by `tunmeter token create`, stored as SHA-256 only, checked
+//! through a short-lived cache in front of the database.
 
 use std::{
     collections::HashMap,

@@ -1,9 +1,11 @@
 //! `cargo xtask check`: the structure rules the compiler does not enforce, checked on the
 //! sources (ARCHITECTURE.md explains them):
+//!
 //! - at every level of every crate's module tree, sibling modules (each with its whole subtree)
 //!   form a DAG: no import cycles;
 //! - the daemon crate's top-level modules use only modules of their own or a lower layer;
-//! - no Rust source file is longer than `MAX_LINES` lines.
+//! - no Rust source file is longer than `MAX_LINES` lines, and each opens with a two-to-four
+//!   line `//!` paragraph that says its one job.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -60,7 +62,7 @@ pub fn check() -> Result<()> {
             problems.extend(layers(&tree));
         }
     }
-    problems.extend(long_files()?);
+    problems.extend(files()?);
     if problems.is_empty() {
         println!(
             "xtask check: {} crates, {modules} modules, {edges} references: no import cycles, layers respected, \
@@ -165,8 +167,8 @@ fn layers(tree: &Tree) -> Vec<String> {
     out
 }
 
-/// Tracked and new Rust files longer than `MAX_LINES`.
-fn long_files() -> Result<Vec<String>> {
+/// Tracked and new Rust files: longer than `MAX_LINES`, or without their opening paragraph.
+fn files() -> Result<Vec<String>> {
     let list = output(
         cmd("git").args(["ls-files", "--cached", "--others", "--exclude-standard", "*.rs"]).current_dir(root()),
     )?;
@@ -176,6 +178,12 @@ fn long_files() -> Result<Vec<String>> {
         let n = text.lines().count();
         if n > MAX_LINES {
             out.push(format!("{f}: {n} lines, more than {MAX_LINES}: split it by what its parts do"));
+        }
+        let opening = text.lines().take_while(|l| l.starts_with("//!") && l.trim() != "//!").count();
+        if !(2..=4).contains(&opening) {
+            out.push(format!(
+                "{f}: opens with {opening} line(s) of `//!`: say the module's one job in two to four lines"
+            ));
         }
     }
     Ok(out)

@@ -1,4 +1,5 @@
-//! tunmeter's developer tasks, run as `cargo xtask <task>` (alias in .cargo/config.toml).
+//! tunmeter's developer tasks, run as `cargo xtask <task>` (alias in .cargo/config.toml):
+//! setup, check, test, demo and bench.
 
 mod check;
 mod demo;
@@ -69,13 +70,14 @@ fn main() -> ExitCode {
 fn test(extra: &[String]) -> Result<()> {
     setup::setup()?;
     setup::require_root("the kernel tests load BPF programs and create network namespaces", "test")?;
+    let start = Instant::now();
+    lint()?;
     // No --workspace: the default members leave out the eBPF crate, which only builds for
     // the BPF target (userspace/build.rs builds it).
     let mut c = cmd("cargo");
     c.args(["test", "--no-fail-fast"]).args(extra).env("TUNMETER_REQUIRE_ROOT_TESTS", "1");
     let what = describe(&c);
     println!("running: {what}");
-    let start = Instant::now();
     let status = c.status().with_context(|| format!("starting `{what}`"))?;
     let secs = start.elapsed().as_secs();
     if status.success() {
@@ -85,6 +87,31 @@ fn test(extra: &[String]) -> Result<()> {
         println!("xtask test: FAILED ({status}, {secs} s)");
         bail!("`{what}` failed ({status})");
     }
+}
+
+/// The checks that need no kernel: structure, formatting, clippy on every crate (the eBPF crate
+/// built for its target). Each failure fails `cargo xtask test`.
+fn lint() -> Result<()> {
+    let started = Instant::now();
+    check::check()?;
+    run(cmd("cargo").args(["fmt", "--all", "--", "--check"]), "rustfmt found unformatted code: run `cargo fmt --all`")?;
+    run(
+        cmd("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+        "clippy found problems (userspace crates)",
+    )?;
+    run(&mut setup::ebpf_clippy()?, "clippy found problems (eBPF crate)")?;
+    println!("xtask test: structure, rustfmt and clippy clean ({} s)", started.elapsed().as_secs());
+    Ok(())
+}
+
+fn run(c: &mut std::process::Command, failure: &str) -> Result<()> {
+    let what = describe(c);
+    println!("running: {what}");
+    let status = c.status().with_context(|| format!("starting `{what}`"))?;
+    if !status.success() {
+        bail!("{failure} (`{what}`: {status})");
+    }
+    Ok(())
 }
 
 fn bench() -> Result<()> {

@@ -1,4 +1,5 @@
-//! `cargo xtask setup`: checks every prerequisite and installs only what is missing.
+//! `cargo xtask setup`: checks every prerequisite (Debian packages, toolchains, bpf-linker,
+//! bpffs, npm packages) and installs only what is missing.
 
 use std::env::consts::ARCH;
 
@@ -302,8 +303,23 @@ fn rust_toolchains() -> Result<()> {
     let (channel, components) = pinned_toolchain()?;
     ensure_toolchain(&channel, &components)?;
     let ebpf = tunmeter_metadata("ebpf-toolchain")?;
-    ensure_toolchain(&ebpf, &["rust-src".to_owned()])?;
+    // clippy: `cargo xtask test` lints the eBPF crate too, built for its target.
+    ensure_toolchain(&ebpf, &["rust-src".to_owned(), "clippy".to_owned()])?;
     Ok(())
+}
+
+/// `cargo clippy` on the eBPF crate with the eBPF toolchain, for the BPF target (as aya-build
+/// builds it), in its own target directory; `-D warnings`.
+pub fn ebpf_clippy() -> Result<std::process::Command> {
+    let toolchain = tunmeter_metadata("ebpf-toolchain")?;
+    let mut c = cmd("cargo");
+    c.arg(format!("+{toolchain}"))
+        .args(["clippy", "--package", "tunmeter-ebpf", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--release", "--", "-D", "warnings"])
+        .env("CARGO_TARGET_DIR", crate::util::target_dir().join("ebpf-clippy"))
+        .env("CARGO_ENCODED_RUSTFLAGS", format!("--cfg=bpf_target_arch=\"{ARCH}\""))
+        .current_dir(root());
+    Ok(c)
 }
 
 /// rustup, run outside the workspace: inside it, rust-toolchain.toml would make rustup

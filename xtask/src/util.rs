@@ -1,4 +1,5 @@
-//! Small helpers shared by the tasks: workspace paths, pinned versions, running commands.
+//! Small helpers shared by the tasks: workspace paths, pinned versions from the manifests, and
+//! running commands with errors that say what failed.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

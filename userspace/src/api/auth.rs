@@ -1,4 +1,5 @@
-//! Bearer-token authentication as an extractor.
+//! Who is calling: the bearer token of a TCP request (or the local control socket, which acts
+//! as admin) checked as an axum extractor, with the role each route requires.
 
 use std::sync::Arc;
 

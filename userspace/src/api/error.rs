@@ -1,4 +1,5 @@
-//! One error body for every failure: `{"error": {"code", "message"}}`.
+//! One error body for every failure, `{"error": {"code", "message"}}`, and the mapping of
+//! the domain errors below the API to HTTP statuses.
 
 use axum::{
     Json,

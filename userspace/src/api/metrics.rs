@@ -1,4 +1,5 @@
-//! Prometheus metrics: `/metrics` in the OpenMetrics text format, rendered at scrape time.
+//! Prometheus metrics: `/metrics` in the OpenMetrics text format, rendered at scrape time from
+//! the ledger, the kernel's outcome counters and the steering maps.
 //!
 //! Durations come from the ledger's histograms (fed as polls and flushes happen); everything
 //! else is read at scrape time from the ledger and the kernel maps, so a scrape costs nothing

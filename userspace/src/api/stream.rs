@@ -1,4 +1,5 @@
-//! The live stream: per-client rates and totals pushed over a WebSocket.
+//! The live stream: per-client rates and totals pushed over a WebSocket, one frame per stream
+//! interval, with slow subscribers skipping frames instead of holding anyone up.
 //!
 //! One producer builds a frame every `stream_interval` (only while someone listens) and puts it
 //! in a `watch` channel, which holds just the newest frame: publishing never waits for anyone.

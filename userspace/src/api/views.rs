@@ -1,4 +1,5 @@
-//! JSON shapes of the API (the OpenAPI schemas come from these).
+//! The JSON shapes of the API (the OpenAPI schemas come from these), built from the ledger's
+//! state with addresses and times converted for people at this edge only.
 
 use std::net::IpAddr;
 

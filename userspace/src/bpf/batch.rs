@@ -1,4 +1,5 @@
-//! Reading a whole per-CPU hash map in few system calls (BPF_MAP_LOOKUP_BATCH).
+//! Reading a whole per-CPU hash map in few system calls (BPF_MAP_LOOKUP_BATCH), and writing
+//! one the same way (BPF_MAP_UPDATE_BATCH).
 //!
 //! aya 0.16 has no batch operations, and reading element by element costs two syscalls per
 //! entry (get-next-key, lookup). `BPF_MAP_LOOKUP_BATCH` (Linux 5.6) copies whole hash buckets

@@ -1,4 +1,5 @@
-//! Kernel time for last-seen stamps.
+//! Kernel time for last-seen stamps: the current jiffies read through the pinned clock program
+//! and HZ measured, so that stamps can be turned into wall-clock time.
 //!
 //! The counting program stamps packets with `jiffies` (inlined by the verifier: ~1 ns, where
 //! the clock-reading helpers cost ~25 ns per packet). To turn jiffies into wall-clock time,

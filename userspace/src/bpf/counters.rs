@@ -1,4 +1,5 @@
-//! Reading the pinned counter maps into plain rows (works with or without a running daemon).
+//! Reading the pinned counter maps into plain rows: per-client counters and the outcome
+//! counters. Works with or without a running daemon.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

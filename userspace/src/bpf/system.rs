@@ -1,4 +1,5 @@
-//! Host checks with errors that name the fix: kernel version, bpffs, privileges, single daemon.
+//! Host checks with errors that name the fix (kernel version, bpffs, privileges) and the locks
+//! that keep one daemon per state directory and per pin directory.
 
 use std::{
     fs::File,

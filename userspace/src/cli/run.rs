@@ -1,4 +1,5 @@
-//! `tunmeter run`: the flags of the daemon, turned into config overrides, and the daemon run.
+//! `tunmeter run`: the daemon's flags, turned into config overrides on top of the config file,
+//! and the daemon run on a tokio runtime.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,5 @@
-//! `[api]`: where the REST API, metrics and dashboard listen, and the live stream's pace.
+//! `[api]`: where the REST API, metrics and dashboard listen, the live stream's pace and
+//! stall timeout, and how many clients get their own metric series.
 
 use serde::Deserialize;
 

@@ -118,7 +118,7 @@ pub(super) fn build(
             "tcp" => SessionProtocol::OpenvpnTcp,
             p => return Err(bad(format!("protocol {p:?}: expected \"udp\" or \"tcp\""))),
         };
-        let addr = mgmt_addr(&o.management).map_err(&bad)?;
+        let addr = mgmt_addr(&o.management).map_err(bad)?;
         if let Some(dev) = &o.interface {
             if validate_ifname(dev).is_err() {
                 return Err(bad(format!("interface {dev:?}: bad interface name")));

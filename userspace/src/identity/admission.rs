@@ -1,4 +1,5 @@
-//! The client-connect / client-disconnect hook (POST /api/v1/hooks/openvpn).
+//! The client-connect / client-disconnect hook (POST /api/v1/hooks/openvpn): admission is all
+//! or nothing within a deadline, and a refused client leaves nothing behind.
 //!
 //! A connect is all or nothing: the client is admitted (200) only when every one of its
 //! addresses has a durable session and its redirect rule (if its user has an openvpn

@@ -1,4 +1,5 @@
-//! Who is behind each VPN address.
+//! Who is behind each VPN address: OpenVPN management and hook, WireGuard peers, merged into
+//! one list that becomes sessions, redirect rules and device states.
 //!
 //! Sources: OpenVPN management interfaces (`openvpn::mgmt`), the OpenVPN hook
 //! (`openvpn::hook`, POST /api/v1/hooks/openvpn) and WireGuard peers (`wireguard`), merged in

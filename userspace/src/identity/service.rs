@@ -1,4 +1,5 @@
-//! The identity service: sources in, sessions, redirects and device states out.
+//! The identity service: sources in, sessions, redirects and device states out, with one lock
+//! around everything that changes sessions.
 //!
 //! One lock (`inner`) serialises everything that changes sessions: hook calls
 //! (`admission.rs`), management snapshots and ticks (`reconcile.rs`). Slow reads (WireGuard

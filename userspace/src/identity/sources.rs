@@ -1,4 +1,5 @@
-//! What the sources say is connected now: the merged client list.
+//! What the sources say is connected now: the merged client list of management snapshots, hook
+//! announcements and WireGuard handshakes, with the rules that decide between them.
 //!
 //! - OpenVPN: the latest `status 3` of each management instance (authoritative for that
 //!   instance while its management connection is up), plus clients announced by the

@@ -1,4 +1,5 @@
-//! The usage ledger: kernel counters polled into a database, with lossless resets.
+//! The usage ledger: kernel counters polled into a database, with lossless resets. Owns the
+//! poller and the single writer, and the state both share.
 //!
 //! - `state`: the ledger in memory (cursors, totals, periods, pending usage).
 //! - `store`: the SQL (one transaction per batch; history; resets).

@@ -1,4 +1,5 @@
-//! Where readings come from: the pinned kernel client map.
+//! Where readings come from: the pinned kernel client map (a trait, so tests can feed their
+//! own readings), with the map's identity as the counter epoch.
 
 use std::{net::IpAddr, path::Path};
 

@@ -1,4 +1,5 @@
-//! The ledger in memory: per-client cursors, totals and periods, and the usage not yet written.
+//! The ledger in memory: per-client cursors, totals and periods, and the usage not yet written,
+//! taken out together so that what one transaction writes is always consistent.
 //!
 //! Kernel counters are monotonic and never zeroed. Each poll adds `reading - cursor` to the
 //! client's totals and to the pending usage of the current minute; a reset moves the client's

@@ -1,4 +1,5 @@
-//! The delivery worker.
+//! The webhook delivery worker: POSTs the outbox's events with retries and backoff, strictly in
+//! order per subject, several subjects at once.
 //!
 //! One task scans the outbox; the HTTP requests run as child tasks. Per endpoint, up to
 //! `MAX_IN_FLIGHT` requests run at once, each for a different subject, and only for the head

@@ -1,4 +1,5 @@
-//! Request signatures: `X-Tunmeter-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
+//! Request signatures: `X-Tunmeter-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`,
+//! made for each request and checked by receivers.
 //!
 //! The timestamp (unix seconds, `X-Tunmeter-Timestamp`) is part of the signed text, so a receiver
 //! that rejects old timestamps also rejects replayed requests.

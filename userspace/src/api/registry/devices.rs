@@ -1,4 +1,5 @@
-//! `/devices`: the devices behind VPN addresses, with their online state and connection count.
+//! `/devices`: the devices behind VPN addresses, with their online state (from the kernel's
+//! last-seen time or the WireGuard handshake) and how many connections each carries.
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 

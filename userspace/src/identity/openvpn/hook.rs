@@ -1,8 +1,9 @@
 //! What OpenVPN's client-connect / client-disconnect script tells the daemon: the `HookCall`
-//! built from the environment OpenVPN passes, POSTed to /api/v1/hooks/openvpn over the control
-//! socket by `tunmeter hook openvpn` (`cli::hook`), retrying once after 1 s, 5 s timeout per
-//! attempt. Exit status 0 only when the daemon accepted (2xx): OpenVPN rejects the client
-//! otherwise (fail closed).
+//! built from the environment OpenVPN passes, and the timeouts of its delivery.
+//!
+//! `tunmeter hook openvpn` (`cli::hook`) POSTs it to /api/v1/hooks/openvpn over the control
+//! socket, retrying once after 1 s, 5 s timeout per attempt. Exit status 0 only when the daemon
+//! accepted (2xx): OpenVPN rejects the client otherwise (fail closed).
 //!
 //! The daemon side is identity::Identity::hook. It matches a hook call with the management
 //! interface's CLIENT_LIST row by (VPN address, real address), so `real_address` is built

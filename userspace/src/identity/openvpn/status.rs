@@ -1,4 +1,5 @@
-//! Parsing `status 3` output: the CLIENT_LIST rows, each malformed one skipped with a reason.
+//! Parsing `status 3` output into the CLIENT_LIST rows, each malformed row skipped with the
+//! reason, so that one bad line never hides the other clients.
 //!
 //! `status 3` (OpenVPN 2.6) is tab separated, `status 2` the same with commas; both are
 //! accepted. Column positions are taken from the `HEADER CLIENT_LIST` line when present, so

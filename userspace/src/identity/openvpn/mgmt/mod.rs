@@ -1,4 +1,5 @@
-//! A client of one OpenVPN management interface.
+//! A client of one OpenVPN management interface: log in, read `status 3` on a timer and on
+//! every client notification, reconnect with backoff, report snapshots and losses.
 //!
 //! Protocol as seen from OpenVPN 2.6.14 (captures in `testdata/`): lines end in CRLF. With a
 //! `pw-file` the server first sends `ENTER PASSWORD:` *without* a line end; after the right
