@@ -57,6 +57,9 @@ pub struct App {
     pub webhooks: Arc<crate::webhook::Webhooks>,
     /// None in tests that serve the ledger alone.
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// Cancelled when the daemon stops: open live streams close (they would otherwise keep the
+    /// server's graceful shutdown waiting).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 pub struct ListCache {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::{
     extract::{
         State, WebSocketUpgrade,
-        ws::{Message, Utf8Bytes, WebSocket},
+        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code},
     },
     response::Response,
 };
@@ -132,6 +132,12 @@ async fn serve(socket: WebSocket, app: Arc<App>) {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
                 Some(Ok(_)) => {}
             },
+            _ = app.shutdown.cancelled() => {
+                // 1001 "going away": the dashboard reconnects to the next daemon.
+                let bye = CloseFrame { code: close_code::AWAY, reason: Utf8Bytes::from_static("daemon stopping") };
+                let _ = tokio::time::timeout(stall, sink.send(Message::Close(Some(bye)))).await;
+                break;
+            }
         }
     }
 }

@@ -118,6 +118,7 @@ async fn serve(
         list_cache: Default::default(),
         webhooks: webhooks.clone(),
         identity: Some(identity.clone()),
+        shutdown: front.token(),
     });
     api::serve(app, &cfg.state_dir, front).await?;
     info!(node = cfg.node_id, "ledger and API running");
