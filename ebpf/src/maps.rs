@@ -9,7 +9,7 @@ use aya_ebpf::{
 use tunmeter_common::{
     AddrKey, BypassValue, ClientCounters, ClientKey, DEFAULT_MAX_CLIENTS, FWD_FLOW_ENTRIES, FWD_FRAG_ENTRIES, FlowKey,
     FlowNat, FragKey, FragNat, FwdKey, FwdRule, MAX_BYPASS, MAX_FWD_RULES, MAX_REDIRECT_SOURCES, MAX_RULES,
-    MAX_SUBNETS, OutcomeCounter, RedirectRule, RuleCounters, STATS_ENTRIES, STEER_EVENTS, SubnetKey, SubnetValue,
+    MAX_SUBNETS, OutcomeCounter, RedirectRule, RuleCounters, STATS_ENTRIES, SteerEvent, SubnetKey, SubnetValue,
 };
 
 // ---- counting ----
@@ -55,4 +55,4 @@ pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::pinned(MAX_RU
 
 /// Packets and bytes per steering event (translated, dropped and why, passed and why).
 #[map(name = "STEER_STATS")]
-pub static STEER_STATS: PerCpuArray<OutcomeCounter> = PerCpuArray::pinned(STEER_EVENTS, 0);
+pub static STEER_STATS: PerCpuArray<OutcomeCounter> = PerCpuArray::pinned(SteerEvent::COUNT, 0);
