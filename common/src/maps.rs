@@ -19,9 +19,6 @@ pub const DEFAULT_MAX_CLIENTS: u32 = 65_536;
 /// Capacity of [`MAP_SUBNETS`] (subnet entries over all interfaces).
 pub const MAX_SUBNETS: u32 = 1_024;
 
-/// Ethernet header length, the L3 offset on L2 devices.
-pub const ETH_HLEN: u32 = 14;
-
 /// A client address: IPv6, or IPv4 as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
 /// Network byte order.
 #[repr(C)]

@@ -37,11 +37,6 @@ pub const MAX_BYPASS: u32 = 4_096;
 pub const FWD_FLOW_ENTRIES: u32 = 262_144;
 pub const FWD_FRAG_ENTRIES: u32 = 8_192;
 
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ICMPV6: u8 = 58;
-
 /// Rule flag: the rule comes from the config file (the daemon re-applies and prunes these at
 /// start); without it the rule was added at run time (CLI or API) and stays until deleted.
 pub const RULE_FROM_CONFIG: u32 = 1;
