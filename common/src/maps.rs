@@ -141,3 +141,35 @@ mod pod {
     unsafe impl aya::Pod for super::SubnetKey {}
     unsafe impl aya::Pod for super::SubnetValue {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_keys_map_ipv4_into_ipv6() {
+        let k = ClientKey::v4([10, 8, 0, 2]);
+        assert_eq!(&k.addr[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(k.as_v4(), Some([10, 8, 0, 2]));
+        let v6 = ClientKey::v6([0xfd, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        assert_eq!(v6.as_v4(), None);
+        assert!(ClientKey::OTHER.is_reserved() && ClientKey::OVERFLOW.is_reserved());
+        assert!(!k.is_reserved());
+        // The reserved keys can never collide with a real client address:
+        // :: is unspecified and ff..ff is not a valid unicast source/destination.
+        assert_ne!(ClientKey::v4([0, 0, 0, 0]), ClientKey::OTHER);
+        // Word constructors give the same keys as the byte ones.
+        assert_eq!(ClientKey::v4_word(u32::from_ne_bytes([10, 8, 0, 2])), k);
+        let a6 = [0xfd, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let w = [u64::from_ne_bytes(a6[..8].try_into().unwrap()), u64::from_ne_bytes(a6[8..].try_into().unwrap())];
+        assert_eq!(ClientKey::v6_words(w), ClientKey::v6(a6));
+    }
+
+    #[test]
+    fn subnet_prefix_lengths() {
+        assert_eq!(SubnetKey::v4_prefix_len(24), 152);
+        assert_eq!(SubnetKey::v6_prefix_len(64), 96);
+        assert_eq!(SubnetKey::v4_prefix_len(32), SUBNET_KEY_BITS);
+        assert_eq!(SubnetKey::v6_prefix_len(128), SUBNET_KEY_BITS);
+    }
+}
