@@ -1,14 +1,14 @@
-//! The only place the kernel programs and the daemon agree on map names, keys and values.
-//!
-//! Everything here is `#[repr(C)]`, `Copy`, with explicit padding and a compile-time size
-//! check, so the same bytes mean the same thing on both sides. Addresses are kept in network
-//! byte order; conversion to host types happens at the API edge only.
+//! The only place the kernel programs and the daemon agree on map names, keys and values, header
+//! layouts, and the indexes and names of the statistics. Everything is `#[repr(C)]`, `Copy`, with
+//! explicit padding and a compile-time size check; addresses stay in network byte order.
 #![no_std]
 
 pub mod headers;
 pub mod maps;
+pub mod stats;
 pub mod steer;
 
 pub use headers::*;
 pub use maps::*;
+pub use stats::*;
 pub use steer::*;

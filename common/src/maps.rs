@@ -1,4 +1,6 @@
-//! Map names, keys and values.
+//! Counting maps: their names, the per-client key and counters, the client subnets, and the
+//! load-time global that places the IP header. The statistics arrays' indexes and names are in
+//! `stats.rs`, the steering maps in `steer.rs`.
 
 use core::mem::size_of;
 
@@ -6,7 +8,8 @@ use core::mem::size_of;
 pub const MAP_CLIENTS: &str = "CLIENT_COUNTERS";
 /// Which addresses are clients, per interface: `LPM_TRIE<LpmKey<SubnetKey>, SubnetValue>`.
 pub const MAP_SUBNETS: &str = "CLIENT_SUBNETS";
-/// Outcome and reason counters: `PERCPU_ARRAY<OutcomeCounter>` indexed by [`stats_index`].
+/// Outcome and reason counters: `PERCPU_ARRAY<OutcomeCounter>` indexed by
+/// [`stats_index`](crate::stats_index).
 pub const MAP_STATS: &str = "OUTCOME_STATS";
 /// Load-time global: where the IP header starts (0 on tun/wg, 14 on Ethernet).
 pub const GLOBAL_L3_OFFSET: &str = "L3_OFFSET";
@@ -15,9 +18,6 @@ pub const GLOBAL_L3_OFFSET: &str = "L3_OFFSET";
 pub const DEFAULT_MAX_CLIENTS: u32 = 65_536;
 /// Capacity of [`MAP_SUBNETS`] (subnet entries over all interfaces).
 pub const MAX_SUBNETS: u32 = 1_024;
-
-/// Ethernet header length, the L3 offset on L2 devices.
-pub const ETH_HLEN: u32 = 14;
 
 /// A client address: IPv6, or IPv4 as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
 /// Network byte order.
@@ -132,80 +132,6 @@ pub struct SubnetValue {
 const _: () = assert!(size_of::<SubnetValue>() == 4);
 pub const SUBNET_FLAG_CLIENTS: u32 = 1;
 
-/// Direction of a packet on the client-facing device.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// TC ingress: from the client, counted as upload, keyed by source address.
-    Upload = 0,
-    /// TC egress: to the client, counted as download, keyed by destination address.
-    Download = 1,
-}
-pub const DIRECTIONS: u32 = 2;
-
-/// What happened to a packet. Every packet seen gets exactly one outcome per direction.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Counted to a client's own entry.
-    Client = 0,
-    /// IP packet whose client-side address is outside every subnet of its interface:
-    /// counted to the [`ClientKey::OTHER`] bucket.
-    OutsideSubnets = 1,
-    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed, counted here only.
-    NotIp = 2,
-    /// Shorter than its fixed IP header: passed, counted here only.
-    Truncated = 3,
-    /// IP version field disagrees with the EtherType, or IPv4 IHL < 5: passed, counted here only.
-    Malformed = 4,
-    /// A new client could not be inserted (map full): counted to [`ClientKey::OVERFLOW`].
-    MapFull = 5,
-    /// A map update failed for another reason (should never happen): passed, counted here only.
-    MapError = 6,
-}
-pub const OUTCOMES: u32 = 7;
-pub const STATS_ENTRIES: u32 = OUTCOMES * DIRECTIONS;
-
-impl Outcome {
-    pub const ALL: [Outcome; OUTCOMES as usize] = [
-        Outcome::Client,
-        Outcome::OutsideSubnets,
-        Outcome::NotIp,
-        Outcome::Truncated,
-        Outcome::Malformed,
-        Outcome::MapFull,
-        Outcome::MapError,
-    ];
-
-    /// Stable snake_case name used in CLI and JSON output.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Outcome::Client => "client",
-            Outcome::OutsideSubnets => "outside_subnets",
-            Outcome::NotIp => "not_ip",
-            Outcome::Truncated => "truncated",
-            Outcome::Malformed => "malformed",
-            Outcome::MapFull => "map_full",
-            Outcome::MapError => "map_error",
-        }
-    }
-}
-
-/// Index of an (direction, outcome) pair in [`MAP_STATS`].
-#[inline(always)]
-pub const fn stats_index(dir: Direction, outcome: Outcome) -> u32 {
-    dir as u32 * OUTCOMES + outcome as u32
-}
-
-/// Per-CPU packets and L3 bytes of one outcome.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OutcomeCounter {
-    pub packets: u64,
-    pub bytes: u64,
-}
-const _: () = assert!(size_of::<OutcomeCounter>() == 16);
-
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers, with no padding
@@ -214,5 +140,36 @@ mod pod {
     unsafe impl aya::Pod for super::ClientCounters {}
     unsafe impl aya::Pod for super::SubnetKey {}
     unsafe impl aya::Pod for super::SubnetValue {}
-    unsafe impl aya::Pod for super::OutcomeCounter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_keys_map_ipv4_into_ipv6() {
+        let k = ClientKey::v4([10, 8, 0, 2]);
+        assert_eq!(&k.addr[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(k.as_v4(), Some([10, 8, 0, 2]));
+        let v6 = ClientKey::v6([0xfd, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        assert_eq!(v6.as_v4(), None);
+        assert!(ClientKey::OTHER.is_reserved() && ClientKey::OVERFLOW.is_reserved());
+        assert!(!k.is_reserved());
+        // The reserved keys can never collide with a real client address:
+        // :: is unspecified and ff..ff is not a valid unicast source/destination.
+        assert_ne!(ClientKey::v4([0, 0, 0, 0]), ClientKey::OTHER);
+        // Word constructors give the same keys as the byte ones.
+        assert_eq!(ClientKey::v4_word(u32::from_ne_bytes([10, 8, 0, 2])), k);
+        let a6 = [0xfd, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let w = [u64::from_ne_bytes(a6[..8].try_into().unwrap()), u64::from_ne_bytes(a6[8..].try_into().unwrap())];
+        assert_eq!(ClientKey::v6_words(w), ClientKey::v6(a6));
+    }
+
+    #[test]
+    fn subnet_prefix_lengths() {
+        assert_eq!(SubnetKey::v4_prefix_len(24), 152);
+        assert_eq!(SubnetKey::v6_prefix_len(64), 96);
+        assert_eq!(SubnetKey::v4_prefix_len(32), SUBNET_KEY_BITS);
+        assert_eq!(SubnetKey::v6_prefix_len(128), SUBNET_KEY_BITS);
+    }
 }

@@ -1,11 +1,11 @@
-//! Steering maps: forward rules (the DNAT of old), redirect rules (the REDIRECT of old), the
-//! flow and fragment tables that translate replies back, and the per-rule counters.
-//!
-//! Forward rules are IPv4: a (protocol, public port) on an Ethernet (`--egress`) interface goes
-//! to a device's VPN address and port. Redirect rules match VPN client addresses (IPv4 and IPv6)
-//! on tun (`--tun`) interfaces and hand TCP/UDP to a local transparent proxy with
-//! `bpf_sk_assign`. Addresses are in network byte order: an IPv4 address held in a `u32` has the
-//! packet's bytes in memory order (`u32::from_ne_bytes(octets)`).
+//! Steering maps: forward rules (the DNAT of old) and redirect rules (the REDIRECT of old), the
+//! flow and fragment tables that translate replies back, and the per-rule counters. Addresses
+//! are in network byte order: a `u32` IPv4 address holds the packet's bytes in memory order.
+
+// Forward rules are IPv4: a (protocol, public port) on an Ethernet (`--egress`) interface goes to
+// a device's VPN address and port. Redirect rules match VPN client addresses (IPv4 and IPv6) on
+// tun (`--tun`) interfaces and hand TCP/UDP to a local transparent proxy with `bpf_sk_assign`.
+// An IPv4 address `u32` is `u32::from_ne_bytes(octets)`. The steering events are in `stats.rs`.
 
 use core::mem::size_of;
 
@@ -23,7 +23,7 @@ pub const MAP_REDIRECT_SOURCES: &str = "REDIRECT_SOURCES";
 pub const MAP_REDIRECT_BYPASS: &str = "REDIRECT_BYPASS";
 /// `PERCPU_ARRAY<RuleCounters>` indexed by rule id.
 pub const MAP_RULE_COUNTERS: &str = "RULE_COUNTERS";
-/// `PERCPU_ARRAY<OutcomeCounter>` indexed by [`SteerEvent`].
+/// `PERCPU_ARRAY<OutcomeCounter>` indexed by [`SteerEvent`](crate::SteerEvent).
 pub const MAP_STEER_STATS: &str = "STEER_STATS";
 /// Load-time global: the `skb->mark` put on redirected packets, for the policy route that
 /// delivers them locally.
@@ -36,11 +36,6 @@ pub const MAX_REDIRECT_SOURCES: u32 = MAX_RULES;
 pub const MAX_BYPASS: u32 = 4_096;
 pub const FWD_FLOW_ENTRIES: u32 = 262_144;
 pub const FWD_FRAG_ENTRIES: u32 = 8_192;
-
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Rule flag: the rule comes from the config file (the daemon re-applies and prunes these at
 /// start); without it the rule was added at run time (CLI or API) and stays until deleted.
@@ -187,73 +182,6 @@ impl RuleCounters {
             to_target_packets: self.to_target_packets + o.to_target_packets,
             from_target_bytes: self.from_target_bytes + o.from_target_bytes,
             from_target_packets: self.from_target_packets + o.from_target_packets,
-        }
-    }
-}
-
-/// What the steering code did with a packet, counted in [`MAP_STEER_STATS`] (packets and L3
-/// bytes). Packets steering has nothing to do with are not counted here.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SteerEvent {
-    /// Customer -> device: translated to the device's address and port.
-    Forwarded = 0,
-    /// Device -> customer: translated back to the public address and port.
-    ReplyTranslated = 1,
-    /// An ICMP error about a forwarded flow, translated (either way).
-    IcmpTranslated = 2,
-    /// A later fragment of a translated datagram, translated.
-    FragmentTranslated = 3,
-    /// A later fragment of a datagram whose first fragment was not seen: passed untouched.
-    FragmentUnknown = 4,
-    /// The flow table refused a new flow: dropped (its replies could not be translated).
-    FlowTableError = 5,
-    /// A rewrite failed halfway: dropped, never sent half-translated.
-    RewriteFailed = 6,
-    /// Handed to the transparent proxy.
-    Redirected = 7,
-    /// From a redirected client, to a bypassed destination: passed.
-    Bypassed = 8,
-    /// From a redirected client, but the proxy has no socket: dropped.
-    ProxyMissing = 9,
-    /// From a redirected client, not redirectable (fragment, IPv6 extension header): passed.
-    NotRedirectable = 10,
-    /// `bpf_sk_assign` failed: dropped.
-    AssignFailed = 11,
-}
-pub const STEER_EVENTS: u32 = 12;
-
-impl SteerEvent {
-    pub const ALL: [SteerEvent; STEER_EVENTS as usize] = [
-        SteerEvent::Forwarded,
-        SteerEvent::ReplyTranslated,
-        SteerEvent::IcmpTranslated,
-        SteerEvent::FragmentTranslated,
-        SteerEvent::FragmentUnknown,
-        SteerEvent::FlowTableError,
-        SteerEvent::RewriteFailed,
-        SteerEvent::Redirected,
-        SteerEvent::Bypassed,
-        SteerEvent::ProxyMissing,
-        SteerEvent::NotRedirectable,
-        SteerEvent::AssignFailed,
-    ];
-
-    /// Stable snake_case name used in CLI and JSON output.
-    pub const fn name(self) -> &'static str {
-        match self {
-            SteerEvent::Forwarded => "forwarded",
-            SteerEvent::ReplyTranslated => "reply_translated",
-            SteerEvent::IcmpTranslated => "icmp_translated",
-            SteerEvent::FragmentTranslated => "fragment_translated",
-            SteerEvent::FragmentUnknown => "fragment_unknown",
-            SteerEvent::FlowTableError => "flow_table_error",
-            SteerEvent::RewriteFailed => "rewrite_failed",
-            SteerEvent::Redirected => "redirected",
-            SteerEvent::Bypassed => "bypassed",
-            SteerEvent::ProxyMissing => "proxy_missing",
-            SteerEvent::NotRedirectable => "not_redirectable",
-            SteerEvent::AssignFailed => "assign_failed",
         }
     }
 }

@@ -1,26 +1,22 @@
-//! Forward rules (what iptables DNAT did), on Ethernet (`--egress`) interfaces.
-//!
-//! Ingress: a packet to a forwarded (protocol, public port) gets the device's VPN address and
-//! port, and its flow is remembered in `FWD_FLOWS`. Egress: a packet of a remembered flow (the
-//! device's reply) gets the public address and port back. ICMP errors about a forwarded flow
-//! and later fragments of a translated datagram are translated too. Checksums are updated
-//! incrementally; a rewrite that fails part way drops the packet.
+//! Forward rules (what iptables DNAT did), on Ethernet (`--egress`) interfaces: a customer's
+//! packet to a forwarded (protocol, public port) gets the device's address and port, and the
+//! device's replies, ICMP errors and later fragments are translated back. Drops only when a
+//! rewrite fails halfway or the flow table refuses the flow.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    programs::TcContext,
-};
+// Ingress: the flow is remembered in `FWD_FLOWS`. Egress: a packet of a remembered flow gets the
+// public address and port back. Checksums are updated incrementally.
+
+use aya_ebpf::programs::TcContext;
 use tunmeter_common::{
-    FRAG_FROM_DEVICE, FRAG_TO_DEVICE, FlowKey, FlowNat, FragKey, FragNat, FwdKey, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP, SteerEvent,
+    FRAG_FROM_DEVICE, FRAG_TO_DEVICE, FlowKey, FlowNat, FragKey, FragNat, FwdKey, ICMP_CSUM, ICMP_QUOTE, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, L4_DPORT, L4_SPORT, SteerEvent, V4_DST, V4_SRC,
 };
 
 use crate::{
     maps::{FWD_FLOWS, FWD_FRAGS, FWD_RULES},
-    packet::{
-        Ipv4Hdr, L4_DPORT, L4_SPORT, RewriteFailed, V4_DST, V4_SRC, ipv4, l4_csum_field, ports, set_u16, set_v4_addr,
-    },
-    steer::{Toward, count_rule, event},
+    packet::{ipv4, l3_len, l4_csum_field, ports, set_u16, set_v4_addr},
+    stats::{self, Toward},
+    verdict::{Steered, Verdict},
 };
 
 /// ICMP error types that quote the offending packet: destination unreachable (incl.
@@ -28,14 +24,11 @@ use crate::{
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
-/// Offset of the checksum in the ICMP header; the quoted packet starts at 8.
-const ICMP_CSUM: usize = 2;
-const ICMP_QUOTE: usize = 8;
 
 /// Customer -> device, on the ingress of an Ethernet interface.
 #[inline(always)]
-pub fn inbound<const L3: usize>(ctx: &TcContext) -> i32 {
-    let Some(h) = ipv4::<L3>(ctx) else { return TC_ACT_UNSPEC };
+pub fn inbound<const L3: usize>(ctx: &TcContext) -> Verdict {
+    let Some(h) = ipv4::<L3>(ctx) else { return Verdict::Next };
     let r = if h.is_later_fragment() {
         later_fragment::<L3>(ctx, &h, FRAG_TO_DEVICE)
     } else if h.proto == IPPROTO_ICMP {
@@ -43,13 +36,13 @@ pub fn inbound<const L3: usize>(ctx: &TcContext) -> i32 {
     } else {
         to_device::<L3>(ctx, &h)
     };
-    verdict::<L3>(ctx, r)
+    Verdict::of(r, || l3_len::<L3>(ctx))
 }
 
 /// Device -> customer, on the egress of an Ethernet interface.
 #[inline(always)]
-pub fn outbound<const L3: usize>(ctx: &TcContext) -> i32 {
-    let Some(h) = ipv4::<L3>(ctx) else { return TC_ACT_UNSPEC };
+pub fn outbound<const L3: usize>(ctx: &TcContext) -> Verdict {
+    let Some(h) = ipv4::<L3>(ctx) else { return Verdict::Next };
     let r = if h.is_later_fragment() {
         later_fragment::<L3>(ctx, &h, FRAG_FROM_DEVICE)
     } else if h.proto == IPPROTO_ICMP {
@@ -57,36 +50,11 @@ pub fn outbound<const L3: usize>(ctx: &TcContext) -> i32 {
     } else {
         from_device::<L3>(ctx, &h)
     };
-    verdict::<L3>(ctx, r)
+    Verdict::of(r, || l3_len::<L3>(ctx))
 }
 
 #[inline(always)]
-fn verdict<const L3: usize>(ctx: &TcContext, r: Result<(), Drop>) -> i32 {
-    match r {
-        Ok(()) => TC_ACT_UNSPEC,
-        Err(Drop(e)) => {
-            event(e, l3_len::<L3>(ctx));
-            TC_ACT_SHOT
-        }
-    }
-}
-
-/// Why a packet is dropped.
-struct Drop(SteerEvent);
-
-impl From<RewriteFailed> for Drop {
-    fn from(_: RewriteFailed) -> Self {
-        Drop(SteerEvent::RewriteFailed)
-    }
-}
-
-#[inline(always)]
-fn l3_len<const L3: usize>(ctx: &TcContext) -> u32 {
-    ctx.len().saturating_sub(L3 as u32)
-}
-
-#[inline(always)]
-fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Drop> {
+fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     let l4 = L3 + h.ihl();
     let Some([sport, dport]) = ports(ctx, l4, h.proto) else { return Ok(()) };
     // SAFETY: the value is copied out at once; entries are only replaced whole by userspace.
@@ -108,7 +76,7 @@ fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Drop> 
     // Written only when new or changed: most packets of a flow only read it.
     // SAFETY: read-only copy of the value.
     if unsafe { FWD_FLOWS.get(&key) }.copied() != Some(nat) && FWD_FLOWS.insert(&key, &nat, 0).is_err() {
-        return Err(Drop(SteerEvent::FlowTableError));
+        return Err(SteerEvent::FlowTableError);
     }
     if h.is_first_fragment() {
         remember_fragment(h, FRAG_TO_DEVICE, rule.device_addr, rule.rule_id)?;
@@ -117,13 +85,13 @@ fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Drop> 
     set_v4_addr(ctx, L3, V4_DST, h.dst, rule.device_addr, Some((csum, h.proto)))?;
     set_u16(ctx, l4 + L4_DPORT, dport, rule.device_port_be, csum, h.proto)?;
     let len = l3_len::<L3>(ctx);
-    count_rule(rule.rule_id, Toward::Target, len);
-    event(SteerEvent::Forwarded, len);
+    stats::rule(rule.rule_id, Toward::Target, len);
+    stats::event(SteerEvent::Forwarded, len);
     Ok(())
 }
 
 #[inline(always)]
-fn from_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Drop> {
+fn from_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     let l4 = L3 + h.ihl();
     let Some([sport, dport]) = ports(ctx, l4, h.proto) else { return Ok(()) };
     let key = FlowKey {
@@ -143,25 +111,25 @@ fn from_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Drop
     set_v4_addr(ctx, L3, V4_SRC, h.src, nat.public_addr, Some((csum, h.proto)))?;
     set_u16(ctx, l4 + L4_SPORT, sport, nat.public_port_be, csum, h.proto)?;
     let len = l3_len::<L3>(ctx);
-    count_rule(nat.rule_id, Toward::Back, len);
-    event(SteerEvent::ReplyTranslated, len);
+    stats::rule(nat.rule_id, Toward::Back, len);
+    stats::event(SteerEvent::ReplyTranslated, len);
     Ok(())
 }
 
 #[inline(always)]
-fn remember_fragment(h: &Ipv4Hdr, dir: u8, addr: u32, rule_id: u32) -> Result<(), Drop> {
+fn remember_fragment(h: &Ipv4Hdr, dir: u8, addr: u32, rule_id: u32) -> Steered {
     let key = FragKey { src: h.src, dst: h.dst, id_be: h.id, proto: h.proto, dir };
-    FWD_FRAGS.insert(&key, &FragNat { addr, rule_id }, 0).map_err(|_| Drop(SteerEvent::FlowTableError))
+    FWD_FRAGS.insert(&key, &FragNat { addr, rule_id }, 0).map_err(|_| SteerEvent::FlowTableError)
 }
 
 /// A fragment after the first: no ports, so the datagram's first fragment decided.
 #[inline(always)]
-fn later_fragment<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr, dir: u8) -> Result<(), Drop> {
+fn later_fragment<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr, dir: u8) -> Steered {
     let key = FragKey { src: h.src, dst: h.dst, id_be: h.id, proto: h.proto, dir };
     // SAFETY: read-only copy of the value.
     let Some(nat) = (unsafe { FWD_FRAGS.get(&key) }).copied() else {
         if h.proto == IPPROTO_TCP || h.proto == IPPROTO_UDP {
-            event(SteerEvent::FragmentUnknown, l3_len::<L3>(ctx));
+            stats::event(SteerEvent::FragmentUnknown, l3_len::<L3>(ctx));
         }
         return Ok(());
     };
@@ -169,8 +137,8 @@ fn later_fragment<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr, dir: u8) -> Res
         if dir == FRAG_TO_DEVICE { (V4_DST, h.dst, Toward::Target) } else { (V4_SRC, h.src, Toward::Back) };
     set_v4_addr(ctx, L3, field, old, nat.addr, None)?;
     let len = l3_len::<L3>(ctx);
-    count_rule(nat.rule_id, toward, len);
-    event(SteerEvent::FragmentTranslated, len);
+    stats::rule(nat.rule_id, toward, len);
+    stats::event(SteerEvent::FragmentTranslated, len);
     Ok(())
 }
 
@@ -205,7 +173,7 @@ fn quoted(ctx: &TcContext, icmp: usize) -> Option<Quoted> {
 /// An ICMP error from the customer's side about a reply we translated (quoted: public address
 /// and port -> customer): the error goes to the device, about the device's own packet.
 #[inline(always)]
-fn icmp_inbound<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Drop> {
+fn icmp_inbound<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     if h.is_fragment() {
         return Ok(());
     }
@@ -239,15 +207,15 @@ fn icmp_inbound<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Dro
     set_v4_addr(ctx, q.at, V4_SRC, q.h.src, rule.device_addr, None)?;
     set_u16(ctx, q.at + q.h.ihl() + L4_SPORT, q.sport, rule.device_port_be, icmp + ICMP_CSUM, IPPROTO_ICMP)?;
     let len = l3_len::<L3>(ctx);
-    count_rule(rule.rule_id, Toward::Target, len);
-    event(SteerEvent::IcmpTranslated, len);
+    stats::rule(rule.rule_id, Toward::Target, len);
+    stats::event(SteerEvent::IcmpTranslated, len);
     Ok(())
 }
 
 /// An ICMP error about a packet going to the device (quoted: customer -> device address and
 /// port), from the device or a router on the way: the customer must see it about what it sent.
 #[inline(always)]
-fn icmp_outbound<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Drop> {
+fn icmp_outbound<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     if h.is_fragment() {
         return Ok(());
     }
@@ -272,7 +240,7 @@ fn icmp_outbound<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Result<(), Dr
     set_v4_addr(ctx, q.at, V4_DST, q.h.dst, nat.public_addr, None)?;
     set_u16(ctx, q.at + q.h.ihl() + L4_DPORT, q.dport, nat.public_port_be, icmp + ICMP_CSUM, IPPROTO_ICMP)?;
     let len = l3_len::<L3>(ctx);
-    count_rule(nat.rule_id, Toward::Back, len);
-    event(SteerEvent::IcmpTranslated, len);
+    stats::rule(nat.rule_id, Toward::Back, len);
+    stats::event(SteerEvent::IcmpTranslated, len);
     Ok(())
 }

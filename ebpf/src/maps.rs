@@ -1,6 +1,6 @@
-//! Every map of the tunmeter programs, in one place. All are pinned by name under the daemon's
-//! pin directory, so counts and rules survive daemon restarts and both program instances (L2 and
-//! L3) share them.
+//! Every map of the tunmeter programs, in one place; layouts, names and sizes come from
+//! `tunmeter_common`. All are pinned by name under the daemon's pin directory, so counts and rules
+//! survive daemon restarts and both program instances (L2 and L3) share them.
 
 use aya_ebpf::{
     macros::map,
@@ -9,7 +9,7 @@ use aya_ebpf::{
 use tunmeter_common::{
     AddrKey, BypassValue, ClientCounters, ClientKey, DEFAULT_MAX_CLIENTS, FWD_FLOW_ENTRIES, FWD_FRAG_ENTRIES, FlowKey,
     FlowNat, FragKey, FragNat, FwdKey, FwdRule, MAX_BYPASS, MAX_FWD_RULES, MAX_REDIRECT_SOURCES, MAX_RULES,
-    MAX_SUBNETS, OutcomeCounter, RedirectRule, RuleCounters, STATS_ENTRIES, STEER_EVENTS, SubnetKey, SubnetValue,
+    MAX_SUBNETS, OutcomeCounter, RedirectRule, RuleCounters, STATS_ENTRIES, SteerEvent, SubnetKey, SubnetValue,
 };
 
 // ---- counting ----
@@ -23,7 +23,7 @@ pub static CLIENT_COUNTERS: PerCpuHashMap<ClientKey, ClientCounters> = PerCpuHas
 #[map(name = "CLIENT_SUBNETS")]
 pub static CLIENT_SUBNETS: LpmTrie<SubnetKey, SubnetValue> = LpmTrie::pinned(MAX_SUBNETS, 0);
 
-/// Packets and bytes per (direction, outcome).
+/// Packets and bytes per (direction, outcome), at `stats_index`.
 #[map(name = "OUTCOME_STATS")]
 pub static OUTCOME_STATS: PerCpuArray<OutcomeCounter> = PerCpuArray::pinned(STATS_ENTRIES, 0);
 
@@ -53,6 +53,7 @@ pub static REDIRECT_BYPASS: LpmTrie<AddrKey, BypassValue> = LpmTrie::pinned(MAX_
 #[map(name = "RULE_COUNTERS")]
 pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::pinned(MAX_RULES, 0);
 
-/// Packets and bytes per steering event (translated, dropped and why, passed and why).
+/// Packets and bytes per steering event (translated, dropped and why, passed and why), at
+/// `SteerEvent::index`.
 #[map(name = "STEER_STATS")]
-pub static STEER_STATS: PerCpuArray<OutcomeCounter> = PerCpuArray::pinned(STEER_EVENTS, 0);
+pub static STEER_STATS: PerCpuArray<OutcomeCounter> = PerCpuArray::pinned(SteerEvent::COUNT, 0);

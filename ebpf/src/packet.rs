@@ -1,10 +1,14 @@
-//! Reading packet fields and rewriting them with the TC store and checksum helpers.
+//! Reading packet fields (straight from the linear data, else `bpf_skb_load_bytes`) and
+//! rewriting them with the TC store and checksum helpers. Header layouts and offsets are the
+//! `#[repr(C)]` structs of `tunmeter_common::headers`.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use tunmeter_common::{ETH_P_IP, ETH_TYPE_OFFSET, IPPROTO_TCP, IPPROTO_UDP, Outcome};
+use tunmeter_common::{
+    ETH_P_IP, ETH_TYPE_OFFSET, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, Outcome, SteerEvent, TCP_CSUM, UDP_CSUM, V4_CSUM,
+};
 
 /// Read a field (`u16`, `u32`, `[u64; 2]`, a header struct) at a constant offset: straight from
 /// the linear packet data when it is there (the usual case), else through
@@ -12,7 +16,7 @@ use tunmeter_common::{ETH_P_IP, ETH_TYPE_OFFSET, IPPROTO_TCP, IPPROTO_UDP, Outco
 #[inline(always)]
 pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Outcome> {
     let start = ctx.data();
-    if start + off + core::mem::size_of::<T>() <= ctx.data_end() {
+    if start + off + size_of::<T>() <= ctx.data_end() {
         // SAFETY: bounds checked against data_end just above. Whole-word loads, not
         // `read_unaligned` (which the BPF backend splits into byte loads, ~3x the hot-path
         // instructions): header fields may sit at 2-byte alignment, and the verifier accepts
@@ -25,54 +29,10 @@ pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Outcome> {
     ctx.load::<T>(off).map_err(|_| Outcome::Truncated)
 }
 
-/// The fixed IPv4 header, fields in network byte order.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Ipv4Hdr {
-    pub ver_ihl: u8,
-    pub tos: u8,
-    pub tot_len: u16,
-    pub id: u16,
-    pub frag_off: u16,
-    pub ttl: u8,
-    pub proto: u8,
-    pub csum: u16,
-    pub src: u32,
-    pub dst: u32,
-}
-
-/// Offsets inside the IPv4 header.
-pub const V4_CSUM: usize = 10;
-pub const V4_SRC: usize = 12;
-pub const V4_DST: usize = 16;
-/// Offsets inside TCP/UDP headers.
-pub const L4_SPORT: usize = 0;
-pub const L4_DPORT: usize = 2;
-
-impl Ipv4Hdr {
-    /// Header length in bytes (20..=60).
-    #[inline(always)]
-    pub fn ihl(&self) -> usize {
-        ((self.ver_ihl & 0x0f) as usize) * 4
-    }
-    #[inline(always)]
-    fn frag(&self) -> u16 {
-        u16::from_be(self.frag_off)
-    }
-    /// A fragment other than the first: it carries no transport header.
-    #[inline(always)]
-    pub fn is_later_fragment(&self) -> bool {
-        self.frag() & 0x1fff != 0
-    }
-    /// The first fragment of a fragmented datagram (more fragments follow).
-    #[inline(always)]
-    pub fn is_first_fragment(&self) -> bool {
-        self.frag() & 0x3fff == 0x2000
-    }
-    #[inline(always)]
-    pub fn is_fragment(&self) -> bool {
-        self.frag() & 0x3fff != 0
-    }
+/// Bytes from the IP header at `L3` to the end of the packet: what every counter charges.
+#[inline(always)]
+pub fn l3_len<const L3: usize>(ctx: &TcContext) -> u32 {
+    ctx.len().saturating_sub(L3 as u32)
 }
 
 /// The IPv4 header at `L3`, if the packet is IPv4 with a sane header (else: not ours, pass).
@@ -99,8 +59,8 @@ pub fn ipv4<const L3: usize>(ctx: &TcContext) -> Option<Ipv4Hdr> {
 #[inline(always)]
 pub fn ports(ctx: &TcContext, l4: usize, proto: u8) -> Option<[u16; 2]> {
     let need = match proto {
-        IPPROTO_TCP => 18,
-        IPPROTO_UDP => 8,
+        IPPROTO_TCP => TCP_CSUM + size_of::<u16>(),
+        IPPROTO_UDP => UDP_CSUM + size_of::<u16>(),
         _ => return None,
     };
     if (ctx.len() as usize) < l4 + need {
@@ -112,7 +72,7 @@ pub fn ports(ctx: &TcContext, l4: usize, proto: u8) -> Option<[u16; 2]> {
 /// Offset of the transport checksum within a TCP or UDP header.
 #[inline(always)]
 pub fn l4_csum_field(proto: u8) -> usize {
-    if proto == IPPROTO_TCP { 16 } else { 6 }
+    if proto == IPPROTO_TCP { TCP_CSUM } else { UDP_CSUM }
 }
 
 /// `BPF_F_MARK_MANGLED_0` for UDP: a zero checksum (none) stays zero, and a computed zero is
@@ -124,6 +84,13 @@ fn mangled(proto: u8) -> u64 {
 
 /// A rewrite that failed part way: the caller must drop the packet.
 pub struct RewriteFailed;
+
+impl From<RewriteFailed> for SteerEvent {
+    #[inline(always)]
+    fn from(_: RewriteFailed) -> Self {
+        SteerEvent::RewriteFailed
+    }
+}
 
 /// Replace the IPv4 address at `l3 + field` (`V4_SRC` / `V4_DST`): IP header checksum, and,
 /// with `l4 = Some((offset of the transport checksum, proto))`, the transport checksum whose

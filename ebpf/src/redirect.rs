@@ -1,27 +1,30 @@
-//! Redirect rules (what iptables REDIRECT did, with TPROXY semantics), on tun devices.
-//!
-//! A TCP or UDP packet from a redirected VPN client to a destination outside the bypass set is
-//! assigned to the local transparent proxy's socket (`bpf_sk_assign`) and marked, so the policy
-//! route the daemon installs delivers it locally. Not one byte changes: the proxy sees the
-//! original destination as its socket's local address.
+//! Redirect rules (what iptables REDIRECT did, with TPROXY semantics), on tun devices: a TCP or
+//! UDP packet from a redirected VPN client to a destination outside the bypass set is assigned to
+//! the local transparent proxy's socket (`bpf_sk_assign`) and marked for the daemon's
+//! local-delivery route. Not one byte changes. Drops when the proxy has no socket or the
+//! assignment fails.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6,
     },
     helpers::{bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use tunmeter_common::{ADDR_KEY_BITS, AddrKey, ClientKey, IPPROTO_TCP, IPPROTO_UDP, RedirectRule, SteerEvent};
+use tunmeter_common::{
+    ADDR_KEY_BITS, AddrKey, ClientKey, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN, RedirectRule, SteerEvent, V6_DST,
+    V6_NEXT_HEADER, V6_SRC,
+};
 
 use crate::{
-    REDIRECT_MARK,
     maps::{REDIRECT_BYPASS, REDIRECT_SOURCES},
     packet::{ipv4, ports, read},
-    steer::{Toward, count_rule, event},
+    redirect_mark,
+    stats::{self, Toward},
+    verdict::{Steered, Verdict},
 };
 
 /// IPv6 next-header values of extension headers a TCP or UDP header may hide behind:
@@ -30,20 +33,14 @@ const IPV6_EXTENSION_HEADERS: [u8; 4] = [0, 43, 44, 60];
 
 /// A packet entering a tun device (L3: the IP header is at 0).
 #[inline(always)]
-pub fn from_client(ctx: &TcContext) -> i32 {
-    let Ok(first) = read::<u16>(ctx, 0) else { return TC_ACT_UNSPEC };
+pub fn from_client(ctx: &TcContext) -> Verdict {
+    let Ok(first) = read::<u16>(ctx, 0) else { return Verdict::Next };
     let r = match first.to_ne_bytes()[0] >> 4 {
         4 => v4(ctx),
         6 => v6(ctx),
         _ => Ok(()),
     };
-    match r {
-        Ok(()) => TC_ACT_UNSPEC,
-        Err(e) => {
-            event(e, ctx.len());
-            TC_ACT_SHOT
-        }
-    }
+    Verdict::of(r, || ctx.len())
 }
 
 #[inline(always)]
@@ -57,22 +54,22 @@ fn bypassed(dst: ClientKey) -> bool {
 }
 
 #[inline(always)]
-fn v4(ctx: &TcContext) -> Result<(), SteerEvent> {
+fn v4(ctx: &TcContext) -> Steered {
     let Some(h) = ipv4::<0>(ctx) else { return Ok(()) };
     let Some(rule) = rule_for(ClientKey::v4_word(h.src)) else { return Ok(()) };
     if h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP {
         return Ok(());
     }
     if bypassed(ClientKey::v4_word(h.dst)) {
-        event(SteerEvent::Bypassed, ctx.len());
+        stats::event(SteerEvent::Bypassed, ctx.len());
         return Ok(());
     }
     if h.is_fragment() {
-        event(SteerEvent::NotRedirectable, ctx.len());
+        stats::event(SteerEvent::NotRedirectable, ctx.len());
         return Ok(());
     }
     let Some([sport, dport]) = ports(ctx, h.ihl(), h.proto) else {
-        event(SteerEvent::NotRedirectable, ctx.len());
+        stats::event(SteerEvent::NotRedirectable, ctx.len());
         return Ok(());
     };
     let mut tuple = bpf_sock_tuple {
@@ -85,30 +82,30 @@ fn v4(ctx: &TcContext) -> Result<(), SteerEvent> {
 }
 
 #[inline(always)]
-fn v6(ctx: &TcContext) -> Result<(), SteerEvent> {
-    // Fixed IPv6 header: next header at 6, source at 8, destination at 24.
-    let Ok(src) = read::<[u64; 2]>(ctx, 8) else { return Ok(()) };
+fn v6(ctx: &TcContext) -> Steered {
+    let Ok(src) = read::<[u64; 2]>(ctx, V6_SRC) else { return Ok(()) };
     let Some(rule) = rule_for(ClientKey::v6_words(src)) else { return Ok(()) };
-    let Ok(next) = read::<u16>(ctx, 6) else { return Ok(()) };
+    let Ok(next) = read::<u16>(ctx, V6_NEXT_HEADER) else { return Ok(()) };
     let next = next.to_ne_bytes()[0];
     if IPV6_EXTENSION_HEADERS.contains(&next) {
-        event(SteerEvent::NotRedirectable, ctx.len());
+        stats::event(SteerEvent::NotRedirectable, ctx.len());
         return Ok(());
     }
     if next != IPPROTO_TCP && next != IPPROTO_UDP {
         return Ok(());
     }
-    let Ok(dst) = read::<[u64; 2]>(ctx, 24) else { return Ok(()) };
+    let Ok(dst) = read::<[u64; 2]>(ctx, V6_DST) else { return Ok(()) };
     if bypassed(ClientKey::v6_words(dst)) {
-        event(SteerEvent::Bypassed, ctx.len());
+        stats::event(SteerEvent::Bypassed, ctx.len());
         return Ok(());
     }
-    let Some([sport, dport]) = ports(ctx, 40, next) else {
-        event(SteerEvent::NotRedirectable, ctx.len());
+    let Some([sport, dport]) = ports(ctx, IPV6_HLEN as usize, next) else {
+        stats::event(SteerEvent::NotRedirectable, ctx.len());
         return Ok(());
     };
     // SAFETY: [u64; 2] and [u32; 4] have the same size; every bit pattern is valid.
-    let (saddr, daddr) = unsafe { (core::mem::transmute::<[u64; 2], [u32; 4]>(src), core::mem::transmute(dst)) };
+    let (saddr, daddr) =
+        unsafe { (core::mem::transmute::<[u64; 2], [u32; 4]>(src), core::mem::transmute::<[u64; 2], [u32; 4]>(dst)) };
     let mut tuple = bpf_sock_tuple {
         __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
             ipv6: Tuple6 { saddr, daddr, sport, dport },
@@ -129,7 +126,7 @@ fn assign(
     proto: u8,
     rule: RedirectRule,
     set_dport: impl Fn(&mut bpf_sock_tuple, u16),
-) -> Result<(), SteerEvent> {
+) -> Steered {
     let netns = BPF_F_CURRENT_NETNS as u64;
     let skb = ctx.as_ptr();
     // SAFETY: helpers called with a stack tuple of the size given; every socket they return is
@@ -162,7 +159,7 @@ fn assign(
 }
 
 #[inline(always)]
-fn assign_sock(ctx: &TcContext, sk: *mut bpf_sock, rule: RedirectRule) -> Result<(), SteerEvent> {
+fn assign_sock(ctx: &TcContext, sk: *mut bpf_sock, rule: RedirectRule) -> Steered {
     // SAFETY: `sk` is a referenced socket from a lookup; released right after.
     let r = unsafe {
         let r = bpf_sk_assign(ctx.as_ptr(), sk as *mut _, 0);
@@ -172,9 +169,9 @@ fn assign_sock(ctx: &TcContext, sk: *mut bpf_sock, rule: RedirectRule) -> Result
     if r != 0 {
         return Err(SteerEvent::AssignFailed);
     }
-    ctx.set_mark(REDIRECT_MARK.load());
+    ctx.set_mark(redirect_mark());
     let len = ctx.len();
-    count_rule(rule.rule_id, Toward::Target, len);
-    event(SteerEvent::Redirected, len);
+    stats::rule(rule.rule_id, Toward::Target, len);
+    stats::event(SteerEvent::Redirected, len);
     Ok(())
 }

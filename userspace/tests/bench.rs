@@ -1071,16 +1071,16 @@ fn steer_redirect_times(t: &mut SteerTimes) {
         let after = s.events();
         let event: Vec<&str> = after.iter().filter(|(k, v)| before.get(*k) != Some(v)).map(|(k, _)| *k).collect();
         assert!(
-            event == ["redirected"] || event == ["assign_failed"],
+            event == [SteerEvent::Redirected.name()] || event == [SteerEvent::AssignFailed.name()],
             "the redirected SYN found the proxy's socket: events {event:?}"
         );
         let event = event[0].to_string();
         let mut empty = EmptyProgram::load();
-        let e0 = s.event(SteerEvent::ALL.into_iter().find(|e| e.name() == event).unwrap()).0;
+        let e0 = s.event(SteerEvent::from_name(&event).unwrap()).0;
         let times = interleaved(|| {
             [h.time(PROG_INGRESS, &syn, REPEAT), h.time(PROG_INGRESS, &syn_miss, REPEAT), empty.once(&syn)]
         });
-        let e1 = s.event(SteerEvent::ALL.into_iter().find(|e| e.name() == event).unwrap()).0;
+        let e1 = s.event(SteerEvent::from_name(&event).unwrap()).0;
         assert_eq!(e1 - e0, REPEAT as u64 * SAMPLES as u64, "every timed repeat took the {event} path");
         assert_eq!(s.event(SteerEvent::ProxyMissing).0, 0);
         drop(listener);
@@ -1170,7 +1170,7 @@ fn steer_ns_per_packet() {
         Some(t.reply_miss),
     );
     row("reply (L2 `tunmeter_out`)", "TCP of a flow never forwarded: counting + flow miss", t.reply_miss, e2, None);
-    let redirect_what = if t.redirect_event == "redirected" {
+    let redirect_what = if t.redirect_event == tunmeter_common::SteerEvent::Redirected.name() {
         "SYN from a redirected client: LPM hit, bypass miss, 2 socket lookups, `bpf_sk_assign`, mark".to_string()
     } else {
         format!(
@@ -1348,7 +1348,9 @@ fn steer_throughput() {
                 (tm_bytes, tm_counted_to, tm_counted_from) =
                     (tm_bytes + bytes, tm_counted_to + to, tm_counted_from + from);
             } else {
-                let forwarded = |l: &serde_json::Value| l["events"]["forwarded"]["packets"].as_u64().unwrap();
+                let forwarded = |l: &serde_json::Value| {
+                    l["events"][tunmeter_common::SteerEvent::Forwarded.name()]["packets"].as_u64().unwrap()
+                };
                 let before = forwarded(&steer_json(&srv, pins.path()));
                 let rule = DnatRule::add(&srv, "tcp", FWD_PUBLIC_PORT, &device);
                 let (gbps, _) = iperf_to(&cust.ns, &public, FWD_PUBLIC_PORT, FWD_SECS);

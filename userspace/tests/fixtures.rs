@@ -11,6 +11,10 @@ use tunmeter::{
     config::Layer,
     loader::{PROG_EGRESS, PROG_INGRESS},
 };
+use tunmeter_common::{
+    Direction::{self, Download, Upload},
+    Outcome,
+};
 
 const SUBNETS: &[&str] = &["10.8.0.0/24", "fd00:8::/64"];
 /// What the counting programs return: TC_ACT_UNSPEC (-1), i.e. TCX_NEXT: "not my decision".
@@ -23,8 +27,9 @@ fn frame(layer: Layer, ethertype: u16, l3: &[u8]) -> Vec<u8> {
     }
 }
 
-fn outcomes(list: &[(&str, &str, u64, u64)]) -> BTreeMap<(String, String), (u64, u64)> {
-    list.iter().map(|(d, o, p, b)| ((d.to_string(), o.to_string()), (*p, *b))).collect()
+/// The outcome rows `tunmeter stats` would show, by their names in common's definition.
+fn outcomes(list: &[(Direction, Outcome, u64, u64)]) -> BTreeMap<(String, String), (u64, u64)> {
+    list.iter().map(|(d, o, p, b)| ((d.name().to_string(), o.name().to_string()), (*p, *b))).collect()
 }
 
 fn both_layers(f: impl Fn(Layer)) {
@@ -69,7 +74,7 @@ fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
         let up = 2 * t.len() as u64 + i.len() as u64;
         assert_eq!(
             h.outcomes(),
-            outcomes(&[("upload", "client", 3, up), ("download", "client", 1, u.len() as u64)]),
+            outcomes(&[(Upload, Outcome::Client, 3, up), (Download, Outcome::Client, 1, u.len() as u64)]),
             "{layer:?}"
         );
     });
@@ -91,7 +96,10 @@ fn ipv6_is_counted_with_l3_bytes() {
         assert_eq!((c.down_bytes, c.down_packets), (u.len() as u64, 1));
         assert_eq!(
             h.outcomes(),
-            outcomes(&[("upload", "client", 2, (t.len() + i.len()) as u64), ("download", "client", 1, u.len() as u64)])
+            outcomes(&[
+                (Upload, Outcome::Client, 2, (t.len() + i.len()) as u64),
+                (Download, Outcome::Client, 1, u.len() as u64)
+            ])
         );
     });
 }
@@ -114,7 +122,7 @@ fn ipv4_options_and_fragments_are_counted_whole() {
         let c6 = h.client("10.8.0.6").unwrap();
         assert_eq!((c6.up_bytes, c6.up_packets), ((f1.len() + f2.len()) as u64, 2));
         let total = (o1.len() + o2.len() + f1.len() + f2.len()) as u64;
-        assert_eq!(h.outcomes(), outcomes(&[("upload", "client", 4, total)]));
+        assert_eq!(h.outcomes(), outcomes(&[(Upload, Outcome::Client, 4, total)]));
     });
 }
 
@@ -138,8 +146,8 @@ fn addresses_outside_the_subnets_go_to_the_other_bucket() {
         assert_eq!(
             h.outcomes(),
             outcomes(&[
-                ("upload", "outside_subnets", 2, up_total),
-                ("download", "outside_subnets", 1, down.len() as u64)
+                (Upload, Outcome::OutsideSubnets, 2, up_total),
+                (Download, Outcome::OutsideSubnets, 1, down.len() as u64)
             ])
         );
     });
@@ -160,15 +168,18 @@ fn truncated_malformed_and_non_ip_pass_and_are_counted_as_reasons() {
     let v6 = ipv6("fd00:8::2", "2001:db8::1", UDP, &udp(1, 2, &[]));
     assert!(h.try_run(PROG_INGRESS, &eth(ETH_IP, &full[..10])).is_err());
     assert!(h.try_run(PROG_INGRESS, &eth(ETH_IPV6, &v6[..39])).is_err());
-    let cases: [(Vec<u8>, &str); 3] =
-        [(eth(ETH_ARP, &arp()), "not_ip"), (eth(ETH_IP, &v6), "malformed"), (eth(ETH_IP, &bad_ihl), "malformed")];
+    let cases: [(Vec<u8>, Outcome); 3] = [
+        (eth(ETH_ARP, &arp()), Outcome::NotIp),
+        (eth(ETH_IP, &v6), Outcome::Malformed),
+        (eth(ETH_IP, &bad_ihl), Outcome::Malformed),
+    ];
     for (p, _) in &cases {
         assert_eq!(h.run(PROG_INGRESS, p), TC_ACT_UNSPEC, "fail open");
     }
     assert_eq!(h.client_count(), 0);
     let mut want: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
     for (p, why) in &cases {
-        let e = want.entry(("upload".into(), why.to_string())).or_default();
+        let e = want.entry((Upload.name().into(), why.name().into())).or_default();
         e.0 += 1;
         e.1 += p.len() as u64 - 14;
     }
@@ -182,7 +193,7 @@ fn truncated_malformed_and_non_ip_pass_and_are_counted_as_reasons() {
     assert_eq!(h.run(PROG_EGRESS, &full[..16]), TC_ACT_UNSPEC);
     assert_eq!(h.run(PROG_EGRESS, &v6[..30]), TC_ACT_UNSPEC);
     assert_eq!(h.client_count(), 0);
-    assert_eq!(h.outcomes(), outcomes(&[("download", "not_ip", 1, 16), ("download", "truncated", 2, 46)]));
+    assert_eq!(h.outcomes(), outcomes(&[(Download, Outcome::NotIp, 1, 16), (Download, Outcome::Truncated, 2, 46)]));
 }
 
 #[test]
@@ -211,6 +222,6 @@ fn a_full_client_map_is_counted_not_hidden() {
     assert_eq!((snap.overflow.upload.packets, snap.overflow.upload.bytes), (2, 2 * late.len() as u64));
     assert_eq!(
         h.outcomes(),
-        outcomes(&[("upload", "client", 15, bytes), ("upload", "map_full", 2, 2 * late.len() as u64)])
+        outcomes(&[(Upload, Outcome::Client, 15, bytes), (Upload, Outcome::MapFull, 2, 2 * late.len() as u64)])
     );
 }

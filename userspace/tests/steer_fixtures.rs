@@ -1647,18 +1647,21 @@ fn redirect_to_a_transparent_listener() {
             let delta: Vec<&str> = after.iter().filter(|(k, v)| before.get(*k) != Some(v)).map(|(k, _)| *k).collect();
             eprintln!("redirect {what}: ret {ret:#x}, mark {:#x}, events {delta:?}", skb.mark);
             assert_eq!(out, *p, "{what}: redirect changes no byte of the packet");
-            assert!(!delta.contains(&"proxy_missing"), "{what}: the listener on 0.0.0.0:{PROXY_PORT} was not found");
+            assert!(
+                !delta.contains(&SteerEvent::ProxyMissing.name()),
+                "{what}: the listener on 0.0.0.0:{PROXY_PORT} was not found"
+            );
             report.push((what, ret, skb.mark, delta));
         }
         let mut redirected = 0;
         for (what, ret, mark, delta) in report {
-            if delta == ["assign_failed"] {
+            if delta == [SteerEvent::AssignFailed.name()] {
                 eprintln!(
                     "note: {what}: bpf_sk_assign fails under BPF_PROG_TEST_RUN (no TC-ingress skb); the lookup found the proxy socket"
                 );
                 assert_eq!(ret, TC_ACT_SHOT, "{what}: assign failure drops");
             } else {
-                assert_eq!(delta, ["redirected"], "{what}: events");
+                assert_eq!(delta, [SteerEvent::Redirected.name()], "{what}: events");
                 assert_eq!(ret, TC_ACT_UNSPEC, "{what}: a redirected packet continues");
                 assert_eq!(mark, REDIRECT_MARK, "{what}: skb->mark");
                 redirected += 1;
@@ -1746,14 +1749,15 @@ fn redirect_tcp_lookup_finds_established_and_skips_foreign_listeners() {
         let est = ipv4_with(lo, lo, TCP, &tcp_valid(lo, lo, cport, lport, ACK, b"x"), &[], 1, IP_DF, None);
         let (ret, delta) = run("segment of an established connection", &est);
         assert!(
-            delta == ["assign_failed"] || (delta == ["redirected"] && ret == TC_ACT_UNSPEC),
+            delta == [SteerEvent::AssignFailed.name()]
+                || (delta == [SteerEvent::Redirected.name()] && ret == TC_ACT_UNSPEC),
             "established connection not found by the real tuple: events {delta:?}, ret {ret:#x}"
         );
         let syn = ipv4_with(lo, lo, TCP, &tcp_valid(lo, lo, 1, lport, SYN, b""), &[], 2, IP_DF, None);
         let (ret, delta) = run("SYN to a port with a foreign listener, no proxy", &syn);
         assert_eq!(
             (ret, delta),
-            (TC_ACT_SHOT, vec!["proxy_missing"]),
+            (TC_ACT_SHOT, vec![SteerEvent::ProxyMissing.name()]),
             "the listener at the original port is not the proxy"
         );
     });

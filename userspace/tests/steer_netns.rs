@@ -25,6 +25,7 @@ use support::{
     require_root,
 };
 use tunmeter::counters::{Count, read_clients};
+use tunmeter_common::SteerEvent;
 use tunmeter_lab::{Client, netns_exec, oracle::Direction};
 
 type Env = support::env::LabEnv;
@@ -405,7 +406,8 @@ fn forward_rules_carry_http_proxy_socks5_and_fragmented_udp_without_nat() {
     assert_eq!(u(&udp, "to_target_packets"), 1 + 1 + 3 + 3 + 6, "udp rule: fragments to the device: {udp}");
     assert_eq!(u(&udp, "from_target_packets"), 1 + 1 + 3 + 3 + 6, "udp rule: fragments from the device: {udp}");
     eprintln!("{}", serde_json::to_string_pretty(&list).unwrap());
-    for bad in ["rewrite_failed", "fragment_unknown", "flow_table_error"] {
+    for bad in [SteerEvent::RewriteFailed, SteerEvent::FragmentUnknown, SteerEvent::FlowTableError] {
+        let bad = bad.name();
         assert_eq!(u(&list["events"][bad], "packets"), 0, "steering event {bad}: {}", list["events"]);
     }
     assert_no_nat(&ns);

@@ -147,13 +147,13 @@ pub fn read_stats(maps: &PinnedMaps) -> Result<Vec<OutcomeRow>, LoadError> {
     let arr: PerCpuArray<MapData, OutcomeCounter> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
         .map_err(|source| LoadError::Map { name: tunmeter_common::MAP_STATS, source })?;
     let mut rows = Vec::new();
-    for (dir, dname) in [(Direction::Upload, "upload"), (Direction::Download, "download")] {
+    for dir in Direction::ALL {
         for o in Outcome::ALL {
             let v = arr
                 .get(&stats_index(dir, o), 0)
                 .map_err(|source| LoadError::Map { name: tunmeter_common::MAP_STATS, source })?;
             let (packets, bytes) = v.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-            rows.push(OutcomeRow { direction: dname, outcome: o.name(), packets, bytes });
+            rows.push(OutcomeRow { direction: dir.name(), outcome: o.name(), packets, bytes });
         }
     }
     Ok(rows)
