@@ -1,5 +1,6 @@
 //! Builds the eBPF object with aya-build on the toolchain named in the workspace
 //! Cargo.toml ([workspace.metadata.tunmeter] ebpf-toolchain) and leaves it in OUT_DIR.
+
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 

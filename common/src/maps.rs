@@ -134,11 +134,13 @@ pub const SUBNET_FLAG_CLIENTS: u32 = 1;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are #[repr(C)], Copy, made only of integers, with no padding
-    // (checked by the size assertions above).
+    // SAFETY: ClientKey is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::ClientKey {}
+    // SAFETY: ClientCounters is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::ClientCounters {}
+    // SAFETY: SubnetKey is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::SubnetKey {}
+    // SAFETY: SubnetValue is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::SubnetValue {}
 }
 

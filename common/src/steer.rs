@@ -190,13 +190,22 @@ impl RuleCounters {
 mod pod {
     // SAFETY: #[repr(C)], Copy, integers only, no implicit padding (size assertions above).
     unsafe impl aya::Pod for super::FwdKey {}
+    // SAFETY: FwdRule is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::FwdRule {}
+    // SAFETY: FlowKey is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: FlowNat is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::FlowNat {}
+    // SAFETY: FragKey is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::FragKey {}
+    // SAFETY: FragNat is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::FragNat {}
+    // SAFETY: AddrKey is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::AddrKey {}
+    // SAFETY: RedirectRule is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::RedirectRule {}
+    // SAFETY: BypassValue is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::BypassValue {}
+    // SAFETY: RuleCounters is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::RuleCounters {}
 }

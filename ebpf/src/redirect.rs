@@ -1,8 +1,9 @@
 //! Redirect rules (what iptables REDIRECT did, with TPROXY semantics), on tun devices: a TCP or
-//! UDP packet from a redirected VPN client to a destination outside the bypass set is assigned to
-//! the local transparent proxy's socket (`bpf_sk_assign`) and marked for the daemon's
-//! local-delivery route. Not one byte changes. Drops when the proxy has no socket or the
-//! assignment fails.
+//! UDP packet from a redirected VPN client is handed to the local transparent proxy's socket.
+//!
+//! A packet to a destination outside the bypass set is assigned to the proxy's socket
+//! (`bpf_sk_assign`) and marked for the daemon's local-delivery route. Not one byte changes.
+//! Drops when the proxy has no socket or the assignment fails.
 
 use aya_ebpf::{
     EbpfContext as _,
