@@ -402,6 +402,12 @@ fn create_tun(ns: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<(OwnedFd, u32)> {
     Ok((fd, idx))
 }
 
+/// True if this process runs as root (labs need it: namespaces, TUN, nftables).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Run a closure on a fresh thread that has `setns()`'d into the network namespace `ns`.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     let name = ns.to_string();

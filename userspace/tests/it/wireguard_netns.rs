@@ -3,7 +3,7 @@
 //! behind a peer goes online, offline after a silence (device.offline) and back
 //! (device.recovered), with the events in the durable outbox.
 
-mod support;
+use crate::support;
 
 use std::{
     path::PathBuf,

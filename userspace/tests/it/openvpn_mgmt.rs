@@ -14,16 +14,7 @@ use std::{
 use tokio::sync::mpsc;
 use tunmeter::identity::openvpn::mgmt::{InstanceConfig, MgmtAddr, MgmtEvent, run_instance};
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("TUNMETER_REQUIRE_ROOT_TESTS").is_some() {
-        panic!("this test creates network namespaces: run as root");
-    }
-    eprintln!("skipped: needs root");
-    false
-}
+use crate::support::require_root;
 
 fn sh(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
@@ -213,7 +204,7 @@ fn rt() -> tokio::runtime::Runtime {
 /// from the `>CLIENT:ESTABLISHED` notification.
 #[test]
 fn tcp_password_notification_loss_and_recovery() {
-    if !is_root() {
+    if !require_root() {
         return;
     }
     let mut lab = Lab::new("ham", 1, true);
@@ -287,7 +278,7 @@ fn tcp_password_notification_loss_and_recovery() {
 /// clear Lost errors; the right one gives a snapshot every `reconcile`.
 #[test]
 fn unix_socket_wrong_password_and_reconcile() {
-    if !is_root() {
+    if !require_root() {
         return;
     }
     let mut lab = Lab::new("han", 2, false);

@@ -76,3 +76,10 @@ impl LabEnv {
         v
     }
 }
+
+impl Drop for LabEnv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

@@ -1,7 +1,7 @@
 //! Batched reads of the real client map (BPF_MAP_LOOKUP_BATCH) against aya's element-by-element
 //! reads: the same entries and the same per-CPU values, whatever the chunk size.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 

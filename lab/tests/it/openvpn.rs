@@ -9,14 +9,7 @@ use tunmeter_lab::list_prefix;
 use tunmeter_lab::openvpn::{self, OvpnLab, OvpnLabConfig, Transport, UpDown};
 use tunmeter_lab::oracle::{Counter, Oracle, OracleCounts};
 
-fn root() -> bool {
-    // SAFETY: trivial syscall.
-    let ok = unsafe { libc::geteuid() } == 0;
-    if !ok {
-        eprintln!("SKIP: needs root");
-    }
-    ok
-}
+use crate::root;
 
 /// Pids of processes whose command line contains `marker`.
 fn procs_with(marker: &str) -> Vec<u32> {

@@ -3,7 +3,7 @@
 //! namespace lab (forward rules of http connections in the pinned maps, a TCP connection
 //! through one, roles, and the 400/404/409 answers).
 
-mod support;
+use crate::support;
 
 use std::{
     net::IpAddr,

@@ -9,7 +9,7 @@
 //! `P-t2` (10.8.0.3) the client behind a redirect rule, `P-e1` (10.9.0.2) the customer, `P-e2`
 //! (10.9.0.3) a web server.
 
-mod support;
+use crate::support;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -28,13 +28,6 @@ use tunmeter::counters::{Count, read_clients};
 use tunmeter_lab::{Client, netns_exec, oracle::Direction};
 
 type Env = support::env::LabEnv;
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.state);
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
 
 /// The web server in `P-e2`.
 const WEB_PORT: u16 = 80;

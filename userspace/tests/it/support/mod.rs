@@ -1,6 +1,5 @@
 //! Helpers shared by the integration tests: root gating, unique bpffs pin directories,
 //! packet builders and a BPF_PROG_TEST_RUN harness around the real eBPF object.
-#![allow(dead_code)]
 
 pub mod checksum;
 pub mod control;
@@ -32,7 +31,7 @@ use tunmeter_common::ClientCounters;
 /// Kernel tests need root. Under `cargo xtask test` (TUNMETER_REQUIRE_ROOT_TESTS=1) a missing
 /// privilege fails the test; a plain `cargo test` as a user skips it with a message.
 pub fn require_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
+    if tunmeter_lab::is_root() {
         ensure_bpffs();
         return true;
     }

@@ -5,9 +5,9 @@
 //! program's output is verified from scratch (`support::checksum`), as are the flow, fragment,
 //! rule-counter and event maps.
 //!
-//! Run as root: `cargo test -p tunmeter --test steer_fixtures -- --test-threads=1`.
+//! Run as root: `cargo test -p tunmeter --test it -- steer_fixtures::`.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::BTreeMap,

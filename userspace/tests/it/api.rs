@@ -2,7 +2,7 @@
 //! bodies for bad input, OpenAPI, Prometheus metrics, and the live stream with a stalled
 //! subscriber next to a healthy one.
 
-mod support;
+use crate::support;
 
 use std::{
     io::Write as _,

@@ -69,7 +69,6 @@ pub fn wait_tcp_listening(ns: &str, port: u16, timeout: Duration) -> Result<()> 
 pub struct Proxy {
     pub name: &'static str,
     pub ns: String,
-    pub port: u16,
     pub dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -130,7 +129,7 @@ impl Proxy {
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name} in {ns} (is it installed? `cargo xtask setup`): {e}"));
-        let mut p = Proxy { name, ns: ns.to_string(), port, dir, log, child: Some(child) };
+        let mut p = Proxy { name, ns: ns.to_string(), dir, log, child: Some(child) };
         if let Err(e) = wait_tcp_listening(ns, port, Duration::from_secs(10)) {
             let exited = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             panic!("{name} in {ns} does not listen on port {port} ({e:#}; exited: {exited:?}):\n{}", p.log_text());
@@ -245,7 +244,6 @@ pub type Request = (SocketAddr, String);
 /// [`big_body`]), `/small` ([`SMALL_BODY`]), anything else `hello\n`. One response per
 /// connection (`Connection: close`).
 pub struct WebServer {
-    pub port: u16,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -273,7 +271,7 @@ impl WebServer {
                     .unwrap(),
             );
         }
-        WebServer { port, stop, threads, conns, requests }
+        WebServer { stop, threads, conns, requests }
     }
 
     /// Requests answered so far.
@@ -438,7 +436,6 @@ pub struct Intercepted {
 /// sends until EOF (recorded in [`Intercepted::bytes`]), closes. UDP: replies `ORIG <original
 /// destination>` from a transparent socket bound to the original destination.
 pub struct TransparentProxy {
-    pub port: u16,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -451,7 +448,7 @@ impl TransparentProxy {
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let log: Arc<Mutex<Vec<Intercepted>>> = Arc::default();
         let mut p =
-            TransparentProxy { port, stop: stop.clone(), threads: Vec::new(), conns: conns.clone(), log: log.clone() };
+            TransparentProxy { stop: stop.clone(), threads: Vec::new(), conns: conns.clone(), log: log.clone() };
         for any in [SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))] {
             let l = in_netns(ns, move || tcp_listener(any, true)).context("transparent TCP listener")?;
             let (st, cn, lg) = (stop.clone(), conns.clone(), log.clone());

@@ -2,7 +2,7 @@
 //! (tun/wg) and L2 (Ethernet) variants, fed crafted packets. Each test asserts the return code
 //! and the exact contents of the client and outcome maps.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 

@@ -7,14 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tunmeter_lab::wireguard::{self, WgLab};
 use tunmeter_lab::{list_prefix, netns_exec, traffic};
 
-fn root() -> bool {
-    // SAFETY: trivial syscall.
-    let ok = unsafe { libc::geteuid() } == 0;
-    if !ok {
-        eprintln!("SKIP: needs root");
-    }
-    ok
-}
+use crate::root;
 
 fn wg_procs(prefix: &str) -> usize {
     let marker = format!("-f wg{prefix}");

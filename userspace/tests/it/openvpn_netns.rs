@@ -4,7 +4,7 @@
 //! oracle, signed webhooks to a real receiver, fail-closed admission, a daemon restart, a lost
 //! management interface, and an openvpn connection that redirects its user to a proxy.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::BTreeMap,

@@ -13,14 +13,7 @@ use tunmeter_lab::{
     Client, ETH_DEV, Lab, LabConfig, RelayStats, TUN_DEV, cleanup_prefix, in_netns, link_stats, list_prefix, netns_exec,
 };
 
-fn root() -> bool {
-    // SAFETY: trivial syscall.
-    let ok = unsafe { libc::geteuid() } == 0;
-    if !ok {
-        eprintln!("SKIP: needs root");
-    }
-    ok
-}
+use crate::root;
 
 fn cfg(prefix: &str, tun: usize, eth: usize) -> LabConfig {
     LabConfig { prefix: prefix.into(), tun_clients: tun, eth_clients: eth }

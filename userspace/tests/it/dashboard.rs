@@ -12,7 +12,7 @@
 //! screenshot to `target/dashboard.png`, and logs in with the read token again: the tampered forms
 //! get the server's 403 message.
 
-mod support;
+use crate::support;
 
 use std::{
     io::Read as _,

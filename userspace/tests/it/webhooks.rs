@@ -18,7 +18,7 @@
 //! - e (PostgreSQL only): the database stops while deliveries are pending, and comes back.
 //! - f (PostgreSQL only): two transactions commit events of one subject out of number order.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::{HashMap, HashSet},

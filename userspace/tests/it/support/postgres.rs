@@ -62,7 +62,7 @@ pub fn bin_dir() -> Option<PathBuf> {
 /// The OS user the server runs as: `Some((uid, gid))` of `postgres` when we are root,
 /// `None` (ourselves) otherwise.
 fn server_user() -> Option<(u32, u32)> {
-    if !nix::unistd::geteuid().is_root() {
+    if !tunmeter_lab::is_root() {
         return None;
     }
     let user = nix::unistd::User::from_name("postgres")

@@ -4,7 +4,7 @@
 //! byte the ledger must hold is known exactly; `ledger_netns.rs` runs the same ledger against
 //! the real kernel programs.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::HashMap,

@@ -10,16 +10,7 @@ use std::{
 
 use tunmeter::identity::wireguard::read_peers;
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("TUNMETER_REQUIRE_ROOT_TESTS").is_some() {
-        panic!("this test creates network namespaces: run as root");
-    }
-    eprintln!("skipped: needs root");
-    false
-}
+use crate::support::require_root;
 
 fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> String {
     use std::io::Write as _;
@@ -73,7 +64,7 @@ impl Drop for Pair {
 
 #[test]
 fn read_peers_of_a_real_wireguard_go_pair() {
-    if !is_root() {
+    if !require_root() {
         return;
     }
     let id = std::process::id() % 100_000;

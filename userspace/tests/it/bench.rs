@@ -25,7 +25,7 @@
 //! (1), `veth` (2), `daemon` (3), `steer` (4 and 5), `identity` (6) runs only those, e.g.
 //! `TM_BENCH_ONLY=steer`.
 
-mod support;
+use crate::support;
 
 use std::{net::Ipv6Addr, process::Command, time::Duration};
 

@@ -1,7 +1,7 @@
 //! The throwaway PostgreSQL fixture (support/postgres.rs): a real server that tests connect to
 //! with sqlx, stop (the database goes down) and start again.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

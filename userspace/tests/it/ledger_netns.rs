@@ -2,7 +2,7 @@
 //! against the independent nftables oracle: 1,000 resets under traffic, kill -9, a PostgreSQL
 //! outage, a new kernel epoch; and the API's auth, errors, metrics and live stream.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::HashMap,

@@ -2,7 +2,7 @@
 //! kernel, real traffic through a tun device (relayed like OpenVPN does) and an Ethernet veth.
 //! The oracle is independent: nftables netdev counters on the same devices and `ip -s link`.
 
-mod support;
+use crate::support;
 
 use std::{
     net::IpAddr,
@@ -77,13 +77,6 @@ fn assert_foreign_program_saw_everything(fo: &ForeignObserver, before: &Reading,
         let seen = fo.packets(dir) - before_fo[i];
         let all = sub(after.oracle.total("eth0", odir), before.oracle.total("eth0", odir)).packets;
         assert_eq!(seen, all, "the other tool's program ({dir}) missed packets: tunmeter must return TCX_NEXT");
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.state);
-        let _ = std::fs::remove_file(&self.log);
     }
 }
 
