@@ -30,7 +30,12 @@ use crate::support;
 use std::{net::Ipv6Addr, process::Command, time::Duration};
 
 use aya::{maps::PerCpuValues, util::nr_cpus};
-use support::{Harness, packets::*, require_root};
+use support::{
+    Harness,
+    packet::{ACK, PSH, Packet, SYN, TCP as _},
+    packets::*,
+    require_root,
+};
 use tunmeter::{
     config::Layer,
     counters::{ip_key, read_sums, sum_cpus},
@@ -111,16 +116,26 @@ fn ns_per_packet() {
         let mid = n / 2;
         let v4 = std::net::Ipv4Addr::from(0x0a08_0000u32 + mid).to_string();
         let v6 = Ipv6Addr::new(0xfd00, 8, 0, 0, 0, 0, (mid >> 16) as u16, mid as u16).to_string();
-        let p4 = ipv4(&v4, "1.1.1.1", UDP, &udp(1, 2, &[0; 64]), &[], 0);
-        let p6 = ipv6(&v6, "2001:db8::1", UDP, &udp(1, 2, &[0; 64]));
-        let po = ipv4("192.168.7.7", "1.1.1.1", UDP, &udp(1, 2, &[0; 64]), &[], 0);
+        let udp = Packet::udp().ports(1, 2).payload([0; 64]).l4_checksum(0);
+        let (p4, p6, po) = (
+            udp.clone().src(&v4).dst("1.1.1.1"),
+            udp.clone().src(&v6).dst("2001:db8::1"),
+            udp.src("192.168.7.7").dst("1.1.1.1"),
+        );
+        let (p4_frame, not_ip) = (p4.clone().eth().build(), Packet::junk([0u8; 64]).build());
+        let (p4, p6, po) = (p4.build(), p6.build(), po.build());
+        same!(ipv4(&v4, "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 64]), &[], 0), p4.clone());
+        same!(ipv6(&v6, "2001:db8::1", UDP, &support::packets::udp(1, 2, &[0; 64])), p6.clone());
+        same!(ipv4("192.168.7.7", "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 64]), &[], 0), po.clone());
+        same!(eth(ETH_IP, &p4), p4_frame.clone());
+        same!([0u8; 64].to_vec(), not_ip.clone());
         let t4 = sampled(|| h.time(PROG_INGRESS, &p4, REPEAT));
         let t6 = sampled(|| h.time(PROG_INGRESS, &p6, REPEAT));
         let to = sampled(|| h.time(PROG_INGRESS, &po, REPEAT));
         // Not IP: harness, parse and one stats bump, no hash lookup.
-        let tn = sampled(|| h.time(PROG_INGRESS, &[0u8; 64], REPEAT));
+        let tn = sampled(|| h.time(PROG_INGRESS, &not_ip, REPEAT));
         let te = empty.time(&p4);
-        let t2 = sampled(|| h2.time(PROG_INGRESS, &eth(ETH_IP, &p4), REPEAT));
+        let t2 = sampled(|| h2.time(PROG_INGRESS, &p4_frame, REPEAT));
         let c = h.client(&v4).unwrap();
         assert_eq!(c.up_packets, REPEAT as u64 * SAMPLES as u64, "every repeat counted");
         println!(
@@ -888,8 +903,6 @@ const STEER_CPORT: u16 = 40_000;
 /// Forward rules on TCP ports FIRST_RULE_PORT.. (10,000 of them).
 const FIRST_RULE_PORT: u16 = 10_000;
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
-const TCP_ACK_PSH: u8 = 0x18;
-const TCP_SYN: u8 = 0x02;
 const PROXY_PORT: u16 = 12_345;
 
 /// The device of filler rule `i`: 10.8.0.2 and up.
@@ -897,11 +910,18 @@ fn rule_device(i: u32) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::from(0x0a08_0002u32 + i)
 }
 
-/// A TCP segment with a 64-byte payload in an IPv4 packet with valid checksums.
-fn tcp_packet(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+/// A TCP segment (with a 64-byte payload unless it is a SYN) in an IPv4 packet (DF) with valid
+/// checksums.
+fn tcp_packet(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Packet {
+    let payload: &[u8] = if flags == SYN { &[] } else { &[0x5a; 64] };
+    let p = Packet::tcp().src(src).dst(dst).ports(sport, dport).flags(flags).payload(payload).df();
     let (s, d) = (src.to_string(), dst.to_string());
-    let payload: &[u8] = if flags == TCP_SYN { &[] } else { &[0x5a; 64] };
-    ipv4_with(&s, &d, TCP, &tcp_valid(&s, &d, sport, dport, flags, payload), &[], 0x1234, IP_DF, None)
+    same!(
+        ipv4_with(&s, &d, TCP, &tcp_valid(&s, &d, sport, dport, flags, payload), &[], 0x1234, IP_DF, None),
+        p.build()
+    );
+    same!(eth(ETH_IP, &p.build()), p.clone().eth().build());
+    p
 }
 
 /// (src, dst, sport, dport) of an Ethernet + IPv4 + TCP frame, after checking both checksums.
@@ -979,16 +999,16 @@ fn steer_forward_times(t: &mut SteerTimes) {
     assert_eq!(s.forward_count(), STEER_RULES as usize);
 
     // Repeat semantics: one rule, SEMANTICS_REPEAT repeats of a packet to its port.
-    let single_pkt = eth(ETH_IP, &tcp_packet(STEER_CUST, STEER_PUB, STEER_CPORT, single, TCP_ACK_PSH));
+    let single_pkt = tcp_packet(STEER_CUST, STEER_PUB, STEER_CPORT, single, ACK | PSH).eth().build();
     let before = s.event(SteerEvent::Forwarded).0;
     h.time(PROG_INGRESS, &single_pkt, SEMANTICS_REPEAT);
     t.single_rule_forwarded = s.event(SteerEvent::Forwarded).0 - before;
 
-    let fwd = eth(ETH_IP, &tcp_packet(STEER_CUST, STEER_PUB, STEER_CPORT, p, TCP_ACK_PSH));
-    let fwd_miss = eth(ETH_IP, &tcp_packet(STEER_CUST, STEER_PUB, STEER_CPORT, 80, TCP_ACK_PSH));
-    let fwd_other = eth(ETH_IP, &tcp_packet(STEER_CUST, STEER_PUB, STEER_CPORT, port(other_idx), TCP_ACK_PSH));
-    let reply = eth(ETH_IP, &tcp_packet(dev, STEER_CUST, q, STEER_CPORT, TCP_ACK_PSH));
-    let reply_miss = eth(ETH_IP, &tcp_packet(STEER_PUB, STEER_CUST, 80, STEER_CPORT, TCP_ACK_PSH));
+    let fwd = tcp_packet(STEER_CUST, STEER_PUB, STEER_CPORT, p, ACK | PSH).eth().build();
+    let fwd_miss = tcp_packet(STEER_CUST, STEER_PUB, STEER_CPORT, 80, ACK | PSH).eth().build();
+    let fwd_other = tcp_packet(STEER_CUST, STEER_PUB, STEER_CPORT, port(other_idx), ACK | PSH).eth().build();
+    let reply = tcp_packet(dev, STEER_CUST, q, STEER_CPORT, ACK | PSH).eth().build();
+    let reply_miss = tcp_packet(STEER_PUB, STEER_CUST, 80, STEER_CPORT, ACK | PSH).eth().build();
 
     // Correctness outside the timing: one repeat translates, the second restores the packet.
     let (ret, out) = h.run_out(PROG_INGRESS, &fwd);
@@ -1064,8 +1084,8 @@ fn steer_redirect_times(t: &mut SteerTimes) {
         let client = Ipv4Addr::from(0x0a08_0000u32 + STEER_RULES / 2);
         let other = Ipv4Addr::from(0x0a08_0000u32 + STEER_RULES + STEER_RULES / 2); // a client, no rule
         let dst = Ipv4Addr::new(1, 1, 1, 1);
-        let syn = tcp_packet(client, dst, STEER_CPORT, 443, TCP_SYN);
-        let syn_miss = tcp_packet(other, dst, STEER_CPORT, 443, TCP_SYN);
+        let syn = tcp_packet(client, dst, STEER_CPORT, 443, SYN).build();
+        let syn_miss = tcp_packet(other, dst, STEER_CPORT, 443, SYN).build();
         let before = s.events();
         let ret = h.run(PROG_INGRESS, &syn);
         let after = s.events();

@@ -6,7 +6,12 @@ use crate::support;
 
 use std::collections::BTreeMap;
 
-use support::{Harness, packets::*, require_root};
+use support::{
+    Harness,
+    packet::{Packet, TCP as _},
+    packets::*,
+    require_root,
+};
 use tunmeter::{
     config::Layer,
     loader::{PROG_EGRESS, PROG_INGRESS},
@@ -16,10 +21,11 @@ const SUBNETS: &[&str] = &["10.8.0.0/24", "fd00:8::/64"];
 /// What the counting programs return: TC_ACT_UNSPEC (-1), i.e. TCX_NEXT: "not my decision".
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 
-fn frame(layer: Layer, ethertype: u16, l3: &[u8]) -> Vec<u8> {
+/// `p` as the program on `layer` sees it: the IP packet, or an Ethernet frame.
+fn frame(layer: Layer, p: &Packet) -> Vec<u8> {
     match layer {
-        Layer::L3 => l3.to_vec(),
-        Layer::L2 => eth(ethertype, l3),
+        Layer::L3 => p.build(),
+        Layer::L2 => p.clone().eth().build(),
     }
 }
 
@@ -40,13 +46,20 @@ fn both_layers(f: impl Fn(Layer)) {
 fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
     both_layers(|layer| {
         let mut h = Harness::new(layer, 1024, SUBNETS);
-        let t = ipv4("10.8.0.2", "1.1.1.1", TCP, &tcp(40000, 443, &[7; 100]), &[], 0);
-        let u = ipv4("8.8.8.8", "10.8.0.3", UDP, &udp(53, 40001, &[1; 60]), &[], 0);
-        let i = ipv4("10.8.0.4", "9.9.9.9", ICMP, &icmp_echo(&[0; 56]), &[], 0);
-        assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, &t)), TC_ACT_UNSPEC);
-        assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, &t)), TC_ACT_UNSPEC);
-        assert_eq!(h.run(PROG_EGRESS, &frame(layer, ETH_IP, &u)), TC_ACT_UNSPEC);
-        assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, &i)), TC_ACT_UNSPEC);
+        let (t, u, i) = (
+            Packet::bare_tcp().src("10.8.0.2").dst("1.1.1.1").ports(40000, 443).payload([7; 100]),
+            Packet::udp().src("8.8.8.8").dst("10.8.0.3").ports(53, 40001).payload([1; 60]).l4_checksum(0),
+            Packet::icmp().src("10.8.0.4").dst("9.9.9.9").payload([0; 56]),
+        );
+        same!(ipv4("10.8.0.2", "1.1.1.1", TCP, &tcp(40000, 443, &[7; 100]), &[], 0), t.build());
+        same!(ipv4("8.8.8.8", "10.8.0.3", UDP, &support::packets::udp(53, 40001, &[1; 60]), &[], 0), u.build());
+        same!(ipv4("10.8.0.4", "9.9.9.9", ICMP, &icmp_echo(&[0; 56]), &[], 0), i.build());
+        same!(eth(ETH_IP, &t.build()), frame(Layer::L2, &t));
+        assert_eq!(h.run(PROG_INGRESS, &frame(layer, &t)), TC_ACT_UNSPEC);
+        assert_eq!(h.run(PROG_INGRESS, &frame(layer, &t)), TC_ACT_UNSPEC);
+        assert_eq!(h.run(PROG_EGRESS, &frame(layer, &u)), TC_ACT_UNSPEC);
+        assert_eq!(h.run(PROG_INGRESS, &frame(layer, &i)), TC_ACT_UNSPEC);
+        let (t, u, i) = (t.build(), u.build(), i.build());
 
         let c2 = h.client("10.8.0.2").expect("10.8.0.2 counted");
         assert_eq!(
@@ -79,12 +92,19 @@ fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
 fn ipv6_is_counted_with_l3_bytes() {
     both_layers(|layer| {
         let mut h = Harness::new(layer, 1024, SUBNETS);
-        let t = ipv6("fd00:8::2", "2001:db8::1", TCP, &tcp(1, 2, &[0; 1000]));
-        let u = ipv6("2001:db8::53", "fd00:8::3", UDP, &udp(53, 3, &[0; 33]));
-        let i = ipv6("fd00:8::2", "2001:db8::1", ICMPV6, &[128, 0, 0, 0, 0, 1, 0, 1]);
+        let (t, u, i) = (
+            Packet::bare_tcp().src("fd00:8::2").dst("2001:db8::1").ports(1, 2).payload([0; 1000]),
+            Packet::udp().src("2001:db8::53").dst("fd00:8::3").ports(53, 3).payload([0; 33]).l4_checksum(0),
+            Packet::icmpv6().src("fd00:8::2").dst("2001:db8::1").echo(1, 1).l4_checksum(0),
+        );
+        same!(ipv6("fd00:8::2", "2001:db8::1", TCP, &tcp(1, 2, &[0; 1000])), t.build());
+        same!(ipv6("2001:db8::53", "fd00:8::3", UDP, &support::packets::udp(53, 3, &[0; 33])), u.build());
+        same!(ipv6("fd00:8::2", "2001:db8::1", ICMPV6, &[128, 0, 0, 0, 0, 1, 0, 1]), i.build());
+        same!(eth(ETH_IPV6, &t.build()), frame(Layer::L2, &t));
         for (prog, p) in [(PROG_INGRESS, &t), (PROG_EGRESS, &u), (PROG_INGRESS, &i)] {
-            assert_eq!(h.run(prog, &frame(layer, ETH_IPV6, p)), TC_ACT_UNSPEC);
+            assert_eq!(h.run(prog, &frame(layer, p)), TC_ACT_UNSPEC);
         }
+        let (t, u, i) = (t.build(), u.build(), i.build());
         let c = h.client("fd00:8::2").unwrap();
         assert_eq!((c.up_bytes, c.up_packets, c.down_bytes), ((t.len() + i.len()) as u64, 2, 0));
         let c = h.client("fd00:8::3").unwrap();
@@ -101,14 +121,21 @@ fn ipv4_options_and_fragments_are_counted_whole() {
     both_layers(|layer| {
         let mut h = Harness::new(layer, 1024, SUBNETS);
         // IHL 6 (one NOP/NOP/NOP/EOL word) and IHL 15 (maximum options).
-        let o1 = ipv4("10.8.0.5", "1.1.1.1", UDP, &udp(1, 2, &[0; 10]), &[1, 1, 1, 0], 0);
-        let o2 = ipv4("10.8.0.5", "1.1.1.1", TCP, &tcp(1, 2, &[]), &[1; 40], 0);
+        let udp = Packet::udp().src("10.8.0.5").dst("1.1.1.1").ports(1, 2).l4_checksum(0);
+        let o1 = udp.payload([0; 10]).options([1, 1, 1, 0]);
+        let o2 = Packet::bare_tcp().src("10.8.0.5").dst("1.1.1.1").ports(1, 2).options([1; 40]);
         // First fragment (MF) and a later fragment without any L4 header.
-        let f1 = ipv4("10.8.0.6", "1.1.1.1", UDP, &udp(1, 2, &[0; 1472]), &[], 0x2000);
-        let f2 = ipv4("10.8.0.6", "1.1.1.1", UDP, &[0; 600], &[], 185);
+        let to_6 = Packet::udp().src("10.8.0.6").dst("1.1.1.1").ports(1, 2).l4_checksum(0);
+        let f1 = to_6.payload([0; 1472]).frag(0, true);
+        let f2 = Packet::l4(UDP, [0; 600]).src("10.8.0.6").dst("1.1.1.1").frag(1480, false);
+        same!(ipv4("10.8.0.5", "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 10]), &[1, 1, 1, 0], 0), o1.build());
+        same!(ipv4("10.8.0.5", "1.1.1.1", TCP, &tcp(1, 2, &[]), &[1; 40], 0), o2.build());
+        same!(ipv4("10.8.0.6", "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 1472]), &[], 0x2000), f1.build());
+        same!(ipv4("10.8.0.6", "1.1.1.1", UDP, &[0; 600], &[], 185), f2.build());
         for p in [&o1, &o2, &f1, &f2] {
-            assert_eq!(h.run(PROG_INGRESS, &frame(layer, ETH_IP, p)), TC_ACT_UNSPEC);
+            assert_eq!(h.run(PROG_INGRESS, &frame(layer, p)), TC_ACT_UNSPEC);
         }
+        let (o1, o2, f1, f2) = (o1.build(), o2.build(), f1.build(), f2.build());
         let c5 = h.client("10.8.0.5").unwrap();
         assert_eq!((c5.up_bytes, c5.up_packets), ((o1.len() + o2.len()) as u64, 2));
         let c6 = h.client("10.8.0.6").unwrap();
@@ -122,14 +149,19 @@ fn ipv4_options_and_fragments_are_counted_whole() {
 fn addresses_outside_the_subnets_go_to_the_other_bucket() {
     both_layers(|layer| {
         let mut h = Harness::new(layer, 1024, &["10.8.0.0/24", "fd00:8::/64", "::/127"]);
-        let up = ipv4("192.168.1.1", "10.8.0.2", UDP, &udp(1, 2, &[0; 20]), &[], 0); // source not a client
+        let udp = Packet::udp().ports(1, 2).payload([0; 20]).l4_checksum(0);
+        let up = udp.clone().src("192.168.1.1").dst("10.8.0.2"); // source not a client
         // `::` is the reserved OTHER key itself (the source of duplicate-address detection):
         // it must never be counted as a client, even with a subnet that contains it.
-        let dad = ipv6("::", "ff02::1:ff00:2", ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]);
-        let down = ipv6("fd00:8::2", "2001:db8::9", UDP, &udp(1, 2, &[0; 20])); // destination not a client
-        h.run(PROG_INGRESS, &frame(layer, ETH_IP, &up));
-        h.run(PROG_EGRESS, &frame(layer, ETH_IPV6, &down));
-        h.run(PROG_INGRESS, &frame(layer, ETH_IPV6, &dad));
+        let dad = Packet::icmpv6().icmp_type(135).rest(0).l4_checksum(0).src("::").dst("ff02::1:ff00:2");
+        let down = udp.src("fd00:8::2").dst("2001:db8::9"); // destination not a client
+        same!(ipv4("192.168.1.1", "10.8.0.2", UDP, &support::packets::udp(1, 2, &[0; 20]), &[], 0), up.build());
+        same!(ipv6("::", "ff02::1:ff00:2", ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]), dad.build());
+        same!(ipv6("fd00:8::2", "2001:db8::9", UDP, &support::packets::udp(1, 2, &[0; 20])), down.build());
+        h.run(PROG_INGRESS, &frame(layer, &up));
+        h.run(PROG_EGRESS, &frame(layer, &down));
+        h.run(PROG_INGRESS, &frame(layer, &dad));
+        let (up, dad, down) = (up.build(), dad.build(), down.build());
         assert_eq!(h.client_count(), 0, "no client entry for outside traffic");
         let snap = tunmeter::counters::read_clients(&h.maps, None).unwrap();
         let up_total = (up.len() + dad.len()) as u64;
@@ -154,14 +186,32 @@ fn truncated_malformed_and_non_ip_pass_and_are_counted_as_reasons() {
     // cannot be injected on L2: BPF_PROG_TEST_RUN itself refuses them with EINVAL, asserted
     // below. The L3 variant covers truncation; both use the same header check.)
     let mut h = Harness::new(Layer::L2, 1024, SUBNETS);
-    let full = ipv4("10.8.0.2", "1.1.1.1", UDP, &udp(1, 2, &[0; 8]), &[], 0);
-    let mut bad_ihl = full.clone();
-    bad_ihl[0] = 0x44;
-    let v6 = ipv6("fd00:8::2", "2001:db8::1", UDP, &udp(1, 2, &[]));
-    assert!(h.try_run(PROG_INGRESS, &eth(ETH_IP, &full[..10])).is_err());
-    assert!(h.try_run(PROG_INGRESS, &eth(ETH_IPV6, &v6[..39])).is_err());
-    let cases: [(Vec<u8>, &str); 3] =
-        [(eth(ETH_ARP, &arp()), "not_ip"), (eth(ETH_IP, &v6), "malformed"), (eth(ETH_IP, &bad_ihl), "malformed")];
+    let full = Packet::udp().src("10.8.0.2").dst("1.1.1.1").ports(1, 2).payload([0; 8]).l4_checksum(0);
+    // IHL 4 under the IHL 5 header's checksum.
+    let bad_ihl = full.clone().poke(0, 0x44);
+    let v6 = Packet::udp().src("fd00:8::2").dst("2001:db8::1").ports(1, 2).l4_checksum(0);
+    same!(ipv4("10.8.0.2", "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 8]), &[], 0), full.build());
+    same!(
+        {
+            let mut b = full.build();
+            b[0] = 0x44;
+            b
+        },
+        bad_ihl.build()
+    );
+    same!(ipv6("fd00:8::2", "2001:db8::1", UDP, &support::packets::udp(1, 2, &[])), v6.build());
+    same!(eth(ETH_IP, &full.build()[..10]), full.clone().truncate(10).eth().build());
+    same!(eth(ETH_IPV6, &v6.build()[..39]), v6.clone().truncate(39).eth().build());
+    same!(eth(ETH_ARP, &arp()), Packet::arp().eth().build());
+    same!(eth(ETH_IP, &v6.build()), v6.clone().ethertype(ETH_IP).build());
+    same!(eth(ETH_IP, &bad_ihl.build()), bad_ihl.clone().eth().build());
+    assert!(h.try_run(PROG_INGRESS, &full.clone().truncate(10).eth().build()).is_err());
+    assert!(h.try_run(PROG_INGRESS, &v6.clone().truncate(39).eth().build()).is_err());
+    let cases: [(Vec<u8>, &str); 3] = [
+        (Packet::arp().eth().build(), "not_ip"),
+        (v6.clone().ethertype(ETH_IP).build(), "malformed"),
+        (bad_ihl.eth().build(), "malformed"),
+    ];
     for (p, _) in &cases {
         assert_eq!(h.run(PROG_INGRESS, p), TC_ACT_UNSPEC, "fail open");
     }
@@ -177,10 +227,13 @@ fn truncated_malformed_and_non_ip_pass_and_are_counted_as_reasons() {
     // L3: version nibble 0 is not IP; 16 bytes of IPv4 are truncated (BPF_PROG_TEST_RUN
     // needs at least 14 bytes of input, so shorter cuts are not possible here).
     let mut h = Harness::new(Layer::L3, 1024, SUBNETS);
-    let junk = [0u8; 16];
+    let junk = Packet::junk([0u8; 16]).build();
+    same!([0u8; 16].to_vec(), junk.clone());
+    same!(full.build()[..16].to_vec(), full.clone().truncate(16).build());
+    same!(v6.build()[..30].to_vec(), v6.clone().truncate(30).build());
     assert_eq!(h.run(PROG_EGRESS, &junk), TC_ACT_UNSPEC);
-    assert_eq!(h.run(PROG_EGRESS, &full[..16]), TC_ACT_UNSPEC);
-    assert_eq!(h.run(PROG_EGRESS, &v6[..30]), TC_ACT_UNSPEC);
+    assert_eq!(h.run(PROG_EGRESS, &full.truncate(16).build()), TC_ACT_UNSPEC);
+    assert_eq!(h.run(PROG_EGRESS, &v6.truncate(30).build()), TC_ACT_UNSPEC);
     assert_eq!(h.client_count(), 0);
     assert_eq!(h.outcomes(), outcomes(&[("download", "not_ip", 1, 16), ("download", "truncated", 2, 46)]));
 }
@@ -193,18 +246,25 @@ fn a_full_client_map_is_counted_not_hidden() {
     // 16 entries: the two reserved buckets plus 14 clients.
     let mut h = Harness::new(Layer::L3, 16, SUBNETS);
     let mut bytes = 0;
+    let udp = Packet::udp().dst("1.1.1.1").ports(1, 2).payload([0; 10]).l4_checksum(0);
     for n in 0..14 {
-        let p = ipv4(&format!("10.8.0.{}", 10 + n), "1.1.1.1", UDP, &udp(1, 2, &[0; 10]), &[], 0);
+        let p = udp.clone().src(&format!("10.8.0.{}", 10 + n)).build();
+        same!(
+            ipv4(&format!("10.8.0.{}", 10 + n), "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 10]), &[], 0),
+            p.clone()
+        );
         bytes += p.len() as u64;
         h.run(PROG_INGRESS, &p);
     }
     assert_eq!(h.client_count(), 14);
-    let late = ipv4("10.8.0.200", "1.1.1.1", UDP, &udp(1, 2, &[0; 99]), &[], 0);
+    let late = udp.clone().src("10.8.0.200").payload([0; 99]).build();
+    same!(ipv4("10.8.0.200", "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 99]), &[], 0), late.clone());
     h.run(PROG_INGRESS, &late);
     h.run(PROG_INGRESS, &late);
     assert!(h.client("10.8.0.200").is_none());
     // Existing clients still count while the map is full.
-    let p = ipv4("10.8.0.10", "1.1.1.1", UDP, &udp(1, 2, &[0; 10]), &[], 0);
+    let p = udp.src("10.8.0.10").build();
+    same!(ipv4("10.8.0.10", "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 10]), &[], 0), p.clone());
     h.run(PROG_INGRESS, &p);
     bytes += p.len() as u64;
     let snap = tunmeter::counters::read_clients(&h.maps, None).unwrap();

@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod env;
 pub mod identitybench;
+pub mod packet;
 pub mod packets;
 pub mod postgres;
 pub mod proxies;
