@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 
 use support::{
     Harness,
-    packet::{Packet, TCP as _},
-    packets::*,
+    packet::{ETH_IP, Packet, UDP},
     require_root,
 };
 use tunmeter::{
@@ -51,10 +50,6 @@ fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
             Packet::udp().src("8.8.8.8").dst("10.8.0.3").ports(53, 40001).payload([1; 60]).l4_checksum(0),
             Packet::icmp().src("10.8.0.4").dst("9.9.9.9").payload([0; 56]),
         );
-        same!(ipv4("10.8.0.2", "1.1.1.1", TCP, &tcp(40000, 443, &[7; 100]), &[], 0), t.build());
-        same!(ipv4("8.8.8.8", "10.8.0.3", UDP, &support::packets::udp(53, 40001, &[1; 60]), &[], 0), u.build());
-        same!(ipv4("10.8.0.4", "9.9.9.9", ICMP, &icmp_echo(&[0; 56]), &[], 0), i.build());
-        same!(eth(ETH_IP, &t.build()), frame(Layer::L2, &t));
         assert_eq!(h.run(PROG_INGRESS, &frame(layer, &t)), TC_ACT_UNSPEC);
         assert_eq!(h.run(PROG_INGRESS, &frame(layer, &t)), TC_ACT_UNSPEC);
         assert_eq!(h.run(PROG_EGRESS, &frame(layer, &u)), TC_ACT_UNSPEC);
@@ -97,10 +92,6 @@ fn ipv6_is_counted_with_l3_bytes() {
             Packet::udp().src("2001:db8::53").dst("fd00:8::3").ports(53, 3).payload([0; 33]).l4_checksum(0),
             Packet::icmpv6().src("fd00:8::2").dst("2001:db8::1").echo(1, 1).l4_checksum(0),
         );
-        same!(ipv6("fd00:8::2", "2001:db8::1", TCP, &tcp(1, 2, &[0; 1000])), t.build());
-        same!(ipv6("2001:db8::53", "fd00:8::3", UDP, &support::packets::udp(53, 3, &[0; 33])), u.build());
-        same!(ipv6("fd00:8::2", "2001:db8::1", ICMPV6, &[128, 0, 0, 0, 0, 1, 0, 1]), i.build());
-        same!(eth(ETH_IPV6, &t.build()), frame(Layer::L2, &t));
         for (prog, p) in [(PROG_INGRESS, &t), (PROG_EGRESS, &u), (PROG_INGRESS, &i)] {
             assert_eq!(h.run(prog, &frame(layer, p)), TC_ACT_UNSPEC);
         }
@@ -128,10 +119,6 @@ fn ipv4_options_and_fragments_are_counted_whole() {
         let to_6 = Packet::udp().src("10.8.0.6").dst("1.1.1.1").ports(1, 2).l4_checksum(0);
         let f1 = to_6.payload([0; 1472]).frag(0, true);
         let f2 = Packet::l4(UDP, [0; 600]).src("10.8.0.6").dst("1.1.1.1").frag(1480, false);
-        same!(ipv4("10.8.0.5", "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 10]), &[1, 1, 1, 0], 0), o1.build());
-        same!(ipv4("10.8.0.5", "1.1.1.1", TCP, &tcp(1, 2, &[]), &[1; 40], 0), o2.build());
-        same!(ipv4("10.8.0.6", "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 1472]), &[], 0x2000), f1.build());
-        same!(ipv4("10.8.0.6", "1.1.1.1", UDP, &[0; 600], &[], 185), f2.build());
         for p in [&o1, &o2, &f1, &f2] {
             assert_eq!(h.run(PROG_INGRESS, &frame(layer, p)), TC_ACT_UNSPEC);
         }
@@ -155,9 +142,6 @@ fn addresses_outside_the_subnets_go_to_the_other_bucket() {
         // it must never be counted as a client, even with a subnet that contains it.
         let dad = Packet::icmpv6().icmp_type(135).rest(0).l4_checksum(0).src("::").dst("ff02::1:ff00:2");
         let down = udp.src("fd00:8::2").dst("2001:db8::9"); // destination not a client
-        same!(ipv4("192.168.1.1", "10.8.0.2", UDP, &support::packets::udp(1, 2, &[0; 20]), &[], 0), up.build());
-        same!(ipv6("::", "ff02::1:ff00:2", ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]), dad.build());
-        same!(ipv6("fd00:8::2", "2001:db8::9", UDP, &support::packets::udp(1, 2, &[0; 20])), down.build());
         h.run(PROG_INGRESS, &frame(layer, &up));
         h.run(PROG_EGRESS, &frame(layer, &down));
         h.run(PROG_INGRESS, &frame(layer, &dad));
@@ -190,21 +174,6 @@ fn truncated_malformed_and_non_ip_pass_and_are_counted_as_reasons() {
     // IHL 4 under the IHL 5 header's checksum.
     let bad_ihl = full.clone().poke(0, 0x44);
     let v6 = Packet::udp().src("fd00:8::2").dst("2001:db8::1").ports(1, 2).l4_checksum(0);
-    same!(ipv4("10.8.0.2", "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 8]), &[], 0), full.build());
-    same!(
-        {
-            let mut b = full.build();
-            b[0] = 0x44;
-            b
-        },
-        bad_ihl.build()
-    );
-    same!(ipv6("fd00:8::2", "2001:db8::1", UDP, &support::packets::udp(1, 2, &[])), v6.build());
-    same!(eth(ETH_IP, &full.build()[..10]), full.clone().truncate(10).eth().build());
-    same!(eth(ETH_IPV6, &v6.build()[..39]), v6.clone().truncate(39).eth().build());
-    same!(eth(ETH_ARP, &arp()), Packet::arp().eth().build());
-    same!(eth(ETH_IP, &v6.build()), v6.clone().ethertype(ETH_IP).build());
-    same!(eth(ETH_IP, &bad_ihl.build()), bad_ihl.clone().eth().build());
     assert!(h.try_run(PROG_INGRESS, &full.clone().truncate(10).eth().build()).is_err());
     assert!(h.try_run(PROG_INGRESS, &v6.clone().truncate(39).eth().build()).is_err());
     let cases: [(Vec<u8>, &str); 3] = [
@@ -228,9 +197,6 @@ fn truncated_malformed_and_non_ip_pass_and_are_counted_as_reasons() {
     // needs at least 14 bytes of input, so shorter cuts are not possible here).
     let mut h = Harness::new(Layer::L3, 1024, SUBNETS);
     let junk = Packet::junk([0u8; 16]).build();
-    same!([0u8; 16].to_vec(), junk.clone());
-    same!(full.build()[..16].to_vec(), full.clone().truncate(16).build());
-    same!(v6.build()[..30].to_vec(), v6.clone().truncate(30).build());
     assert_eq!(h.run(PROG_EGRESS, &junk), TC_ACT_UNSPEC);
     assert_eq!(h.run(PROG_EGRESS, &full.truncate(16).build()), TC_ACT_UNSPEC);
     assert_eq!(h.run(PROG_EGRESS, &v6.truncate(30).build()), TC_ACT_UNSPEC);
@@ -249,22 +215,16 @@ fn a_full_client_map_is_counted_not_hidden() {
     let udp = Packet::udp().dst("1.1.1.1").ports(1, 2).payload([0; 10]).l4_checksum(0);
     for n in 0..14 {
         let p = udp.clone().src(&format!("10.8.0.{}", 10 + n)).build();
-        same!(
-            ipv4(&format!("10.8.0.{}", 10 + n), "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 10]), &[], 0),
-            p.clone()
-        );
         bytes += p.len() as u64;
         h.run(PROG_INGRESS, &p);
     }
     assert_eq!(h.client_count(), 14);
     let late = udp.clone().src("10.8.0.200").payload([0; 99]).build();
-    same!(ipv4("10.8.0.200", "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 99]), &[], 0), late.clone());
     h.run(PROG_INGRESS, &late);
     h.run(PROG_INGRESS, &late);
     assert!(h.client("10.8.0.200").is_none());
     // Existing clients still count while the map is full.
     let p = udp.src("10.8.0.10").build();
-    same!(ipv4("10.8.0.10", "1.1.1.1", UDP, &support::packets::udp(1, 2, &[0; 10]), &[], 0), p.clone());
     h.run(PROG_INGRESS, &p);
     bytes += p.len() as u64;
     let snap = tunmeter::counters::read_clients(&h.maps, None).unwrap();

@@ -3,16 +3,6 @@
 //! `cargo test -p tunmeter --test it -- steer_fixtures::`. The benchmark (`bench`) is
 //! `#[ignore]`d: `cargo xtask bench` runs it with `-- bench:: --ignored`.
 
-/// TEMPORARY (removed with the old helpers): the builder's bytes must equal the old helper's.
-macro_rules! same {
-    ($old:expr, $new:expr) => {{
-        let old: Vec<u8> = $old;
-        let new: Vec<u8> = $new;
-        assert_eq!(old, new, "the builder differs from the old helper: {}", stringify!($new));
-        new
-    }};
-}
-
 mod support;
 
 mod api;

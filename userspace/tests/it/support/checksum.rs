@@ -1,5 +1,5 @@
-//! Internet checksums (RFC 1071) computed from scratch, independent of the kernel: used to build
-//! packets with valid checksums and to verify what a program wrote. Every `*_problems` function
+//! Internet checksums (RFC 1071) computed from scratch, independent of the kernel and of the packet
+//! builder (`support::packet`): used to verify what a program wrote. Every `*_problems` function
 //! returns a list of human-readable findings; empty = valid.
 
 use std::net::Ipv4Addr;
@@ -66,13 +66,6 @@ pub fn l4_checksum(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &[u8]) -> u16
     if proto == 17 && c == 0 { 0xffff } else { c }
 }
 
-/// Write the TCP/UDP checksum into `segment`.
-pub fn fill_l4_checksum(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &mut [u8]) {
-    let off = l4_csum_offset(proto);
-    let c = l4_checksum(src, dst, proto, segment);
-    segment[off..off + 2].copy_from_slice(&c.to_be_bytes());
-}
-
 /// True if the TCP/UDP checksum of the whole `segment` verifies over the pseudo-header. A UDP
 /// checksum of 0 means "none" and is accepted.
 pub fn l4_valid(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &[u8]) -> bool {
@@ -98,13 +91,6 @@ pub fn ipv4_header_checksum(hdr: &[u8]) -> u16 {
     h[10] = 0;
     h[11] = 0;
     checksum(&h)
-}
-
-/// Write the header checksum of the IPv4 header at the start of `ip`.
-pub fn fill_ipv4_checksum(ip: &mut [u8]) {
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    let c = ipv4_header_checksum(&ip[..ihl]);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
 }
 
 /// True if the IPv4 header at the start of `ip` has a valid checksum.

@@ -7,7 +7,6 @@ pub mod daemon;
 pub mod env;
 pub mod identitybench;
 pub mod packet;
-pub mod packets;
 pub mod postgres;
 pub mod proxies;
 pub mod sqlite_lock;
