@@ -1,4 +1,5 @@
-//! Thin, safe wrappers over the few raw syscalls the lab needs (setns, TUN, eventfd, poll).
+//! Thin, safe wrappers over the few raw syscalls the lab needs (setns, unshare, link up, TUN,
+//! eventfd, poll, sockets).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -24,6 +25,44 @@ pub(crate) fn enter_netns(ns: &str) -> Result<()> {
     let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {
         return Err(io::Error::last_os_error()).with_context(|| format!("setns({ns})"));
+    }
+    Ok(())
+}
+
+/// Move the *calling thread* into a new, empty network namespace.
+pub(crate) fn unshare_netns() -> Result<()> {
+    // SAFETY: plain syscall; it affects only the calling thread's namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
+    }
+    Ok(())
+}
+
+/// Bring the device `name` of the calling thread's namespace up (SIOCGIFFLAGS, SIOCSIFFLAGS).
+pub(crate) fn link_up(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        bail!("bad interface name {name:?}");
+    }
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket");
+    }
+    // SAFETY: fresh fd owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: both ioctls take a pointer to a struct ifreq that lives across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr as *mut libc::ifreq) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("SIOCGIFFLAGS {name}"));
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS as _, &ifr as *const libc::ifreq) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("SIOCSIFFLAGS {name}"));
     }
     Ok(())
 }

@@ -959,7 +959,7 @@ fn interleaved<const N: usize>(mut round: impl FnMut() -> [f64; N]) -> [f64; N] 
 
 fn steer_forward_times(t: &mut SteerTimes) {
     use std::net::Ipv4Addr;
-    use support::steerbench::{SteerTables, flow_key};
+    use support::steer::{SteerTables, flow_key};
     use tunmeter::loader::PROG_EGRESS;
     use tunmeter_common::SteerEvent;
 
@@ -1019,7 +1019,7 @@ fn steer_forward_times(t: &mut SteerTimes) {
     }
     assert!(s.flow(&flow_key(dev, q, STEER_CUST, STEER_CPORT, TCP)).is_some());
     assert!(s.flow(&flow_key(STEER_PUB, p, STEER_CUST, STEER_CPORT, TCP)).is_some());
-    let flows = s.flow_count();
+    let flows = s.flows().len();
 
     let mut empty = EmptyProgram::load();
     let ev = |e| s.event(e).0;
@@ -1048,24 +1048,29 @@ fn steer_forward_times(t: &mut SteerTimes) {
     for e in [SteerEvent::RewriteFailed, SteerEvent::FlowTableError] {
         assert_eq!(ev(e), 0, "{}", e.name());
     }
-    assert_eq!(s.flow_count(), flows, "no flow was created while timing");
+    assert_eq!(s.flows().len(), flows, "no flow was created while timing");
 }
 
 /// Redirect: the L3 (tun) instance, a SYN from a redirected client with a transparent listener
 /// on the proxy port, in a fresh network namespace (socket lookups use the caller's).
 fn steer_redirect_times(t: &mut SteerTimes) {
+    use ipnet::Ipv4Net;
     use std::net::Ipv4Addr;
-    use support::steerbench::SteerTables;
+    use support::steer::SteerTables;
     use tunmeter_common::SteerEvent;
 
-    let r = std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+    let r = tunmeter_lab::in_new_netns(move || {
         let mut h = Harness::new(Layer::L3, 262_144, &["10.8.0.0/16"]);
         fill(&h, 2 * STEER_RULES, false); // clients 10.8.0.0 and up
         let s = SteerTables::new(h.pins.path());
-        s.add_redirects((0..STEER_RULES).map(|i| (Ipv4Addr::from(0x0a08_0000u32 + i), 32, PROXY_PORT, i)));
+        let host = |a: Ipv4Addr| Ipv4Net::new(a, 32).unwrap().into();
+        s.add_redirects((0..STEER_RULES).map(|i| (host(Ipv4Addr::from(0x0a08_0000u32 + i)), PROXY_PORT, i)));
         // What the daemon puts there: the host's addresses.
-        s.add_bypass([(Ipv4Addr::new(10, 8, 0, 1), 32), (STEER_PUB, 32), (Ipv4Addr::new(127, 0, 0, 0), 8)]);
+        s.add_bypass([
+            host(Ipv4Addr::new(10, 8, 0, 1)),
+            host(STEER_PUB),
+            Ipv4Net::new(Ipv4Addr::new(127, 0, 0, 0), 8).unwrap().into(),
+        ]);
         assert_eq!(s.redirect_count(), STEER_RULES as usize);
         let listener = transparent_listener(PROXY_PORT);
 
@@ -1093,9 +1098,7 @@ fn steer_redirect_times(t: &mut SteerTimes) {
         assert_eq!(s.event(SteerEvent::ProxyMissing).0, 0);
         drop(listener);
         (times, event, ret)
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    });
     ([t.redirect, t.redirect_miss, t.empty_l3], t.redirect_event, t.redirect_ret) = r;
 }
 

@@ -9,27 +9,19 @@
 
 use crate::support;
 
-use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use support::{
     Harness, checksum,
     packet::{ACK, Ext, IP_MF, PSH, Packet, SYN, TCP, UDP},
     require_root,
+    steer::{SteerTables, addr, flow_key, frag_key, show_addr},
 };
 use tunmeter::{
     config::Layer,
     loader::{PROG_EGRESS, PROG_INGRESS},
 };
-use tunmeter_common::{
-    AddrKey, BypassValue, FRAG_FROM_DEVICE, FRAG_TO_DEVICE, FlowKey, FlowNat, FragKey, FragNat, FwdKey, FwdRule,
-    MAP_FWD_FLOWS, MAP_FWD_FRAGS, MAP_FWD_RULES, MAP_REDIRECT_BYPASS, MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS,
-    MAP_STEER_STATS, OutcomeCounter, RedirectRule, RuleCounters, SteerEvent,
-};
+use tunmeter_common::{FRAG_FROM_DEVICE, FRAG_TO_DEVICE, FlowKey, FlowNat, FragNat, RuleCounters, SteerEvent};
 
 const SUBNETS: &[&str] = &["10.8.0.0/24", "fd00:8::/64"];
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
@@ -94,126 +86,16 @@ const REDIRECT_MARK: u32 = 0x746d_0001;
 // Map access
 // ---------------------------------------------------------------------------------------------
 
-fn ip(a: &str) -> u32 {
-    u32::from_ne_bytes(a.parse::<Ipv4Addr>().unwrap().octets())
-}
-
-fn show_ip(a: u32) -> Ipv4Addr {
-    Ipv4Addr::from(a.to_ne_bytes())
-}
-
-/// Typed handles on the steering maps pinned in a harness's pin directory.
-struct Steer {
-    dir: PathBuf,
-}
-
-impl Steer {
-    fn new(h: &Harness) -> Steer {
-        Steer { dir: h.pins.path().to_owned() }
-    }
-
-    fn open(&self, name: &str) -> Map {
-        let data = MapData::from_pin(self.dir.join(name))
-            .unwrap_or_else(|e| panic!("steering map {name} not pinned in {}: {e}", self.dir.display()));
-        Map::from_map_data(data).unwrap()
-    }
-
-    fn add_forward(&self, proto: u8, public_port: u16, public: Option<&str>, dev: &str, dev_port: u16, rule_id: u32) {
-        let mut m: HashMap<MapData, FwdKey, FwdRule> = HashMap::try_from(self.open(MAP_FWD_RULES)).unwrap();
-        let key = FwdKey { proto, _pad: 0, port_be: public_port.to_be() };
-        let rule = FwdRule {
-            public_addr: public.map(ip).unwrap_or(0),
-            device_addr: ip(dev),
-            device_port_be: dev_port.to_be(),
-            _pad: 0,
-            rule_id,
-            flags: 0,
-            _pad2: 0,
-        };
-        m.insert(&key, &rule, 0).unwrap();
-    }
-
-    fn flows(&self) -> Vec<(FlowKey, FlowNat)> {
-        let m: HashMap<MapData, FlowKey, FlowNat> = HashMap::try_from(self.open(MAP_FWD_FLOWS)).unwrap();
-        let mut v: Vec<(FlowKey, FlowNat)> = m.iter().map(Result::unwrap).collect();
-        v.sort_by_key(|(k, _)| (k.device_port_be, k.customer_port_be, k.proto, k.customer_addr));
-        v
-    }
-
-    fn frags(&self) -> Vec<(FragKey, FragNat)> {
-        let m: HashMap<MapData, FragKey, FragNat> = HashMap::try_from(self.open(MAP_FWD_FRAGS)).unwrap();
-        m.iter().map(Result::unwrap).collect()
-    }
-
-    fn rule(&self, id: u32) -> RuleCounters {
-        let a: PerCpuArray<MapData, RuleCounters> = PerCpuArray::try_from(self.open(MAP_RULE_COUNTERS)).unwrap();
-        a.get(&id, 0).unwrap().iter().fold(RuleCounters::default(), |s, c| s.plus(*c))
-    }
-
-    /// Non-zero events: name -> (packets, bytes).
-    fn stats(&self) -> BTreeMap<&'static str, (u64, u64)> {
-        let a: PerCpuArray<MapData, OutcomeCounter> = PerCpuArray::try_from(self.open(MAP_STEER_STATS)).unwrap();
-        let mut out = BTreeMap::new();
-        for e in SteerEvent::ALL {
-            let v = a.get(&(e as u32), 0).unwrap();
-            let (p, b) = v.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-            if p != 0 || b != 0 {
-                out.insert(e.name(), (p, b));
-            }
-        }
-        out
-    }
-
-    fn add_redirect(&self, net: &str, proxy_port: u16, rule_id: u32) {
-        let mut t: LpmTrie<MapData, AddrKey, RedirectRule> =
-            LpmTrie::try_from(self.open(MAP_REDIRECT_SOURCES)).unwrap();
-        let rule = RedirectRule { proxy_port_be: proxy_port.to_be(), _pad: 0, rule_id, flags: 0 };
-        t.insert(&lpm_key(net), &rule, 0).unwrap();
-    }
-
-    fn add_bypass(&self, net: &str) {
-        let mut t: LpmTrie<MapData, AddrKey, BypassValue> = LpmTrie::try_from(self.open(MAP_REDIRECT_BYPASS)).unwrap();
-        t.insert(&lpm_key(net), &BypassValue { flags: 0 }, 0).unwrap();
-    }
-}
-
-/// LPM key of "a.b.c.d/len" or "v6::/len" (IPv4 mapped as ::ffff:a.b.c.d).
-fn lpm_key(net: &str) -> Key<AddrKey> {
-    let (a, len) = net.split_once('/').unwrap();
-    let len: u8 = len.parse().unwrap();
-    if let Ok(v4) = a.parse::<Ipv4Addr>() {
-        let mut addr = [0u8; 16];
-        addr[10] = 0xff;
-        addr[11] = 0xff;
-        addr[12..].copy_from_slice(&v4.octets());
-        Key::new(AddrKey::v4_prefix_len(len), AddrKey { addr })
-    } else {
-        let v6: Ipv6Addr = a.parse().unwrap();
-        Key::new(AddrKey::v6_prefix_len(len), AddrKey { addr: v6.octets() })
-    }
-}
-
-fn flow_key(dev: &str, dev_port: u16, cust: &str, cport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        device_addr: ip(dev),
-        customer_addr: ip(cust),
-        device_port_be: dev_port.to_be(),
-        customer_port_be: cport.to_be(),
-        proto,
-        _pad: [0; 3],
-    }
-}
-
 fn show_flow(k: &FlowKey, v: &FlowNat) -> String {
     format!(
         "{{dev {}:{} cust {}:{} proto {} pad {:?}}} -> {{public {}:{} rule {}}}",
-        show_ip(k.device_addr),
+        show_addr(k.device_addr),
         u16::from_be(k.device_port_be),
-        show_ip(k.customer_addr),
+        show_addr(k.customer_addr),
         u16::from_be(k.customer_port_be),
         k.proto,
         k._pad,
-        show_ip(v.public_addr),
+        show_addr(v.public_addr),
         u16::from_be(v.public_port_be),
         v.rule_id
     )
@@ -221,13 +103,13 @@ fn show_flow(k: &FlowKey, v: &FlowNat) -> String {
 
 /// The flow table holds exactly `want` (key compared whole, padding included: a key with junk
 /// padding would never be found by the other path; value compared by field).
-fn assert_flows(s: &Steer, want: &[(FlowKey, &str, u16, u32)]) {
+fn assert_flows(s: &SteerTables, want: &[(FlowKey, &str, u16, u32)]) {
     let have = s.flows();
     let have_s: Vec<String> = have.iter().map(|(k, v)| show_flow(k, v)).collect();
     let mut want_s: Vec<String> = want
         .iter()
         .map(|(k, a, p, r)| {
-            show_flow(k, &FlowNat { public_addr: ip(a), public_port_be: p.to_be(), _pad: 0, rule_id: *r, _pad2: 0 })
+            show_flow(k, &FlowNat { public_addr: addr(*a), public_port_be: p.to_be(), _pad: 0, rule_id: *r, _pad2: 0 })
         })
         .collect();
     let mut have_sorted = have_s.clone();
@@ -239,10 +121,6 @@ fn assert_flows(s: &Steer, want: &[(FlowKey, &str, u16, u32)]) {
     }
 }
 
-fn frag_key(src: &str, dst: &str, id: u16, proto: u8, dir: u8) -> FragKey {
-    FragKey { src: ip(src), dst: ip(dst), id_be: id.to_be(), proto, dir }
-}
-
 fn counters(to_b: usize, to_p: u64, from_b: usize, from_p: u64) -> RuleCounters {
     RuleCounters {
         to_target_bytes: to_b as u64,
@@ -252,7 +130,7 @@ fn counters(to_b: usize, to_p: u64, from_b: usize, from_p: u64) -> RuleCounters 
     }
 }
 
-fn stats(list: &[(SteerEvent, u64, usize)]) -> BTreeMap<&'static str, (u64, u64)> {
+fn events(list: &[(SteerEvent, u64, usize)]) -> BTreeMap<&'static str, (u64, u64)> {
     let mut m = BTreeMap::new();
     for (e, p, b) in list {
         let x: &mut (u64, u64) = m.entry(e.name()).or_default();
@@ -410,9 +288,9 @@ fn reassemble(frags: &[&[u8]]) -> ([u8; 4], [u8; 4], u8, Vec<u8>) {
     ([p[12], p[13], p[14], p[15]], [p[16], p[17], p[18], p[19]], p[9], data)
 }
 
-fn l2_with_rules(n: &Net) -> (Harness, Steer) {
+fn l2_with_rules(n: &Net) -> (Harness, SteerTables) {
     let h = Harness::new(Layer::L2, 1024, SUBNETS);
-    let s = Steer::new(&h);
+    let s = SteerTables::new(h.pins.path());
     s.add_forward(TCP, TCP_PUB_PORT, None, n.dev, TCP_DEV_PORT, TCP_RULE);
     s.add_forward(UDP, UDP_PUB_PORT, None, n.dev, UDP_DEV_PORT, UDP_RULE);
     (h, s)
@@ -526,7 +404,7 @@ fn forward_tcp_rewrites_destination_address_and_port_only() {
         assert_flows(&s, &[(flow_key(n.dev, TCP_DEV_PORT, n.cust, CPORT, TCP), n.public, TCP_PUB_PORT, TCP_RULE)]);
         assert_eq!(s.rule(TCP_RULE), counters(l3_len(&inp), 1, 0, 0), "RULE_COUNTERS[{TCP_RULE}]");
         assert_eq!(s.rule(UDP_RULE), RuleCounters::default());
-        assert_eq!(s.stats(), stats(&[(SteerEvent::Forwarded, 1, l3_len(&inp))]));
+        assert_eq!(s.events(), events(&[(SteerEvent::Forwarded, 1, l3_len(&inp))]));
         assert!(s.frags().is_empty(), "no fragment entry for an unfragmented packet: {:?}", s.frags());
     });
 }
@@ -551,7 +429,7 @@ fn forward_tcp_with_ip_options_and_ethernet_padding() {
         assert_flows(&s, &[(flow_key(n.dev, TCP_DEV_PORT, n.cust, CPORT, TCP), n.public, TCP_PUB_PORT, TCP_RULE)]);
         // "L3 length (bytes from IP header to end)": the padded frame counts 46.
         assert_eq!(s.rule(TCP_RULE), counters(l3_len(&inp) + 46, 2, 0, 0));
-        assert_eq!(s.stats(), stats(&[(SteerEvent::Forwarded, 2, l3_len(&inp) + 46)]));
+        assert_eq!(s.events(), events(&[(SteerEvent::Forwarded, 2, l3_len(&inp) + 46)]));
     });
 }
 
@@ -578,7 +456,7 @@ fn reply_tcp_is_translated_back_on_egress() {
         assert_flows(&s, &[(flow_key(n.dev, TCP_DEV_PORT, n.cust, CPORT, TCP), n.public, TCP_PUB_PORT, TCP_RULE)]);
         let (to, from) = (l3_len(&syn) + l3_len(&ack), l3_len(&synack) + l3_len(&data));
         assert_eq!(s.rule(TCP_RULE), counters(to, 2, from, 2), "RULE_COUNTERS[{TCP_RULE}]");
-        assert_eq!(s.stats(), stats(&[(SteerEvent::Forwarded, 2, to), (SteerEvent::ReplyTranslated, 2, from)]));
+        assert_eq!(s.events(), events(&[(SteerEvent::Forwarded, 2, to), (SteerEvent::ReplyTranslated, 2, from)]));
 
         // A reply whose source is the device but whose flow is another one (other customer port)
         // is not translated.
@@ -590,7 +468,7 @@ fn reply_tcp_is_translated_back_on_egress() {
         let odd = Packet::tcp().src(n.cust).dst(n.dev).ports(CPORT, TCP_DEV_PORT).ack().id(9).eth().build();
         let (ret, out) = h.run_out(PROG_EGRESS, &odd);
         check_unchanged("egress packet to the device", ret, TC_ACT_UNSPEC, &out, &odd);
-        assert_eq!(s.stats(), stats(&[(SteerEvent::Forwarded, 2, to), (SteerEvent::ReplyTranslated, 2, from)]));
+        assert_eq!(s.events(), events(&[(SteerEvent::Forwarded, 2, to), (SteerEvent::ReplyTranslated, 2, from)]));
     });
 }
 
@@ -617,8 +495,8 @@ fn udp_with_checksum_both_ways() {
         assert_eq!(s.rule(UDP_RULE), counters(l3_len(&inp), 1, l3_len(&rep), 1));
         assert_eq!(s.rule(TCP_RULE), RuleCounters::default());
         assert_eq!(
-            s.stats(),
-            stats(&[(SteerEvent::Forwarded, 1, l3_len(&inp)), (SteerEvent::ReplyTranslated, 1, l3_len(&rep))])
+            s.events(),
+            events(&[(SteerEvent::Forwarded, 1, l3_len(&inp)), (SteerEvent::ReplyTranslated, 1, l3_len(&rep))])
         );
     });
 }
@@ -698,19 +576,19 @@ fn checksums_that_become_zero() {
 fn public_address_restricts_the_rule() {
     for_each_net(|n| {
         let mut h = Harness::new(Layer::L2, 1024, SUBNETS);
-        let s = Steer::new(&h);
+        let s = SteerTables::new(h.pins.path());
         s.add_forward(TCP, TCP_PUB_PORT, Some(n.public), n.dev, TCP_DEV_PORT, TCP_RULE);
         let other = Packet::tcp().src(n.cust).dst(n.other_public).ports(CPORT, TCP_PUB_PORT).syn().id(1).eth().build();
         let (ret, out) = h.run_out(PROG_INGRESS, &other);
         check_unchanged("TCP to another address than the rule's public_addr", ret, TC_ACT_UNSPEC, &out, &other);
         assert!(s.flows().is_empty(), "no flow: {:?}", s.flows());
-        assert_eq!(s.stats(), stats(&[]));
+        assert_eq!(s.events(), events(&[]));
 
         let (inp, want) = tcp_to_public(n, SYN, b"", 2);
         let (ret, out) = h.run_out(PROG_INGRESS, &inp);
         check_translated("TCP to the rule's public_addr", ret, &out, &want);
         assert_flows(&s, &[(flow_key(n.dev, TCP_DEV_PORT, n.cust, CPORT, TCP), n.public, TCP_PUB_PORT, TCP_RULE)]);
-        assert_eq!(s.stats(), stats(&[(SteerEvent::Forwarded, 1, l3_len(&inp))]));
+        assert_eq!(s.events(), events(&[(SteerEvent::Forwarded, 1, l3_len(&inp))]));
     });
 }
 
@@ -790,7 +668,7 @@ fn packets_without_a_rule_or_flow_pass_untouched() {
             check_unchanged(what, ret, TC_ACT_UNSPEC, &out, p);
         }
         assert!(s.flows().is_empty(), "no flows: {:?}", s.flows());
-        assert_eq!(s.stats(), stats(&[]), "steering counts nothing for packets it has nothing to do with");
+        assert_eq!(s.events(), events(&[]), "steering counts nothing for packets it has nothing to do with");
         assert_eq!(s.rule(TCP_RULE), RuleCounters::default());
     });
 }
@@ -827,7 +705,7 @@ fn fragments_to_the_device() {
                     s.frags(),
                     vec![(
                         frag_key(n.cust, n.public, id, UDP, FRAG_TO_DEVICE),
-                        FragNat { addr: ip(n.dev), rule_id: UDP_RULE }
+                        FragNat { addr: addr(n.dev), rule_id: UDP_RULE }
                     )],
                     "FWD_FRAGS after the first fragment"
                 );
@@ -846,8 +724,8 @@ fn fragments_to_the_device() {
         assert_eq!(whole, dgram_t);
         assert_flows(&s, &[(flow_key(n.dev, UDP_DEV_PORT, n.cust, CPORT, UDP), n.public, UDP_PUB_PORT, UDP_RULE)]);
         assert_eq!(
-            s.stats(),
-            stats(&[(SteerEvent::Forwarded, 1, l3[0]), (SteerEvent::FragmentTranslated, 2, l3[1] + l3[2])])
+            s.events(),
+            events(&[(SteerEvent::Forwarded, 1, l3[0]), (SteerEvent::FragmentTranslated, 2, l3[1] + l3[2])])
         );
         // Inferred (FragNat carries rule_id; RuleCounters count L3 bytes customer -> device): the
         // later fragments are the rule's traffic too.
@@ -887,7 +765,7 @@ fn fragments_from_the_device() {
                     s.frags(),
                     vec![(
                         frag_key(n.dev, n.cust, id, UDP, FRAG_FROM_DEVICE),
-                        FragNat { addr: ip(n.public), rule_id: UDP_RULE }
+                        FragNat { addr: addr(n.public), rule_id: UDP_RULE }
                     )],
                     "FWD_FRAGS after the first reply fragment"
                 );
@@ -903,8 +781,8 @@ fn fragments_from_the_device() {
             checksum::l4_checksum(src, dst, UDP, &whole)
         );
         assert_eq!(
-            s.stats(),
-            stats(&[
+            s.events(),
+            events(&[
                 (SteerEvent::Forwarded, 1, l3_len(&q)),
                 (SteerEvent::ReplyTranslated, 1, l3[0]),
                 (SteerEvent::FragmentTranslated, 2, l3[1] + l3[2])
@@ -949,8 +827,8 @@ fn later_fragments_of_unknown_datagrams_pass_untouched() {
         check_unchanged("later reply fragment with an unknown id", ret, TC_ACT_UNSPEC, &out, &rep);
         unknown += l3_len(&rep);
         assert_eq!(
-            s.stats(),
-            stats(&[(SteerEvent::Forwarded, 1, first.build().len()), (SteerEvent::FragmentUnknown, 4, unknown)])
+            s.events(),
+            events(&[(SteerEvent::Forwarded, 1, first.build().len()), (SteerEvent::FragmentUnknown, 4, unknown)])
         );
     });
 }
@@ -979,8 +857,8 @@ fn icmp_port_unreachable_from_the_device() {
         let (ret, out) = h.run_out(PROG_EGRESS, &icmp);
         check_translated("ICMP port unreachable from the device", ret, &out, &want);
         assert_eq!(
-            s.stats(),
-            stats(&[(SteerEvent::Forwarded, 1, l3_len(&query)), (SteerEvent::IcmpTranslated, 1, l3_len(&icmp))])
+            s.events(),
+            events(&[(SteerEvent::Forwarded, 1, l3_len(&query)), (SteerEvent::IcmpTranslated, 1, l3_len(&icmp))])
         );
     });
 }
@@ -1006,8 +884,8 @@ fn icmp_frag_needed_from_the_customer() {
         let (ret, out) = h.run_out(PROG_INGRESS, &icmp);
         check_translated("ICMP fragmentation needed from the customer", ret, &out, &want);
         assert_eq!(
-            s.stats(),
-            stats(&[(SteerEvent::Forwarded, 1, l3_len(&syn)), (SteerEvent::IcmpTranslated, 1, l3_len(&icmp))])
+            s.events(),
+            events(&[(SteerEvent::Forwarded, 1, l3_len(&syn)), (SteerEvent::IcmpTranslated, 1, l3_len(&icmp))])
         );
     });
 }
@@ -1044,8 +922,8 @@ fn icmp_errors_from_a_router_with_minimal_quotes() {
         let (ret, out) = h.run_out(PROG_EGRESS, &icmp2);
         check_translated("ICMP time exceeded from the device, 8-byte quote", ret, &out, &want2);
         assert_eq!(
-            s.stats(),
-            stats(&[
+            s.events(),
+            events(&[
                 (SteerEvent::Forwarded, 1, l3_len(&syn)),
                 (SteerEvent::IcmpTranslated, 2, l3_len(&icmp) + l3_len(&icmp2))
             ])
@@ -1109,8 +987,8 @@ fn icmp_errors_with_ip_options_and_a_router_on_the_device_side() {
         let (ret, out) = h.run_out(PROG_INGRESS, &icmp3);
         check_translated("ICMP frag needed, outer and inner IHL 6", ret, &out, &want3);
         assert_eq!(
-            s.stats(),
-            stats(&[
+            s.events(),
+            events(&[
                 (SteerEvent::Forwarded, 2, l3_len(&query) + l3_len(&syn)),
                 (SteerEvent::IcmpTranslated, 3, l3_len(&icmp) + l3_len(&icmp2) + l3_len(&icmp3))
             ])
@@ -1166,8 +1044,8 @@ fn truncated_and_malformed_packets_to_a_forwarded_port_pass_untouched() {
             Err(e) => eprintln!("note: BPF_PROG_TEST_RUN refuses a 16-byte IPv4 header on L2 ({e}); not testable here"),
         }
         assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
-        let st = s.stats();
-        assert_eq!(st, stats(&[(SteerEvent::Forwarded, 1, l3_len(&syn))]), "only the SYN was steered");
+        let st = s.events();
+        assert_eq!(st, events(&[(SteerEvent::Forwarded, 1, l3_len(&syn))]), "only the SYN was steered");
         assert_eq!(s.rule(TCP_RULE), counters(l3_len(&syn), 1, 0, 0));
     });
 }
@@ -1176,28 +1054,16 @@ fn truncated_and_malformed_packets_to_a_forwarded_port_pass_untouched() {
 // Redirect (L3 instance, tun ingress)
 // ---------------------------------------------------------------------------------------------
 
-/// Run `f` on a thread in a new, empty network namespace: BPF_PROG_TEST_RUN and socket
-/// lookups use the calling thread's namespace, so no socket of the host interferes.
-fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
 const PROXY_PORT: u16 = 12345;
 const REDIRECT_RULE: u32 = 3;
 const REDIRECT_RULE_V6: u32 = 4;
 
-fn redirect_harness() -> (Harness, Steer) {
+fn redirect_harness() -> (Harness, SteerTables) {
     let h = Harness::new(Layer::L3, 1024, SUBNETS);
-    let s = Steer::new(&h);
+    let s = SteerTables::new(h.pins.path());
     s.add_redirect("10.8.0.0/24", PROXY_PORT, REDIRECT_RULE);
     s.add_redirect("fd00:8::/64", PROXY_PORT, REDIRECT_RULE_V6);
-    s.add_bypass("10.8.0.1/32");
-    s.add_bypass("192.0.2.0/24");
+    s.add_bypass(["10.8.0.1/32", "192.0.2.0/24"].map(|n| n.parse().unwrap()));
     (h, s)
 }
 
@@ -1206,7 +1072,7 @@ fn redirect_without_a_proxy_socket_drops_bypasses_and_passes() {
     if !require_root() {
         return;
     }
-    in_new_netns(|| {
+    tunmeter_lab::in_new_netns(|| {
         let (mut h, s) = redirect_harness();
         let syn = Packet::tcp().src(CLIENT).dst("1.1.1.1").ports(CPORT, 443).syn().id(1).df().build();
         let udp_q = Packet::udp().src(CLIENT).dst("8.8.8.8").ports(CPORT, 53).payload(b"q").id(2).build();
@@ -1253,8 +1119,8 @@ fn redirect_without_a_proxy_socket_drops_bypasses_and_passes() {
         check_unchanged("egress to a redirected client", ret, TC_ACT_UNSPEC, &out, &down);
 
         assert_eq!(
-            s.stats(),
-            stats(&[
+            s.events(),
+            events(&[
                 (SteerEvent::ProxyMissing, 3, missing),
                 (SteerEvent::Bypassed, 2, bypassed),
                 (SteerEvent::NotRedirectable, 2, not_redir)
@@ -1276,7 +1142,7 @@ fn redirect_to_a_transparent_listener() {
         AddressFamily, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
         sockopt::{IpTransparent, ReuseAddr},
     };
-    in_new_netns(|| {
+    tunmeter_lab::in_new_netns(|| {
         let (mut h, s) = redirect_harness();
         let tcp_l = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
         setsockopt(&tcp_l, IpTransparent, &true).unwrap();
@@ -1291,9 +1157,9 @@ fn redirect_to_a_transparent_listener() {
         let udp_q = Packet::udp().src(CLIENT).dst("8.8.8.8").ports(CPORT, 53).payload(b"q").id(2).build();
         let mut report = Vec::new();
         for (what, p) in [("TCP SYN", &syn), ("UDP", &udp_q)] {
-            let before = s.stats();
+            let before = s.events();
             let (ret, out, skb) = h.try_run_skb(PROG_INGRESS, p).expect("test run");
-            let after = s.stats();
+            let after = s.events();
             let delta: Vec<&str> = after.iter().filter(|(k, v)| before.get(*k) != Some(v)).map(|(k, _)| *k).collect();
             eprintln!("redirect {what}: ret {ret:#x}, mark {:#x}, events {delta:?}", skb.mark);
             assert_eq!(out, *p, "{what}: redirect changes no byte of the packet");
@@ -1330,7 +1196,7 @@ fn redirect_ipv6_extension_headers_are_counted_not_redirectable() {
     if !require_root() {
         return;
     }
-    in_new_netns(|| {
+    tunmeter_lab::in_new_netns(|| {
         let (mut h, s) = redirect_harness();
         let seg = Packet::bare_tcp().src("fd00:8::2").dst("2001:db8::1").ports(CPORT, 443);
         let mut total = 0;
@@ -1341,25 +1207,8 @@ fn redirect_ipv6_extension_headers_are_counted_not_redirectable() {
             check_unchanged(&format!("IPv6 TCP behind a {name} header"), ret, TC_ACT_UNSPEC, &out, &p);
             total += p.len();
         }
-        assert_eq!(s.stats(), stats(&[(SteerEvent::NotRedirectable, 2, total)]), "STEER_STATS");
+        assert_eq!(s.events(), events(&[(SteerEvent::NotRedirectable, 2, total)]), "STEER_STATS");
     });
-}
-
-/// Bring `lo` up in the calling thread's network namespace.
-fn lo_up() {
-    // SAFETY: plain ioctls on a socket we own, with a zeroed ifreq naming "lo".
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-        assert!(fd >= 0);
-        let mut ifr: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo".iter().enumerate() {
-            ifr.ifr_name[i] = *b as libc::c_char;
-        }
-        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr), 0);
-        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr), 0);
-        libc::close(fd);
-    }
 }
 
 /// The TCP lookups under BPF_PROG_TEST_RUN, told apart by the event they end in (no proxy
@@ -1371,10 +1220,10 @@ fn redirect_tcp_lookup_finds_established_and_skips_foreign_listeners() {
     if !require_root() {
         return;
     }
-    in_new_netns(|| {
-        lo_up();
+    tunmeter_lab::in_new_netns(|| {
+        tunmeter_lab::loopback_up().unwrap();
         let h = Harness::new(Layer::L3, 1024, SUBNETS);
-        let s = Steer::new(&h);
+        let s = SteerTables::new(h.pins.path());
         let mut h = h;
         s.add_redirect("127.0.0.0/8", PROXY_PORT, 5);
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1383,10 +1232,10 @@ fn redirect_tcp_lookup_finds_established_and_skips_foreign_listeners() {
         let (lport, cport) = (l.local_addr().unwrap().port(), c.local_addr().unwrap().port());
         let lo = "127.0.0.1";
         let mut run = |what: &str, p: &[u8]| {
-            let before = s.stats();
+            let before = s.events();
             let (ret, out) = h.run_out(PROG_INGRESS, p);
             assert_eq!(out, p, "{what}: no byte changes");
-            let after = s.stats();
+            let after = s.events();
             let delta: Vec<&str> = after.iter().filter(|(k, v)| before.get(*k) != Some(v)).map(|(k, _)| *k).collect();
             eprintln!("{what}: ret {ret:#x}, events {delta:?}");
             (ret, delta)

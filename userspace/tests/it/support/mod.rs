@@ -10,6 +10,7 @@ pub mod packet;
 pub mod postgres;
 pub mod proxies;
 pub mod sqlite_lock;
+pub mod steer;
 pub mod steerbench;
 
 use std::{
