@@ -123,37 +123,13 @@ impl Env {
 }
 
 fn daemon_config(hook_port: u16, management: bool) -> String {
-    let instances = format!(
-        r#"
-[[openvpn]]
-name = "udp"
-protocol = "udp"
-management = "127.0.0.1:{udp}"
-interface = "tun0"
-[[openvpn]]
-name = "tcp"
-protocol = "tcp"
-management = "127.0.0.1:{tcp}"
-interface = "tun1"
-"#,
-        udp = Transport::Udp.mgmt_port(),
-        tcp = Transport::Tcp.mgmt_port(),
-    );
-    let instances = if management { instances } else { String::new() };
+    let lab = tunmeter_lab::openvpn::daemon_config(management);
     format!(
-        r#"
-[[interface]]
-name = "tun0"
-layer = "l3"
-subnets = ["10.8.0.0/24", "fd00:8::/64"]
-[[interface]]
-name = "tun1"
-layer = "l3"
-subnets = ["10.8.100.0/24", "fd00:8:100::/64"]
+        r#"{lab}
 [identity]
 reconcile_interval_ms = 500
 management_grace_secs = 2
-{instances}
+
 [[webhook]]
 name = "receiver"
 url = "http://127.0.0.1:{hook_port}/hook"

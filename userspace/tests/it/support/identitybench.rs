@@ -60,14 +60,7 @@ pub fn hook_latency() {
     let _ = std::fs::remove_dir_all(&state);
     std::fs::create_dir_all(&state).unwrap();
     let config = state.join("tunmeter.toml");
-    std::fs::write(
-        &config,
-        "[[interface]]\nname = \"tun0\"\nlayer = \"l3\"\nsubnets = [\"10.8.0.0/24\"]\n\
-         [[interface]]\nname = \"tun1\"\nlayer = \"l3\"\nsubnets = [\"10.8.100.0/24\"]\n\
-         [[openvpn]]\nname = \"udp\"\nprotocol = \"udp\"\nmanagement = \"127.0.0.1:7505\"\ninterface = \"tun0\"\n\
-         [[openvpn]]\nname = \"tcp\"\nprotocol = \"tcp\"\nmanagement = \"127.0.0.1:7506\"\ninterface = \"tun1\"\n",
-    )
-    .unwrap();
+    std::fs::write(&config, tunmeter_lab::openvpn::daemon_config(true)).unwrap();
     let pins = PinDir::new("tmbid");
     let log = state.join("daemon.log");
     let (pin, st, cfg) = (pins.path().display().to_string(), state.display().to_string(), config.display().to_string());
