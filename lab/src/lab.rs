@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::relay::{AtomicStats, Relay, RelayFds, RelayStats};
 use crate::sinks::Sinks;
 use crate::{
-    cleanup_on_drop, cleanup_prefix, delete_namespaces, in_netns, init_ns, ipn, run, sys, traffic, validate_prefix,
+    Namespaces, cleanup_on_drop, cleanup_prefix, finish_cleanup, in_netns, ipn, sys, traffic, validate_prefix,
 };
 
 /// Name of the TUN device in the server and in every tun client.
@@ -70,7 +70,7 @@ fn eth_client(prefix: &str, i: usize) -> Client {
 pub struct Lab {
     prefix: String,
     /// Namespaces created so far, in creation order.
-    namespaces: Vec<String>,
+    namespaces: Namespaces,
     tun_clients: Vec<Client>,
     eth_clients: Vec<Client>,
     relay: Option<Relay>,
@@ -103,7 +103,7 @@ impl Lab {
         cleanup_prefix(&cfg.prefix).context("removing leftovers")?;
         let mut lab = Lab {
             prefix: cfg.prefix.clone(),
-            namespaces: Vec::new(),
+            namespaces: Namespaces::new(),
             tun_clients: (1..=cfg.tun_clients).map(|i| tun_client(&cfg.prefix, i)).collect(),
             eth_clients: (1..=cfg.eth_clients).map(|i| eth_client(&cfg.prefix, i)).collect(),
             relay: None,
@@ -119,12 +119,10 @@ impl Lab {
     }
 
     fn add_ns(&mut self, ns: &str) -> Result<()> {
-        run("ip", &["netns", "add", ns])?;
-        self.namespaces.push(ns.to_string());
         // The bridge namespace carries no IPv6 at all (its ports would otherwise send RS/MLD
         // into the LAN).
         let lan = ns == self.lan_ns();
-        init_ns(ns, lan)
+        self.namespaces.add(ns, lan)
     }
 
     fn build(&mut self) -> Result<()> {
@@ -287,11 +285,8 @@ impl Lab {
         if let Some(mut s) = self.sinks.take() {
             s.stop();
         }
-        delete_namespaces(&mut self.namespaces, &mut errors);
-        if let Err(e) = cleanup_prefix(&self.prefix) {
-            errors.push(format!("{e:#}"));
-        }
-        if errors.is_empty() { Ok(()) } else { Err(anyhow!("lab cleanup: {}", errors.join("; "))) }
+        let prefix = self.prefix.clone();
+        finish_cleanup("lab", &mut self.namespaces, errors, || cleanup_prefix(&prefix))
     }
 
     /// A copy of the clients and server addresses, for [`traffic::round_with`] and

@@ -37,9 +37,9 @@ pub mod wireguard;
 
 pub use lab::{Client, ETH_DEV, Lab, LabConfig, TUN_DEV};
 pub use netns::{
-    cleanup_prefix, in_netns, in_new_netns, is_root, list_prefix, loopback_up, netns_exec, validate_prefix,
+    Namespaces, cleanup_prefix, in_netns, in_new_netns, is_root, list_prefix, loopback_up, netns_exec, validate_prefix,
 };
 pub use oracle::{LinkStats, link_stats};
 pub use relay::RelayStats;
 
-pub(crate) use netns::{cleanup_on_drop, delete_namespaces, init_ns, ipn, run, run_stdin};
+pub(crate) use netns::{cleanup_on_drop, finish_cleanup, ipn, run, run_stdin};

@@ -1,5 +1,6 @@
 //! Network-namespace helpers every lab uses: entering a named namespace or a fresh one on a
-//! thread, running commands in one, creating and removing them by prefix, cleanup from `Drop`.
+//! thread, running commands in one, creating them (`Namespaces`) and removing them by prefix,
+//! cleanup from `Drop`.
 
 use std::panic::AssertUnwindSafe;
 use std::process::{Command, Stdio};
@@ -16,15 +17,79 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
     Ok(())
 }
 
-/// Delete `namespaces` that still exist, newest first, adding failures to `errors`.
-pub(crate) fn delete_namespaces(namespaces: &mut Vec<String>, errors: &mut Vec<String>) {
-    for ns in namespaces.drain(..).rev() {
-        if std::path::Path::new(&sys::netns_path(&ns)).exists()
-            && let Err(e) = run("ip", &["netns", "delete", &ns])
-        {
-            errors.push(format!("{e:#}"));
+/// Named network namespaces made for one lab or test: created with quiet IPv6 and `lo` up,
+/// joined by veth pairs, deleted newest first by [`Namespaces::delete`] or on drop.
+#[derive(Debug, Default)]
+pub struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    pub fn new() -> Namespaces {
+        Namespaces::default()
+    }
+
+    /// Create `ns` (a leftover of that name is deleted first): no router advertisements, router
+    /// solicitations or DAD, no IPv6 at all with `no_ipv6`; `lo` up.
+    pub fn add(&mut self, ns: &str, no_ipv6: bool) -> Result<()> {
+        if std::path::Path::new(&sys::netns_path(ns)).exists() {
+            run("ip", &["netns", "delete", ns])?;
+        }
+        run("ip", &["netns", "add", ns])?;
+        self.0.push(ns.to_string());
+        init_ns(ns, no_ipv6)
+    }
+
+    /// A veth pair from `dev_a` in `ns_a` to `dev_b` in `ns_b`, each end with its address (CIDR,
+    /// IPv4 or IPv6) and up.
+    pub fn veth(ns_a: &str, dev_a: &str, addr_a: &str, ns_b: &str, dev_b: &str, addr_b: &str) -> Result<()> {
+        run("ip", &["link", "add", dev_a, "netns", ns_a, "type", "veth", "peer", "name", dev_b, "netns", ns_b])?;
+        for (ns, dev, addr) in [(ns_a, dev_a, addr_a), (ns_b, dev_b, addr_b)] {
+            let nodad: &[&str] = if addr.contains(':') { &["nodad"] } else { &[] };
+            ipn(ns, &[&["addr", "add", addr, "dev", dev], nodad].concat())?;
+            ipn(ns, &["link", "set", dev, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// The namespaces, in creation order.
+    pub fn names(&self) -> &[String] {
+        &self.0
+    }
+
+    /// Delete the namespaces that still exist, newest first, adding failures to `errors`.
+    pub fn delete(&mut self, errors: &mut Vec<String>) {
+        for ns in self.0.drain(..).rev() {
+            if std::path::Path::new(&sys::netns_path(&ns)).exists()
+                && let Err(e) = run("ip", &["netns", "delete", &ns])
+            {
+                errors.push(format!("{e:#}"));
+            }
         }
     }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        let mut errors = Vec::new();
+        self.delete(&mut errors);
+        for e in errors {
+            eprintln!("tunmeter-lab: {e}");
+        }
+    }
+}
+
+/// The end of a lab's cleanup: delete its namespaces, then whatever else its prefix left
+/// (`cleanup_prefix`), and report every error collected.
+pub(crate) fn finish_cleanup(
+    what: &str,
+    namespaces: &mut Namespaces,
+    mut errors: Vec<String>,
+    cleanup_prefix: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    namespaces.delete(&mut errors);
+    if let Err(e) = cleanup_prefix() {
+        errors.push(format!("{e:#}"));
+    }
+    if errors.is_empty() { Ok(()) } else { Err(anyhow!("{what} cleanup: {}", errors.join("; "))) }
 }
 
 /// A lab's cleanup run from `Drop`: failures and panics are reported on stderr, never unwound.
@@ -160,7 +225,7 @@ pub fn cleanup_prefix(prefix: &str) -> Result<()> {
 
 /// Quiet IPv6 settings for a fresh namespace (no RAs, no router solicitations, no DAD; no IPv6
 /// at all with `disable_ipv6`) and `lo` up.
-pub(crate) fn init_ns(ns: &str, disable_ipv6: bool) -> Result<()> {
+fn init_ns(ns: &str, disable_ipv6: bool) -> Result<()> {
     in_netns(ns, move || {
         let mut settings = vec![("accept_ra", "0"), ("router_solicitations", "0"), ("accept_dad", "0")];
         if disable_ipv6 {

@@ -13,7 +13,7 @@ use super::{
 use crate::certs::Pki;
 use crate::sinks::Sinks;
 use crate::transfer::TransferServer;
-use crate::{in_netns, init_ns, ipn, run};
+use crate::{in_netns, ipn};
 
 impl OvpnLab {
     /// Build the namespaces, generate the PKI, start both server instances (waiting until they
@@ -28,7 +28,7 @@ impl OvpnLab {
         let mut lab = OvpnLab {
             cfg,
             dir,
-            namespaces: Vec::new(),
+            namespaces: crate::Namespaces::new(),
             servers: [None, None],
             clients: (0..n).map(|_| None).collect(),
             services: Vec::new(),
@@ -40,9 +40,7 @@ impl OvpnLab {
     }
 
     fn add_ns(&mut self, ns: &str) -> Result<()> {
-        run("ip", &["netns", "add", ns])?;
-        self.namespaces.push(ns.to_string());
-        init_ns(ns, false)
+        self.namespaces.add(ns, false)
     }
 
     fn build(&mut self) -> Result<()> {

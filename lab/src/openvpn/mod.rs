@@ -45,7 +45,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::oracle::Counter;
 use crate::procs::{LabProc, kill_leftovers};
@@ -310,7 +310,7 @@ pub fn cleanup(prefix: &str) -> Result<()> {
 pub struct OvpnLab {
     cfg: OvpnLabConfig,
     dir: PathBuf,
-    namespaces: Vec<String>,
+    namespaces: crate::Namespaces,
     servers: [Option<LabProc>; 2],
     clients: Vec<Option<LabProc>>,
     services: Vec<(Sinks, TransferServer)>,
@@ -462,11 +462,8 @@ impl OvpnLab {
             }
         }
         self.services.clear();
-        crate::delete_namespaces(&mut self.namespaces, &mut errors);
-        if let Err(e) = cleanup(&self.cfg.prefix) {
-            errors.push(format!("{e:#}"));
-        }
-        if errors.is_empty() { Ok(()) } else { Err(anyhow!("OpenVPN lab cleanup: {}", errors.join("; "))) }
+        let prefix = self.cfg.prefix.clone();
+        crate::finish_cleanup("OpenVPN lab", &mut self.namespaces, errors, || cleanup(&prefix))
     }
 }
 

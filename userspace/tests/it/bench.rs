@@ -195,15 +195,6 @@ fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-struct Veth(&'static str);
-impl Drop for Veth {
-    fn drop(&mut self) {
-        for ns in ["a", "b"] {
-            let _ = Command::new("ip").args(["netns", "del", &format!("{}{ns}", self.0)]).status();
-        }
-    }
-}
-
 fn iperf_gbps(client_ns: &str, server_ip: &str, secs: u32) -> f64 {
     let out = sh(&["ip", "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-t", &secs.to_string(), "-J"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -216,20 +207,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn veth_throughput() {
-    let _g = Veth("tmbench");
-    let _ = Command::new("ip").args(["netns", "del", "tmbencha"]).status();
-    let _ = Command::new("ip").args(["netns", "del", "tmbenchb"]).status();
-    sh(&["ip", "netns", "add", "tmbencha"]);
-    sh(&["ip", "netns", "add", "tmbenchb"]);
-    sh(&[
-        "ip", "link", "add", "eth0", "netns", "tmbencha", "type", "veth", "peer", "name", "eth0", "netns", "tmbenchb",
-    ]);
-    sh(&["ip", "-n", "tmbencha", "addr", "add", "10.9.0.1/24", "dev", "eth0"]);
-    sh(&["ip", "-n", "tmbenchb", "addr", "add", "10.9.0.2/24", "dev", "eth0"]);
+    let mut namespaces = tunmeter_lab::Namespaces::new();
     for ns in ["tmbencha", "tmbenchb"] {
-        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        namespaces.add(ns, false).unwrap();
     }
+    tunmeter_lab::Namespaces::veth("tmbencha", "eth0", "10.9.0.1/24", "tmbenchb", "eth0", "10.9.0.2/24").unwrap();
     let mut server = Command::new("ip")
         .args(["netns", "exec", "tmbencha", "iperf3", "-s"])
         .stdout(std::process::Stdio::null())
@@ -347,6 +329,7 @@ const DAEMON_MAX_CLIENTS: &str = "131072";
 /// `tunmeter detach`, the namespace and the state directory removed.
 struct DaemonLab {
     ns: String,
+    namespaces: tunmeter_lab::Namespaces,
     pins: support::PinDir,
     state: std::path::PathBuf,
     daemon: Option<std::process::Child>,
@@ -357,17 +340,16 @@ impl DaemonLab {
     fn start(tag: &str) -> DaemonLab {
         let ns = format!("tmbd-{tag}-{}", std::process::id());
         let state = std::path::PathBuf::from(format!("/tmp/tmbench-daemon-{tag}-{}", std::process::id()));
-        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(std::process::Stdio::null()).status();
         let _ = std::fs::remove_dir_all(&state);
         let mut lab = DaemonLab {
             ns,
+            namespaces: tunmeter_lab::Namespaces::new(),
             pins: support::PinDir::new(&format!("daemon-{tag}")),
             state,
             daemon: None,
             token: String::new(),
         };
-        sh(&["ip", "netns", "add", &lab.ns]);
-        sh(&["ip", "-n", &lab.ns, "link", "set", "lo", "up"]);
+        lab.namespaces.add(&lab.ns, false).unwrap();
         // A persistent tun device: layer 3 (link type "none"), as the daemon's --tun needs.
         sh(&["ip", "-n", &lab.ns, "tuntap", "add", "dev", "tun0", "mode", "tun"]);
         sh(&["ip", "-n", &lab.ns, "link", "set", "tun0", "up"]);
@@ -465,9 +447,9 @@ impl Drop for DaemonLab {
         let mut detach = self.tunmeter(&["detach"]);
         detach.arg("--pin-dir").arg(self.pins.path()).arg("--state-dir").arg(&self.state);
         let _ = detach.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
         let _ = std::fs::remove_dir_all(&self.state);
-        // The pin directory, if detach left it, goes with `self.pins`.
+        // The namespace goes with `self.namespaces`, the pin directory (if detach left it) with
+        // `self.pins`.
     }
 }
 
@@ -1273,7 +1255,10 @@ fn steer_cli(ns: &str, pins: &std::path::Path, args: &[&str]) {
 }
 
 fn steer_throughput() {
-    use support::steerbench::{DnatRule, KillOnDrop, ScratchDir, nft_ruleset, ns_sh};
+    use support::{
+        ns_sh,
+        steerbench::{DnatRule, KillOnDrop, ScratchDir, nft_ruleset},
+    };
     use tunmeter_lab::{Lab, LabConfig};
 
     // Dropped in reverse order on every path: iperf3 server, daemon, pins, state, lab.

@@ -13,6 +13,7 @@ use std::{
 
 use tokio::sync::mpsc;
 use tunmeter::identity::openvpn::mgmt::{InstanceConfig, MgmtAddr, MgmtEvent, run_instance};
+use tunmeter_lab::Namespaces;
 
 use crate::support::require_root;
 
@@ -24,7 +25,7 @@ fn sh(cmd: &str, args: &[&str]) {
 /// Namespaces, a scratch directory and the OpenVPN processes of one test; all removed on drop.
 struct Lab {
     dir: PathBuf,
-    namespaces: Vec<String>,
+    namespaces: Namespaces,
     procs: Vec<(String, Child)>,
 }
 
@@ -34,25 +35,14 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let s = format!("{prefix}-s");
-        let c = format!("{prefix}-c");
-        for ns in [&s, &c] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
-        }
-        let mut lab = Lab { dir, namespaces: vec![], procs: vec![] };
-        sh("ip", &["netns", "add", &s]);
-        lab.namespaces.push(s.clone());
-        sh("ip", &["-n", &s, "link", "set", "lo", "up"]);
+        let (s, c) = (format!("{prefix}-s"), format!("{prefix}-c"));
+        let mut lab = Lab { dir, namespaces: Namespaces::new(), procs: vec![] };
+        lab.namespaces.add(&s, false).unwrap();
         if with_client {
-            sh("ip", &["netns", "add", &c]);
-            lab.namespaces.push(c.clone());
-            sh("ip", &["-n", &c, "link", "set", "lo", "up"]);
+            lab.namespaces.add(&c, false).unwrap();
             let (vs, vc) = (format!("{prefix}vs"), format!("{prefix}vc"));
-            sh("ip", &["link", "add", &vs, "netns", &s, "type", "veth", "peer", "name", &vc, "netns", &c]);
-            sh("ip", &["-n", &s, "addr", "add", &format!("10.96.{subnet}.1/24"), "dev", &vs]);
-            sh("ip", &["-n", &c, "addr", "add", &format!("10.96.{subnet}.2/24"), "dev", &vc]);
-            sh("ip", &["-n", &s, "link", "set", &vs, "up"]);
-            sh("ip", &["-n", &c, "link", "set", &vc, "up"]);
+            let (a, b) = (format!("10.96.{subnet}.1/24"), format!("10.96.{subnet}.2/24"));
+            Namespaces::veth(&s, &vs, &a, &c, &vc, &b).unwrap();
         }
         lab.make_pki();
         lab
@@ -102,7 +92,7 @@ impl Lab {
         );
         let file = d(&format!("{tag}.conf"));
         std::fs::write(&file, conf).unwrap();
-        let ns = self.namespaces[0].clone();
+        let ns = self.namespaces.names()[0].clone();
         self.spawn(tag, &ns, &["openvpn", "--config", &file, "--log", &d(&format!("{tag}.log"))]);
     }
 
@@ -118,7 +108,7 @@ impl Lab {
         );
         let file = d(&format!("{tag}.conf"));
         std::fs::write(&file, conf).unwrap();
-        let ns = self.namespaces[1].clone();
+        let ns = self.namespaces.names()[1].clone();
         self.spawn(tag, &ns, &["openvpn", "--config", &file, "--log", &d(&format!("{tag}.log"))]);
     }
 
@@ -152,9 +142,7 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
+        // The namespaces go with `self.namespaces`.
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -211,7 +199,7 @@ fn tcp_password_notification_loss_and_recovery() {
     std::fs::write(lab.path("mgmt.pw"), "s3cret pass\n").unwrap();
     let mgmt = format!("management 127.0.0.1 7505 {}", lab.path("mgmt.pw"));
     lab.start_server("srv", "hamtun0", &mgmt);
-    let ns = lab.namespaces[0].clone();
+    let ns = lab.namespaces.names()[0].clone();
     let lab = std::sync::Arc::new(std::sync::Mutex::new(lab));
     let lab2 = lab.clone();
     let result = tunmeter_lab::in_netns(&ns, move || {

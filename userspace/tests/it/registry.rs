@@ -535,9 +535,9 @@ mod lab {
     use std::{net::SocketAddr, time::Duration};
 
     use serde_json::{Value, json};
-    use tunmeter_lab::{in_netns, netns_exec};
+    use tunmeter_lab::in_netns;
 
-    use super::support::{self, env::LabEnv, proxies};
+    use super::support::{self, env::LabEnv, ns_sh, proxies};
 
     const PORT: u16 = 9107;
     /// The device's web server (on 10.8.0.2), and the public ports on the server.
@@ -606,10 +606,6 @@ mod lab {
         v["forward"].as_array()?.iter().find(|r| r["proto"] == "tcp" && r["public_port"] == port).cloned()
     }
 
-    fn sh(ns: &str, args: &[&str]) -> String {
-        netns_exec(ns, args).unwrap_or_else(|e| panic!("in {ns}: {e:#}"))
-    }
-
     fn message(v: &Value) -> &str {
         v["error"]["message"].as_str().unwrap_or_else(|| panic!("no error body: {v}"))
     }
@@ -624,8 +620,8 @@ mod lab {
         let srv = e.lab.server_ns();
         let device = e.lab.tun_clients()[0].clone();
         let customer = e.lab.eth_clients()[0].clone();
-        sh(&srv, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-        sh(&device.ns, &["ip", "route", "add", "default", "dev", "tun0"]);
+        ns_sh(&srv, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        ns_sh(&device.ns, &["ip", "route", "add", "default", "dev", "tun0"]);
         let _daemon = e.start_daemon(&[]);
         let web = proxies::WebServer::start(&device.ns, DEVICE_WEB);
         let (admin, read) = (token(e, "admin"), token(e, "read"));
@@ -666,7 +662,7 @@ mod lab {
         assert_eq!(rule["origin"], "runtime");
         assert_eq!(c["rule"], rule["id"], "{c}");
         assert_eq!((c["device_name"].as_str(), c["device_vpn_ip"].as_str()), (Some("phone"), Some("10.8.0.2")));
-        let reserved = sh(&srv, &["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]);
+        let reserved = ns_sh(&srv, &["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]);
         assert!(tunmeter::steer::host::parse_port_list(&reserved).contains(&PUB), "reserved: {reserved}");
         let public = SocketAddr::from((e.lab.server_eth_v4(), PUB));
         let got = proxies::tcp_request(

@@ -21,6 +21,7 @@ use std::{
 use serde_json::Value;
 use support::{
     daemon::Daemon,
+    ns_sh,
     proxies::{self, Proxy, TransparentProxy, UdpEcho, WebServer},
     require_root,
 };
@@ -48,10 +49,6 @@ const SHORT: Duration = Duration::from_secs(5);
 
 fn sock(s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-fn sh(ns: &str, args: &[&str]) -> String {
-    netns_exec(ns, args).unwrap_or_else(|e| panic!("in {ns}: {e:#}"))
 }
 
 // ---- the CLI ----
@@ -115,7 +112,7 @@ fn assert_no_nat(namespaces: &[String]) {
     assert!(!namespaces.is_empty());
     const WORDS: [&str; 5] = ["nat", "dnat", "snat", "masquerade", "redirect"];
     for ns in namespaces {
-        let rs = sh(ns, &["nft", "list", "ruleset"]);
+        let rs = ns_sh(ns, &["nft", "list", "ruleset"]);
         let bad: Vec<&str> = rs
             .lines()
             .filter(|l| {
@@ -128,7 +125,7 @@ fn assert_no_nat(namespaces: &[String]) {
             if !Path::new("/usr/sbin").join(tool).exists() && !Path::new("/sbin").join(tool).exists() {
                 continue;
             }
-            let out = sh(ns, &[tool]);
+            let out = ns_sh(ns, &[tool]);
             let bad: Vec<&str> = out
                 .lines()
                 .filter(|l| {
@@ -207,9 +204,9 @@ impl Forward {
         let device = env.lab.tun_clients()[0].clone();
         let (customer, web_host) = (env.lab.eth_clients()[0].clone(), env.lab.eth_clients()[1].clone());
         // The daemon does not enable forwarding; the device reaches the web through the server.
-        sh(&srv, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-        sh(&device.ns, &["ip", "route", "add", "default", "dev", "tun0"]);
-        sh(&web_host.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
+        ns_sh(&srv, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        ns_sh(&device.ns, &["ip", "route", "add", "default", "dev", "tun0"]);
+        ns_sh(&web_host.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
         let daemon = env.start_daemon(&[]);
         let web = WebServer::start(&web_host.ns, WEB_PORT);
         let tinyproxy = Proxy::tinyproxy(&device.ns, HTTP_PROXY_PORT);
@@ -317,10 +314,10 @@ fn fixtures_work_without_steering() {
     let srv = env.lab.server_ns();
     let device = env.lab.tun_clients()[0].clone();
     let (customer, web_host) = (env.lab.eth_clients()[0].clone(), env.lab.eth_clients()[1].clone());
-    sh(&srv, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-    sh(&device.ns, &["ip", "route", "add", "default", "dev", "tun0"]);
-    sh(&web_host.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
-    sh(&customer.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
+    ns_sh(&srv, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    ns_sh(&device.ns, &["ip", "route", "add", "default", "dev", "tun0"]);
+    ns_sh(&web_host.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
+    ns_sh(&customer.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
     let web = WebServer::start(&web_host.ns, WEB_PORT);
     let tiny = Proxy::tinyproxy(&device.ns, HTTP_PROXY_PORT);
     let dante = Proxy::danted(&device.ns, SOCKS_PORT, "tun0");
@@ -406,7 +403,7 @@ fn forward_rules_carry_http_proxy_socks5_and_fragmented_udp_without_nat() {
 
 /// (packets, bytes) of the nft counter with this comment in `table inet tmsteer`.
 fn nft_counter(ns: &str, comment: &str) -> (u64, u64) {
-    let v: Value = serde_json::from_str(&sh(ns, &["nft", "-j", "list", "table", "inet", "tmsteer"])).unwrap();
+    let v: Value = serde_json::from_str(&ns_sh(ns, &["nft", "-j", "list", "table", "inet", "tmsteer"])).unwrap();
     for item in v["nftables"].as_array().unwrap() {
         let r = &item["rule"];
         if r["comment"] == comment {
@@ -540,12 +537,12 @@ fn redirect_rule_hands_connections_to_a_transparent_proxy_with_their_original_de
     let srv = env.lab.server_ns();
     let (t1, t2) = (env.lab.tun_clients()[0].clone(), env.lab.tun_clients()[1].clone());
     let web_host = env.lab.eth_clients()[1].clone();
-    sh(&srv, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    ns_sh(&srv, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
     for c in [&t1, &t2] {
-        sh(&c.ns, &["ip", "route", "add", "default", "dev", "tun0"]);
-        sh(&c.ns, &["ip", "-6", "route", "add", "default", "dev", "tun0"]);
+        ns_sh(&c.ns, &["ip", "route", "add", "default", "dev", "tun0"]);
+        ns_sh(&c.ns, &["ip", "-6", "route", "add", "default", "dev", "tun0"]);
     }
-    sh(&web_host.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
+    ns_sh(&web_host.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
     let daemon = env.start_daemon(&[]);
     let web = WebServer::start(&web_host.ns, WEB_PORT);
     let tproxy = TransparentProxy::start(&srv, TPROXY_PORT).expect("transparent proxy");

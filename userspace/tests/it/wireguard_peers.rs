@@ -9,6 +9,7 @@ use std::{
 };
 
 use tunmeter::identity::wireguard::read_peers;
+use tunmeter_lab::Namespaces;
 
 use crate::support::require_root;
 
@@ -32,7 +33,7 @@ fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> String {
 
 struct Pair {
     dir: PathBuf,
-    namespaces: Vec<String>,
+    namespaces: Namespaces,
     ifaces: Vec<String>,
     procs: Vec<Child>,
 }
@@ -55,9 +56,7 @@ impl Drop for Pair {
         for iface in &self.ifaces {
             let _ = std::fs::remove_file(format!("/var/run/wireguard/{iface}.sock"));
         }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
+        // The namespaces go with `self.namespaces`, after the processes.
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -74,20 +73,12 @@ fn read_peers_of_a_real_wireguard_go_pair() {
     let dir = std::env::temp_dir().join(format!("haw-{id}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    let ifaces = vec![ia.clone(), ib.clone()];
+    let mut pair = Pair { dir: dir.clone(), namespaces: Namespaces::new(), ifaces, procs: vec![] };
     for ns in [&na, &nb] {
-        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+        pair.namespaces.add(ns, false).unwrap();
     }
-    let mut pair = Pair { dir: dir.clone(), namespaces: vec![], ifaces: vec![ia.clone(), ib.clone()], procs: vec![] };
-    for ns in [&na, &nb] {
-        run("ip", &["netns", "add", ns], None);
-        pair.namespaces.push(ns.clone());
-        run("ip", &["-n", ns, "link", "set", "lo", "up"], None);
-    }
-    run("ip", &["link", "add", "hawva", "netns", &na, "type", "veth", "peer", "name", "hawvb", "netns", &nb], None);
-    run("ip", &["-n", &na, "addr", "add", "10.93.0.1/24", "dev", "hawva"], None);
-    run("ip", &["-n", &nb, "addr", "add", "10.93.0.2/24", "dev", "hawvb"], None);
-    run("ip", &["-n", &na, "link", "set", "hawva", "up"], None);
-    run("ip", &["-n", &nb, "link", "set", "hawvb", "up"], None);
+    Namespaces::veth(&na, "hawva", "10.93.0.1/24", &nb, "hawvb", "10.93.0.2/24").unwrap();
 
     let key = |name: &str| {
         let private = run("wg", &["genkey"], None);

@@ -43,6 +43,11 @@ pub fn require_root() -> bool {
     false
 }
 
+/// `args` run in network namespace `ns` (`ip netns exec`): stdout; panics with stderr.
+pub fn ns_sh(ns: &str, args: &[&str]) -> String {
+    tunmeter_lab::netns_exec(ns, args).unwrap_or_else(|e| panic!("in {ns}: {e:#}"))
+}
+
 pub fn ensure_bpffs() {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {

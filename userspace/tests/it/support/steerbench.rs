@@ -1,23 +1,13 @@
-//! Helpers of the steering benchmark's forwarding lab (bench module, section 5): commands in a
-//! namespace, an iptables DNAT rule to compare with, and cleanup guards (a process, a scratch
-//! directory). The steering maps themselves are `support::steer`.
+//! Helpers of the steering benchmark's forwarding lab (bench module, section 5): an iptables
+//! DNAT rule to compare with, the namespace's nftables ruleset, and cleanup guards (a process, a
+//! scratch directory). The steering maps themselves are `support::steer`.
 
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
 
-/// `cmd args...` inside network namespace `ns` (`ip netns exec`); stdout, panics with stderr.
-pub fn ns_sh(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("ip netns exec {ns} {args:?}: {e}"));
-    assert!(out.status.success(), "{ns}: {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use super::ns_sh;
 
 /// An iptables DNAT rule in a namespace's `nat` table (`PREROUTING`), for comparison with a
 /// forward rule. Dropping it deletes the rule and the whole `nat` table (iptables-nft keeps the
