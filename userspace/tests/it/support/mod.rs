@@ -5,13 +5,11 @@ pub mod checksum;
 pub mod control;
 pub mod daemon;
 pub mod env;
-pub mod identitybench;
 pub mod packet;
 pub mod postgres;
 pub mod proxies;
 pub mod sqlite_lock;
 pub mod steer;
-pub mod steerbench;
 
 use std::{
     collections::BTreeMap,

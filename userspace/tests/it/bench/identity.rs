@@ -1,4 +1,4 @@
-//! Section 6 of the benchmarks (userspace/tests/bench.rs): identity.
+//! Section 6 of the benchmarks: identity.
 //!
 //! - What OpenVPN waits for at every connect and disconnect: the wall time of the real
 //!   `tunmeter hook openvpn` process against the real daemon (session durable before it
@@ -24,7 +24,7 @@ use tunmeter::{
 };
 use tunmeter_lab::openvpn::{OvpnLab, OvpnLabConfig};
 
-use super::{PinDir, daemon::Daemon};
+use crate::support::{PinDir, daemon::Daemon};
 
 const HOOK_CALLS: usize = 100;
 
@@ -41,7 +41,7 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
 /// Wall time of one process run in `ns`, in ms; panics unless it exits 0.
 fn timed(ns: &str, args: &[&str], env: &[(&str, String)]) -> f64 {
     let mut c = Command::new("nsenter");
-    c.arg(format!("--net=/run/netns/{ns}")).arg(super::daemon::BIN).args(args).env_clear();
+    c.arg(format!("--net=/run/netns/{ns}")).arg(crate::support::daemon::BIN).args(args).env_clear();
     c.env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     for (k, v) in env {
         c.env(k, v);
