@@ -24,7 +24,6 @@
 //! `TM_BENCH_QUICK=1` skips 2, 3 and 5. `TM_BENCH_ONLY=` a comma-separated list of `counting`
 //! (1), `veth` (2), `daemon` (3), `steer` (4 and 5), `identity` (6) runs only those, e.g.
 //! `TM_BENCH_ONLY=steer`.
-
 //!
 //! This file: the entry point (`bench`), the shared timing helpers and the empty program; one
 //! file per section (`counting`, `veth`, `daemon` with its lab in `daemon_lab`, `steer`,
