@@ -30,6 +30,7 @@ pub mod oracle;
 mod procs;
 mod relay;
 mod sinks;
+pub mod sockets;
 mod sys;
 pub mod traffic;
 pub mod transfer;

@@ -2,7 +2,7 @@
 //! namespace. All of them stop (and are joined) when [`Sinks`] is stopped or dropped.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 
-use crate::sys::{StopSignal, enter_netns, poll_readable, tcp_listener, udp_socket};
+use crate::sockets::{dual_stack, tcp_listener, udp_socket};
+use crate::sys::{StopSignal, poll_readable};
 use crate::traffic::{IO_TIMEOUT, TCP_PORT, UDP_PORT};
 
 pub(crate) struct Sinks {
@@ -64,20 +65,13 @@ impl Drop for Sinks {
     }
 }
 
-fn listen_pair<T>(ns: &str, f: impl Fn(SocketAddr) -> Result<T>, port: u16) -> Result<(T, T)> {
-    enter_netns(ns)?;
-    let v4 = f(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
-    let v6 = f(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?;
-    Ok((v4, v6))
-}
-
 fn tcp_sink(
     ns: &str,
     stop: &Arc<StopSignal>,
     conns: &Arc<Mutex<Vec<JoinHandle<()>>>>,
     ready: mpsc::Sender<Result<()>>,
 ) {
-    let (l4, l6): (TcpListener, TcpListener) = match listen_pair(ns, tcp_listener, TCP_PORT) {
+    let (l4, l6): (TcpListener, TcpListener) = match dual_stack(ns, tcp_listener, TCP_PORT) {
         Ok(p) => {
             let _ = ready.send(Ok(()));
             p
@@ -151,7 +145,7 @@ fn tcp_echo(mut s: TcpStream, stop: &StopSignal) -> Result<()> {
 }
 
 fn udp_sink(ns: &str, stop: &StopSignal, ready: mpsc::Sender<Result<()>>) {
-    let (u4, u6): (UdpSocket, UdpSocket) = match listen_pair(ns, udp_socket, UDP_PORT) {
+    let (u4, u6): (UdpSocket, UdpSocket) = match dual_stack(ns, udp_socket, UDP_PORT) {
         Ok(p) => {
             let _ = ready.send(Ok(()));
             p

@@ -14,7 +14,7 @@
 //! Every socket operation times out after [`IO_TIMEOUT`]; loops are bounded.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::in_netns;
-use crate::sys::{StopSignal, enter_netns, poll_readable, tcp_listener, udp_socket};
+use crate::sockets::{dual_stack, tcp_listener, udp_socket};
+use crate::sys::{StopSignal, poll_readable};
 pub use crate::traffic::IO_TIMEOUT;
 
 /// TCP port of the transfer server.
@@ -105,18 +106,13 @@ impl Drop for TransferServer {
     }
 }
 
-fn bind_pair<T>(ns: &str, f: impl Fn(SocketAddr) -> Result<T>, port: u16) -> Result<(T, T)> {
-    enter_netns(ns)?;
-    Ok((f(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?, f(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?))
-}
-
 fn tcp_server(
     ns: &str,
     stop: &Arc<StopSignal>,
     conns: &Arc<Mutex<Vec<JoinHandle<()>>>>,
     ready: mpsc::Sender<Result<()>>,
 ) {
-    let (l4, l6): (TcpListener, TcpListener) = match bind_pair(ns, tcp_listener, TCP_PORT) {
+    let (l4, l6): (TcpListener, TcpListener) = match dual_stack(ns, tcp_listener, TCP_PORT) {
         Ok(p) => {
             let _ = ready.send(Ok(()));
             p
@@ -232,7 +228,7 @@ fn serve_tcp(mut s: TcpStream, stop: &StopSignal) -> Result<()> {
 }
 
 fn udp_server(ns: &str, stop: &StopSignal, ready: mpsc::Sender<Result<()>>) {
-    let (u4, u6): (UdpSocket, UdpSocket) = match bind_pair(ns, udp_socket, UDP_PORT) {
+    let (u4, u6): (UdpSocket, UdpSocket) = match dual_stack(ns, udp_socket, UDP_PORT) {
         Ok(p) => {
             let _ = ready.send(Ok(()));
             p

@@ -204,7 +204,9 @@ fn steer_redirect_times(t: &mut SteerTimes) {
             Ipv4Net::new(Ipv4Addr::new(127, 0, 0, 0), 8).unwrap().into(),
         ]);
         assert_eq!(s.redirect_count(), STEER_RULES as usize);
-        let listener = transparent_listener(PROXY_PORT);
+        // A transparent proxy's listener on the proxy port.
+        let listener =
+            tunmeter_lab::sockets::transparent_tcp_listener((Ipv4Addr::UNSPECIFIED, PROXY_PORT).into()).unwrap();
 
         let client = Ipv4Addr::from(0x0a08_0000u32 + STEER_RULES / 2);
         let other = Ipv4Addr::from(0x0a08_0000u32 + STEER_RULES + STEER_RULES / 2); // a client, no rule
@@ -232,20 +234,6 @@ fn steer_redirect_times(t: &mut SteerTimes) {
         (times, event, ret)
     });
     ([t.redirect, t.redirect_miss, t.empty_l3], t.redirect_event, t.redirect_ret) = r;
-}
-
-/// A TCP socket listening on 0.0.0.0:port with IP_TRANSPARENT, as a transparent proxy has.
-fn transparent_listener(port: u16) -> std::os::fd::OwnedFd {
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
-        sockopt::{IpTransparent, ReuseAddr},
-    };
-    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
-    setsockopt(&fd, IpTransparent, &true).unwrap();
-    setsockopt(&fd, ReuseAddr, &true).unwrap();
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(0, 0, 0, 0, port)).unwrap();
-    listen(&fd, Backlog::new(16).unwrap()).unwrap();
-    fd
 }
 
 pub(super) fn steer_ns_per_packet() {

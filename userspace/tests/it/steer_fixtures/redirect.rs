@@ -91,20 +91,11 @@ fn redirect_to_a_transparent_listener() {
     if !require_root() {
         return;
     }
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
-        sockopt::{IpTransparent, ReuseAddr},
-    };
+    use tunmeter_lab::sockets::{transparent_tcp_listener, transparent_udp};
     tunmeter_lab::in_new_netns(|| {
         let (mut h, s) = redirect_harness();
-        let tcp_l = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
-        setsockopt(&tcp_l, IpTransparent, &true).unwrap();
-        setsockopt(&tcp_l, ReuseAddr, &true).unwrap();
-        bind(std::os::fd::AsRawFd::as_raw_fd(&tcp_l), &SockaddrIn::new(0, 0, 0, 0, PROXY_PORT)).unwrap();
-        listen(&tcp_l, nix::sys::socket::Backlog::new(16).unwrap()).unwrap();
-        let udp_s = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).unwrap();
-        setsockopt(&udp_s, IpTransparent, &true).unwrap();
-        bind(std::os::fd::AsRawFd::as_raw_fd(&udp_s), &SockaddrIn::new(0, 0, 0, 0, PROXY_PORT)).unwrap();
+        let any = std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, PROXY_PORT));
+        let (_tcp_l, _udp_s) = (transparent_tcp_listener(any).unwrap(), transparent_udp(any).unwrap());
 
         let syn = Packet::tcp().src(CLIENT).dst("1.1.1.1").ports(CPORT, 443).syn().id(1).df().build();
         let udp_q = Packet::udp().src(CLIENT).dst("8.8.8.8").ports(CPORT, 53).payload(b"q").id(2).build();
