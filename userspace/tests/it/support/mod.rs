@@ -46,6 +46,17 @@ pub fn ns_sh(ns: &str, args: &[&str]) -> String {
     tunmeter_lab::netns_exec(ns, args).unwrap_or_else(|e| panic!("in {ns}: {e:#}"))
 }
 
+/// A webhook's signature header value, HMAC-SHA256(secret, "<timestamp>.<body>"), computed
+/// here independently of the daemon.
+pub fn webhook_signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac as _};
+    let mut m = Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+    m.update(timestamp.as_bytes());
+    m.update(b".");
+    m.update(body);
+    format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+}
+
 pub fn ensure_bpffs() {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {

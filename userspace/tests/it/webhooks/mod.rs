@@ -40,9 +40,7 @@ use axum::{
     http::{HeaderMap, StatusCode},
     routing::post,
 };
-use hmac::{Hmac, Mac as _};
 use serde_json::{Value, json};
-use sha2::Sha256;
 use tunmeter::{
     api::{ApiConfig, App},
     db::Database,

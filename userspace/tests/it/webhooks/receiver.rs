@@ -53,15 +53,6 @@ impl RxState {
     }
 }
 
-/// HMAC-SHA256(secret, "<timestamp>.<body>"), computed here independently of the daemon.
-fn expected_signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
-    let mut m = Hmac::<Sha256>::new_from_slice(secret).unwrap();
-    m.update(timestamp.as_bytes());
-    m.update(b".");
-    m.update(body);
-    format!("sha256={}", hex::encode(m.finalize().into_bytes()))
-}
-
 async fn hook(
     State(st): State<RxState>,
     Path(endpoint): Path<String>,
@@ -77,7 +68,7 @@ async fn hook(
         return reject(format!("unknown endpoint path {endpoint}"));
     };
     let ts = h("x-tunmeter-timestamp");
-    let want = expected_signature(secret, &ts, &body);
+    let want = support::webhook_signature(secret, &ts, &body);
     if h("x-tunmeter-signature") != want {
         return reject(format!("{endpoint}: signature {:?}, expected {want}", h("x-tunmeter-signature")));
     }
