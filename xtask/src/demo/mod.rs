@@ -2,6 +2,14 @@
 //! alice, bob, carol, dave with background traffic) + the daemon in the server namespace, which
 //! learns who each VPN address is from both management interfaces, + a live client table, and
 //! the dashboard on the host's loopback (a relay into the server namespace) with an admin token.
+//!
+//! This file: the command lines (the contract with tunmeter and tunmeter-lab), starting the lab
+//! and the daemon; `show` draws the live table, `relay` brings the dashboard to the host,
+//! `cleanup` stops everything and checks nothing is left.
+
+mod cleanup;
+mod relay;
+mod show;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
@@ -22,6 +30,7 @@ use nix::unistd::Pid;
 
 use crate::setup::{require_root, setup};
 use crate::util::{cmd, describe, run, target_dir};
+use relay::Relay;
 
 // ---- The command lines of the demo: the contract with tunmeter and tunmeter-lab. ----------
 
@@ -160,6 +169,38 @@ fn detach_from_terminal(c: &mut Command) {
 
 fn netns_path(ns: &str) -> String {
     format!("/run/netns/{ns}")
+}
+
+/// The last lines of a log, for error messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+    if tail.is_empty() {
+        format!("{} is empty", path.display())
+    } else {
+        format!("last lines of {}:\n{tail}", path.display())
+    }
+}
+
+/// SIGTERM, wait up to `timeout`, then SIGKILL.
+fn stop_child(mut child: Child, timeout: Duration) -> Result<()> {
+    if child.try_wait()?.is_some() {
+        return Ok(());
+    }
+    let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
+    kill(pid, Signal::SIGTERM).context("sending SIGTERM")?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("demo: warning: pid {pid} still running {} s after SIGTERM; killing it", timeout.as_secs());
+    child.kill().context("sending SIGKILL")?;
+    child.wait()?;
+    Ok(())
 }
 
 pub fn demo(seconds: Option<u64>) -> Result<()> {
@@ -355,296 +396,5 @@ impl Demo {
         println!("demo: starting the daemon: {what} (log: {})", log_path.display());
         self.daemon = Some(c.spawn().with_context(|| format!("starting `{what}`"))?);
         Ok(())
-    }
-
-    fn show_clients(&mut self, ns: &str, stop: &AtomicBool, seconds: Option<u64>) -> Result<()> {
-        let tty = std::io::stdout().is_terminal();
-        let start = Instant::now();
-        let mut next = start;
-        while !stop.load(Ordering::Relaxed) {
-            if let Some(status) = self.daemon.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("the daemon exited ({status}); {}", log_tail(&daemon_log()));
-            }
-            if let Some(status) = self.lab.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("the lab exited ({status}); {}", log_tail(&lab_log()));
-            }
-
-            let mut c = in_netns(ns, &self.daemon_bin);
-            c.args(daemon_clients_args()).stdin(Stdio::null()).process_group(0);
-            let what = describe(&c);
-            let out = c.output().with_context(|| format!("running `{what}`"))?;
-
-            let elapsed = start.elapsed().as_secs();
-            let mut screen = String::new();
-            if tty {
-                screen.push_str("\x1b[2J\x1b[H");
-            } else {
-                screen.push_str("----\n");
-            }
-            let until = match seconds {
-                Some(n) => format!("stops after {n} s"),
-                None => "Ctrl-C to stop".to_owned(),
-            };
-            screen.push_str(&format!("tunmeter demo: server netns {ns}, {elapsed} s, {until}\n"));
-            screen.push_str(&format!(
-                "dashboard: {}  admin token: {}\n$ {what}\n\n",
-                self.dashboard_url(),
-                self.token.as_deref().unwrap_or_default()
-            ));
-            screen.push_str(&String::from_utf8_lossy(&out.stdout));
-            let mut c = in_netns(ns, &self.daemon_bin);
-            c.args(daemon_sessions_args(&state_dir())).stdin(Stdio::null()).process_group(0);
-            if let Ok(sessions) = c.output()
-                && sessions.status.success()
-            {
-                screen.push_str(&format!("\n$ {}\n", describe(&c)));
-                screen.push_str(&String::from_utf8_lossy(&sessions.stdout));
-            }
-            if !out.status.success() && start.elapsed() < DAEMON_START_GRACE {
-                screen.push_str("(waiting for the daemon to load and pin its maps)\n");
-            } else if !out.status.success() {
-                screen.push_str(&format!(
-                    "\n(`tunmeter clients` failed: {})\n{}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-            let mut stdout = std::io::stdout().lock();
-            stdout.write_all(screen.as_bytes())?;
-            stdout.flush()?;
-            drop(stdout);
-
-            if seconds.is_some_and(|n| elapsed >= n) {
-                break;
-            }
-            next += REFRESH;
-            while Instant::now() < next && !stop.load(Ordering::Relaxed) {
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Ok(())
-    }
-
-    /// Stops everything in order: daemon, detach, lab, `lab down`; then checks that no
-    /// namespace and no pin is left. Keeps going after failures and reports them all.
-    fn cleanup(&mut self) -> Result<()> {
-        let mut problems = Vec::new();
-
-        if let Some(relay) = self.relay.take() {
-            println!("demo: closing the dashboard relay");
-            relay.stop();
-        }
-
-        if let Some(daemon) = self.daemon.take() {
-            println!("demo: stopping the daemon (SIGTERM)");
-            if let Err(e) = stop_child(daemon, DAEMON_STOP_TIMEOUT) {
-                problems.push(format!("stopping the daemon: {e:#}"));
-            }
-        }
-
-        if let Some(ns) = &self.ns
-            && Path::new(&netns_path(ns)).exists()
-        {
-            let mut c = in_netns(ns, &self.daemon_bin);
-            c.args(daemon_detach_args(&state_dir())).stdin(Stdio::null());
-            let what = describe(&c);
-            println!("demo: detaching: {what}");
-            if let Err(e) = run(&mut c) {
-                // Only a problem if pins stay behind; checked below.
-                eprintln!("demo: warning: {e:#}");
-            }
-        }
-
-        if let Some(lab) = self.lab.take() {
-            println!("demo: stopping the lab (SIGTERM)");
-            if let Err(e) = stop_child(lab, LAB_STOP_TIMEOUT) {
-                problems.push(format!("stopping the lab: {e:#}"));
-            }
-        }
-        if let Some(reader) = self.lab_reader.take() {
-            let _ = reader.join();
-        }
-
-        // Safety net, whatever happened above.
-        if let Err(e) = self.lab_down() {
-            eprintln!("demo: warning: {e:#}");
-        }
-        if Path::new(PIN_DIR).exists() {
-            eprintln!("demo: warning: {PIN_DIR} still exists after detach; removing it");
-            if let Err(e) = std::fs::remove_dir_all(PIN_DIR) {
-                problems.push(format!("removing {PIN_DIR}: {e}"));
-            }
-        }
-
-        let left = leftovers();
-        if !left.is_empty() {
-            problems.push(format!("left behind: {}", left.join(", ")));
-        }
-        if problems.is_empty() { Ok(()) } else { Err(anyhow!("{}", problems.join("; "))) }
-    }
-
-    fn lab_down(&self) -> Result<()> {
-        let mut c = cmd(&self.lab_bin);
-        c.args(lab_down_args()).stdin(Stdio::null());
-        println!("demo: {}", describe(&c));
-        run(&mut c)
-    }
-
-    /// Removes what an earlier, killed demo run may have left.
-    fn clean_leftovers(&self) {
-        if leftovers().is_empty() {
-            return;
-        }
-        println!("demo: cleaning up leftovers of an earlier run: {}", leftovers().join(", "));
-        if let Err(e) = self.lab_down() {
-            eprintln!("demo: warning: {e:#}");
-        }
-        if Path::new(PIN_DIR).exists()
-            && let Err(e) = std::fs::remove_dir_all(PIN_DIR)
-        {
-            eprintln!("demo: warning: removing {PIN_DIR}: {e}");
-        }
-    }
-}
-
-/// Forwards connections to the host's loopback (127.0.0.1:DASHBOARD_PORT, or a free port) to
-/// the daemon's API on the server namespace's loopback, so a browser on the host reaches the
-/// dashboard while the API itself stays loopback-only and the host gets no new address.
-struct Relay {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    acceptor: JoinHandle<()>,
-}
-
-impl Relay {
-    fn start(ns: &str) -> Result<Relay> {
-        let listener = match TcpListener::bind(("127.0.0.1", DASHBOARD_PORT)) {
-            Ok(l) => l,
-            Err(e) => {
-                println!("demo: 127.0.0.1:{DASHBOARD_PORT} is not free ({e}); the dashboard gets another port");
-                TcpListener::bind("127.0.0.1:0").context("binding a loopback port for the dashboard")?
-            }
-        };
-        let addr = listener.local_addr()?;
-        // Non-blocking, so the acceptor notices `stop`.
-        listener.set_nonblocking(true)?;
-        let netns = Arc::new(File::open(netns_path(ns)).with_context(|| format!("opening {}", netns_path(ns)))?);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let acceptor = thread::Builder::new()
-            .name("dashboard-relay".into())
-            .spawn(move || {
-                while !stopped.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((client, _)) => {
-                            let netns = Arc::clone(&netns);
-                            let _ =
-                                thread::Builder::new().name("relay-conn".into()).spawn(move || relay(client, &netns));
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            thread::sleep(Duration::from_millis(50))
-                        }
-                        Err(e) => {
-                            eprintln!("demo: warning: dashboard relay: accept: {e}");
-                            thread::sleep(Duration::from_millis(200));
-                        }
-                    }
-                }
-            })
-            .context("starting the dashboard relay")?;
-        println!("demo: dashboard relay: {addr} (host) -> {API_LISTEN} in {ns}");
-        Ok(Relay { addr, stop, acceptor })
-    }
-
-    /// Stop accepting. Open connections end when the daemon stops.
-    fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.acceptor.join();
-    }
-}
-
-/// One relayed connection: this thread joins the server namespace (only this thread: setns
-/// on a thread changes its namespace alone), connects to the API there, and copies both ways.
-fn relay(client: TcpStream, netns: &File) {
-    let _ = client.set_nonblocking(false);
-    if let Err(e) = setns(netns, CloneFlags::CLONE_NEWNET) {
-        eprintln!("demo: warning: dashboard relay: entering the server namespace: {e}");
-        return;
-    }
-    let Ok(upstream) = TcpStream::connect(API_LISTEN) else {
-        // The daemon is not listening (yet, or any more): the browser sees a closed connection.
-        return;
-    };
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    let (Ok(client_w), Ok(upstream_r)) = (client.try_clone(), upstream.try_clone()) else { return };
-    let back = thread::spawn(move || pump(upstream_r, client_w));
-    pump(client, upstream);
-    let _ = back.join();
-}
-
-/// Copy until EOF or error, then pass the EOF on.
-fn pump(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
-    let _ = from.shutdown(Shutdown::Read);
-}
-
-/// Network namespaces with the demo's prefix and the demo's pin directory, if they exist.
-fn leftovers() -> Vec<String> {
-    let mut left = Vec::new();
-    if let Ok(entries) = std::fs::read_dir("/run/netns") {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(LAB_PREFIX) {
-                left.push(format!("netns {name}"));
-            }
-        }
-    }
-    if Path::new(PIN_DIR).exists() {
-        left.push(PIN_DIR.to_owned());
-    }
-    left
-}
-
-/// SIGTERM, wait up to `timeout`, then SIGKILL.
-fn stop_child(mut child: Child, timeout: Duration) -> Result<()> {
-    if child.try_wait()?.is_some() {
-        return Ok(());
-    }
-    let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
-    kill(pid, Signal::SIGTERM).context("sending SIGTERM")?;
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if child.try_wait()?.is_some() {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!("demo: warning: pid {pid} still running {} s after SIGTERM; killing it", timeout.as_secs());
-    child.kill().context("sending SIGKILL")?;
-    child.wait()?;
-    Ok(())
-}
-
-/// The last lines of a log, for error messages.
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
-    if tail.is_empty() {
-        format!("{} is empty", path.display())
-    } else {
-        format!("last lines of {}:\n{tail}", path.display())
     }
 }
