@@ -29,6 +29,7 @@ pub mod openvpn;
 pub mod oracle;
 mod procs;
 mod relay;
+mod servers;
 mod sinks;
 pub mod sockets;
 mod sys;
