@@ -7,7 +7,6 @@ use crate::support;
 use std::{
     io::Write as _,
     net::TcpStream,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -76,13 +75,10 @@ fn api_auth_errors_metrics_and_a_stream_with_a_stalled_subscriber() {
     let lab = Lab::up(LabConfig { prefix: "tmla".into(), tun_clients: 1, eth_clients: 1 }).expect("lab");
     let ns = lab.server_ns();
     let pins = PinDir::new("tmla");
-    let state = format!("/tmp/tmtest-state-tmla-{}", std::process::id());
-    let _ = std::fs::remove_dir_all(&state);
-    std::fs::create_dir_all(&state).unwrap();
-    let cfg = PathBuf::from(&state).join("tunmeter.toml");
+    let (state, log) = support::env::daemon_paths("tmla");
+    let cfg = state.join("tunmeter.toml");
+    let state = state.display().to_string();
     std::fs::write(&cfg, "[api]\nstream_stall_timeout_secs = 2\nmetrics_max_clients = 1000\n").unwrap();
-    let log = PathBuf::from(format!("/tmp/tmtest-tmla-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&log);
     let pin = pins.path().display().to_string();
     let mut d = Daemon::start(
         &ns,

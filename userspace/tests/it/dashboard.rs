@@ -141,12 +141,8 @@ fn dashboard_in_real_chromium() {
     let lab = Lab::up(LabConfig { prefix: "tmdash".into(), tun_clients: 3, eth_clients: 1 }).expect("lab up");
     let ns = lab.server_ns();
     let pins = PinDir::new("dash");
-    let state = PathBuf::from(format!("/tmp/tmtest-state-dash-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&state);
-    std::fs::create_dir_all(&state).unwrap();
+    let (state, log) = support::env::daemon_paths("dash");
     let state_s = state.display().to_string();
-    let log = PathBuf::from(format!("/tmp/tmtest-dash-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&log);
 
     let admin = create_token(&ns, "admin", &state_s);
     let read = create_token(&ns, "read", &state_s);

@@ -281,12 +281,12 @@ async fn scenario(url: &str, outage: &mut dyn Outage) {
 /// would stop writes).
 struct SqliteLock {
     path: std::path::PathBuf,
-    holder: Option<support::sqlite_lock::SqliteLock>,
+    holder: Option<support::sqlite::SqliteLock>,
 }
 
 impl Outage for SqliteLock {
     fn down(&mut self) {
-        self.holder = Some(support::sqlite_lock::SqliteLock::take(&self.path));
+        self.holder = Some(support::sqlite::SqliteLock::take(&self.path));
     }
     fn up(&mut self) {
         self.holder = None;
@@ -299,15 +299,10 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn sqlite_ledger_loses_and_doubles_nothing() {
-    let dir = std::env::temp_dir().join(format!("tmtest-ledger-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("t.db");
-    let url = format!("sqlite://{}?mode=rwc", path.display());
-    let mut outage = SqliteLock { path: path.clone(), holder: None };
-    rt().block_on(scenario(&url, &mut outage));
+    let db = support::sqlite::SqliteFile::new("ledger");
+    let mut outage = SqliteLock { path: db.path.clone(), holder: None };
+    rt().block_on(scenario(&db.url, &mut outage));
     outage.up();
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 struct PgOutage<'a>(&'a mut support::postgres::Postgres);

@@ -5,10 +5,7 @@
 
 use crate::support;
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::{PinDir, control::call, daemon::Daemon, require_root};
@@ -29,9 +26,7 @@ fn wireguard_peers_become_sessions_and_devices_go_offline_and_recover() {
     }
     let lab = WgLab::up("tmwgi", 2).expect("WireGuard lab up");
     let iface = lab.server_iface();
-    let state = PathBuf::from(format!("/tmp/tmtest-state-tmwgi-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&state);
-    std::fs::create_dir_all(&state).unwrap();
+    let (state, log) = support::env::daemon_paths("tmwgi");
     let config = state.join("tunmeter.toml");
     std::fs::write(
         &config,
@@ -43,8 +38,6 @@ fn wireguard_peers_become_sessions_and_devices_go_offline_and_recover() {
     )
     .unwrap();
     let pins = PinDir::new("tmwgi");
-    let log = PathBuf::from(format!("/tmp/tmtest-tmwgi-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&log);
     let (pin, st, cfg) = (pins.path().display().to_string(), state.display().to_string(), config.display().to_string());
     let args = ["--config", &cfg, "--pin-dir", &pin, "--state-dir", &st, "--node-id", "tmwgi", "--api-listen", ""];
     let args = [&args[..], &["--poll-interval-ms", "200", "--flush-interval-ms", "500"]].concat();

@@ -46,7 +46,7 @@ fn a_client_is_refused_while_the_database_is_locked_and_nothing_stays_open() {
     let bob = IpAddr::V4(env.lab.expected_addrs(1).v4);
     let alice_id = env.session_of(alice).unwrap()["id"].clone();
 
-    let lock = support::sqlite_lock::SqliteLock::take(&env.state.join("tunmeter.db"));
+    let lock = support::sqlite::SqliteLock::take(&env.state.join("tunmeter.db"));
     env.lab.connect(1).unwrap();
     // The daemon cannot write bob's session: the hook fails, OpenVPN refuses him.
     let t0 = Instant::now();

@@ -49,17 +49,13 @@ impl Env {
 
     /// `management`: the daemon follows both management interfaces; else only the hook.
     fn with_config(prefix: &str, clients: usize, management: bool) -> Env {
-        let state = PathBuf::from(format!("/tmp/tmtest-state-{prefix}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&state);
-        std::fs::create_dir_all(&state).unwrap();
+        let (state, log) = support::env::daemon_paths(prefix);
         let mut cfg = OvpnLabConfig::demo(prefix, clients);
         cfg.hook = Some(format!("{} hook openvpn --state-dir {}", support::daemon::BIN, state.display()));
         let lab = OvpnLab::up(cfg).expect("OpenVPN lab up");
         let hooks = Receiver::start(&lab.server_ns());
         let config = state.join("tunmeter.toml");
         std::fs::write(&config, daemon_config(hooks.port, management)).unwrap();
-        let log = PathBuf::from(format!("/tmp/tmtest-{prefix}-{}.log", std::process::id()));
-        let _ = std::fs::remove_file(&log);
         Env { lab, pins: PinDir::new(prefix), state, log, config, node: prefix.into(), hooks }
     }
 

@@ -107,12 +107,8 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn registry_on_sqlite() {
-    let dir = std::env::temp_dir().join(format!("tmtest-registry-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.join("t.db").display());
-    rt().block_on(store_suite(&url));
-    std::fs::remove_dir_all(&dir).unwrap();
+    let db = support::sqlite::SqliteFile::new("registry");
+    rt().block_on(store_suite(&db.url));
 }
 
 #[test]

@@ -12,6 +12,17 @@ use super::{PinDir, daemon::Daemon};
 pub const SUBNET_ARGS: [&str; 8] =
     ["--subnet", "10.8.0.0/24", "--subnet", "fd00:8::/64", "--subnet", "10.9.0.0/24", "--subnet", "fd00:9::/64"];
 
+/// A fresh, empty state directory `/tmp/tmtest-state-<tag>-<pid>` and a log path
+/// `/tmp/tmtest-<tag>-<pid>.log` (no file yet) for one test's daemon.
+pub fn daemon_paths(tag: &str) -> (PathBuf, PathBuf) {
+    let state = PathBuf::from(format!("/tmp/tmtest-state-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&state).unwrap_or_else(|e| panic!("create {}: {e}", state.display()));
+    let log = PathBuf::from(format!("/tmp/tmtest-{tag}-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    (state, log)
+}
+
 pub struct LabEnv {
     pub lab: Lab,
     pub oracle: Oracle,
@@ -26,10 +37,7 @@ impl LabEnv {
     pub fn new(prefix: &str, tun_clients: usize, eth_clients: usize) -> LabEnv {
         let lab = Lab::up(LabConfig { prefix: prefix.into(), tun_clients, eth_clients }).expect("lab up");
         let oracle = Oracle::install(&lab).expect("oracle");
-        let state = PathBuf::from(format!("/tmp/tmtest-state-{prefix}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&state);
-        let log = PathBuf::from(format!("/tmp/tmtest-{prefix}-{}.log", std::process::id()));
-        let _ = std::fs::remove_file(&log);
+        let (state, log) = daemon_paths(prefix);
         LabEnv { lab, oracle, pins: PinDir::new(prefix), state, log, node: prefix.into() }
     }
 

@@ -8,7 +8,7 @@ pub mod env;
 pub mod packet;
 pub mod postgres;
 pub mod proxies;
-pub mod sqlite_lock;
+pub mod sqlite;
 pub mod steer;
 
 use std::{

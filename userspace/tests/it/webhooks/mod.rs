@@ -92,15 +92,11 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn sqlite_webhooks() {
-    let dir = std::env::temp_dir().join(format!("tmtest-webhooks-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.join("t.db").display());
+    let file = support::sqlite::SqliteFile::new("webhooks");
     rt().block_on(async {
-        let db = Database::open(&url).await.expect("open database");
+        let db = Database::open(&file.url).await.expect("open database");
         all_scenarios(&db).await;
     });
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -120,10 +116,8 @@ fn postgres_webhooks() {
 
 #[tokio::test]
 async fn bad_endpoints_are_clear_errors() {
-    let dir = std::env::temp_dir().join(format!("tmtest-webhooks-cfg-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = Database::open(&format!("sqlite://{}?mode=rwc", dir.join("t.db").display())).await.unwrap();
+    let file = support::sqlite::SqliteFile::new("webhooks-cfg");
+    let db = Database::open(&file.url).await.unwrap();
     let ok = endpoint("panel", "http://127.0.0.1:9/hooks".into(), b"k", &EventKind::ALL);
     let cases: Vec<(Vec<Endpoint>, &str)> = vec![
         (vec![ok.clone(), ok.clone()], "two webhooks have this name"),
@@ -150,7 +144,6 @@ async fn bad_endpoints_are_clear_errors() {
     assert_eq!(ok.backoff(5), Duration::from_millis(800));
     assert_eq!(ok.backoff(6), Duration::from_secs(1));
     assert_eq!(ok.backoff(1000), Duration::from_secs(1));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

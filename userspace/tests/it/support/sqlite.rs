@@ -1,7 +1,33 @@
-//! SQLite "down": another process (the sqlite3 CLI) holds the write lock, as a stuck backup or
-//! a full disk would stop writes. Released on drop.
+//! SQLite for the store tests: a fresh database file per test, and SQLite "down" (another
+//! process, the sqlite3 CLI, holds the write lock, as a stuck backup or a full disk would stop
+//! writes; released on drop).
 
 use std::io::{BufRead as _, Write as _};
+
+/// A fresh SQLite database `<tmp>/tmtest-<tag>-<pid>/t.db`, its directory removed on drop.
+pub struct SqliteFile {
+    dir: std::path::PathBuf,
+    pub path: std::path::PathBuf,
+    /// `sqlite://<path>?mode=rwc`
+    pub url: String,
+}
+
+impl SqliteFile {
+    pub fn new(tag: &str) -> SqliteFile {
+        let dir = std::env::temp_dir().join(format!("tmtest-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let path = dir.join("t.db");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        SqliteFile { dir, path, url }
+    }
+}
+
+impl Drop for SqliteFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
 
 pub struct SqliteLock(std::process::Child);
 
