@@ -2,7 +2,7 @@
 //! (50 MiB each, fragmented UDP), per-rule counters equal nftables `forward` hook counters, a
 //! deleted rule refuses new connections while the others keep working.
 
-use super::forward_lab::{Forward, Scratch, curl};
+use super::forward_lab::{Forward, Scratch, curl, lab_routes};
 use super::*;
 
 // ---- tests ----
@@ -16,12 +16,7 @@ fn fixtures_work_without_steering() {
         return;
     }
     let env = Env::new("tmsx", 1, 2);
-    let srv = env.lab.server_ns();
-    let device = env.lab.tun_clients()[0].clone();
-    let (customer, web_host) = (env.lab.eth_clients()[0].clone(), env.lab.eth_clients()[1].clone());
-    ns_sh(&srv, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-    ns_sh(&device.ns, &["ip", "route", "add", "default", "dev", "tun0"]);
-    ns_sh(&web_host.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
+    let (srv, device, customer, web_host) = lab_routes(&env);
     ns_sh(&customer.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
     let web = WebServer::start(&web_host.ns, WEB_PORT);
     let tiny = Proxy::tinyproxy(&device.ns, HTTP_PROXY_PORT);

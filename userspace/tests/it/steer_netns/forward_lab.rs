@@ -58,16 +58,23 @@ pub(super) struct Forward {
     pub(super) web_host: Client,
 }
 
+/// The lab of the forwarding tests (one device behind the VPN, a customer and a web host on
+/// the Ethernet side) with its routes: the daemon does not enable forwarding, and the device
+/// reaches the web through the server. Returns (server namespace, device, customer, web host).
+pub(super) fn lab_routes(env: &Env) -> (String, Client, Client, Client) {
+    let srv = env.lab.server_ns();
+    let device = env.lab.tun_clients()[0].clone();
+    let (customer, web_host) = (env.lab.eth_clients()[0].clone(), env.lab.eth_clients()[1].clone());
+    ns_sh(&srv, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    ns_sh(&device.ns, &["ip", "route", "add", "default", "dev", "tun0"]);
+    ns_sh(&web_host.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
+    (srv, device, customer, web_host)
+}
+
 impl Forward {
     pub(super) fn new(prefix: &str) -> Forward {
         let env = Env::new(prefix, 1, 2);
-        let srv = env.lab.server_ns();
-        let device = env.lab.tun_clients()[0].clone();
-        let (customer, web_host) = (env.lab.eth_clients()[0].clone(), env.lab.eth_clients()[1].clone());
-        // The daemon does not enable forwarding; the device reaches the web through the server.
-        ns_sh(&srv, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-        ns_sh(&device.ns, &["ip", "route", "add", "default", "dev", "tun0"]);
-        ns_sh(&web_host.ns, &["ip", "route", "add", "10.8.0.0/24", "via", "10.9.0.1"]);
+        let (_, device, customer, web_host) = lab_routes(&env);
         let daemon = env.start_daemon(&[]);
         let web = WebServer::start(&web_host.ns, WEB_PORT);
         let tinyproxy = Proxy::tinyproxy(&device.ns, HTTP_PROXY_PORT);
