@@ -1,9 +1,9 @@
-//! Thin, safe wrappers over the few raw syscalls the lab needs (setns, TUN, eventfd, poll).
+//! Thin, safe wrappers over the few raw syscalls the lab needs (setns, unshare, link up, TUN,
+//! eventfd, poll). Sockets are in `sockets`.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -24,6 +24,45 @@ pub(crate) fn enter_netns(ns: &str) -> Result<()> {
     let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {
         return Err(io::Error::last_os_error()).with_context(|| format!("setns({ns})"));
+    }
+    Ok(())
+}
+
+/// Move the *calling thread* into a new, empty network namespace.
+pub(crate) fn unshare_netns() -> Result<()> {
+    // SAFETY: plain syscall; it affects only the calling thread's namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
+    }
+    Ok(())
+}
+
+/// Bring the device `name` of the calling thread's namespace up (SIOCGIFFLAGS, SIOCSIFFLAGS).
+pub(crate) fn link_up(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        bail!("bad interface name {name:?}");
+    }
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket");
+    }
+    // SAFETY: fresh fd owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: both ioctls take a pointer to a struct ifreq that lives across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr as *mut libc::ifreq) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("SIOCGIFFLAGS {name}"));
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above: `ifr` lives across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS as _, &ifr as *const libc::ifreq) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("SIOCSIFFLAGS {name}"));
     }
     Ok(())
 }
@@ -146,96 +185,4 @@ pub(crate) fn write_packet(fd: RawFd, pkt: &[u8]) -> io::Result<()> {
         return Err(io::Error::other("short write to tun"));
     }
     Ok(())
-}
-
-fn socket_for(addr: &SocketAddr, ty: libc::c_int) -> Result<OwnedFd> {
-    let domain = match addr {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: plain syscall.
-    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("socket");
-    }
-    // SAFETY: fresh fd owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    let set = |level, opt| {
-        // SAFETY: option value is a live c_int.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                level,
-                opt,
-                &one as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-    };
-    set(libc::SOL_SOCKET, libc::SO_REUSEADDR).context("SO_REUSEADDR")?;
-    if domain == libc::AF_INET6 {
-        // Separate v4 and v6 sockets: make the v6 one v6-only so both can bind the same port.
-        set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).context("IPV6_V6ONLY")?;
-    }
-    let (storage, len) = sockaddr_of(addr);
-    // SAFETY: storage holds a valid sockaddr of length len.
-    let rc =
-        unsafe { libc::bind(fd.as_raw_fd(), &storage as *const libc::sockaddr_storage as *const libc::sockaddr, len) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("bind {addr}"));
-    }
-    Ok(fd)
-}
-
-fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero sockaddr_storage is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in6.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
-/// TCP listener with SO_REUSEADDR (and IPV6_V6ONLY for v6), non-blocking.
-pub(crate) fn tcp_listener(addr: SocketAddr) -> Result<TcpListener> {
-    let fd = socket_for(&addr, libc::SOCK_STREAM)?;
-    // SAFETY: plain syscall on a valid fd.
-    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
-        return Err(io::Error::last_os_error()).context("listen");
-    }
-    let l = TcpListener::from(fd);
-    l.set_nonblocking(true)?;
-    Ok(l)
-}
-
-/// UDP socket with SO_REUSEADDR (and IPV6_V6ONLY for v6), non-blocking.
-pub(crate) fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
-    let fd = socket_for(&addr, libc::SOCK_DGRAM)?;
-    let s = UdpSocket::from(fd);
-    s.set_nonblocking(true)?;
-    Ok(s)
 }

@@ -14,16 +14,14 @@
 //! Every socket operation times out after [`IO_TIMEOUT`]; loops are bounded.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread::JoinHandle;
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::in_netns;
-use crate::sys::{StopSignal, enter_netns, poll_readable, tcp_listener, udp_socket};
+use crate::servers::Servers;
+use crate::sys::StopSignal;
 pub use crate::traffic::IO_TIMEOUT;
 
 /// TCP port of the transfer server.
@@ -48,11 +46,7 @@ fn fill(buf: &mut [u8], offset: u64) {
 }
 
 /// The transfer server threads (stopped and joined on [`TransferServer::stop`] or drop).
-pub struct TransferServer {
-    stop: Arc<StopSignal>,
-    threads: Vec<JoinHandle<()>>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
+pub struct TransferServer(Servers);
 
 impl std::fmt::Debug for TransferServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,105 +57,25 @@ impl std::fmt::Debug for TransferServer {
 impl TransferServer {
     /// Listen on TCP 5003 and UDP 5004 (IPv4 and IPv6, all addresses) inside `ns`.
     pub fn start(ns: &str) -> Result<TransferServer> {
-        let stop = Arc::new(StopSignal::new()?);
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let mut srv = TransferServer { stop: stop.clone(), threads: Vec::new(), conns: conns.clone() };
-        let (tx, rx) = mpsc::channel::<Result<()>>();
-        {
-            let (ns, stop, tx) = (ns.to_string(), stop.clone(), tx.clone());
-            srv.threads.push(
-                std::thread::Builder::new()
-                    .name("xfer-tcp".into())
-                    .spawn(move || tcp_server(&ns, &stop, &conns, tx))?,
-            );
-        }
-        {
-            let (ns, stop) = (ns.to_string(), stop.clone());
-            srv.threads
-                .push(std::thread::Builder::new().name("xfer-udp".into()).spawn(move || udp_server(&ns, &stop, tx))?);
-        }
-        for _ in 0..2 {
-            rx.recv_timeout(IO_TIMEOUT).map_err(|_| anyhow!("transfer server thread did not start in time"))??;
-        }
-        Ok(srv)
+        let mut out = vec![0u8; UDP_MAX];
+        let reply = move |u: &UdpSocket, d: &[u8], from: SocketAddr| {
+            if d.len() < UDP_MIN_UP {
+                return;
+            }
+            let size = u32::from_be_bytes(d[..4].try_into().expect("4 bytes")) as usize;
+            if !(UDP_MIN_DOWN..=UDP_MAX).contains(&size) {
+                return;
+            }
+            fill(&mut out[..size], 0);
+            out[..4].copy_from_slice(&d[4..8]);
+            let _ = u.send_to(&out[..size], from);
+        };
+        Ok(TransferServer(Servers::start(ns, "xfer", (TCP_PORT, serve_tcp), (UDP_PORT, reply))?))
     }
 
     /// Stop and join every thread.
     pub fn stop(&mut self) {
-        self.stop.trigger();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        let conns: Vec<_> = self.conns.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
-        for t in conns {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for TransferServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn bind_pair<T>(ns: &str, f: impl Fn(SocketAddr) -> Result<T>, port: u16) -> Result<(T, T)> {
-    enter_netns(ns)?;
-    Ok((f(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?, f(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?))
-}
-
-fn tcp_server(
-    ns: &str,
-    stop: &Arc<StopSignal>,
-    conns: &Arc<Mutex<Vec<JoinHandle<()>>>>,
-    ready: mpsc::Sender<Result<()>>,
-) {
-    let (l4, l6): (TcpListener, TcpListener) = match bind_pair(ns, tcp_listener, TCP_PORT) {
-        Ok(p) => {
-            let _ = ready.send(Ok(()));
-            p
-        }
-        Err(e) => {
-            let _ = ready.send(Err(e.context("transfer tcp server")));
-            return;
-        }
-    };
-    let fds = [stop.fd(), l4.as_raw_fd(), l6.as_raw_fd()];
-    while !stop.is_set() {
-        let Ok(r) = poll_readable(&fds, Duration::from_millis(200)) else {
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
-        };
-        for (i, l) in [(1, &l4), (2, &l6)] {
-            if !r[i] {
-                continue;
-            }
-            for _ in 0..64 {
-                let Ok((s, _)) = l.accept() else { break };
-                let stop = stop.clone();
-                if let Ok(h) = std::thread::Builder::new().name("xfer-conn".into()).spawn(move || {
-                    if let Err(e) = serve_tcp(s, &stop) {
-                        tracing_like(&format!("transfer tcp: {e:#}"));
-                    }
-                }) {
-                    let mut g = conns.lock().unwrap_or_else(|p| p.into_inner());
-                    let (done, live): (Vec<_>, Vec<_>) = g.drain(..).partition(|h| h.is_finished());
-                    for d in done {
-                        let _ = d.join();
-                    }
-                    *g = live;
-                    g.push(h);
-                }
-            }
-        }
-    }
-}
-
-/// Errors of server threads go to stderr only with `TUNMETER_LAB_DEBUG` set (a client that gives
-/// up makes the server side fail too, and the client reports that already).
-fn tracing_like(msg: &str) {
-    if std::env::var_os("TUNMETER_LAB_DEBUG").is_some() {
-        eprintln!("tunmeter-lab: {msg}");
+        self.0.stop();
     }
 }
 
@@ -229,46 +143,6 @@ fn serve_tcp(mut s: TcpStream, stop: &StopSignal) -> Result<()> {
     // Wait for the client's close (EOF), so our FIN is not followed by a RST.
     let _ = read_some(&mut s, &mut buf, stop, &mut last);
     Ok(())
-}
-
-fn udp_server(ns: &str, stop: &StopSignal, ready: mpsc::Sender<Result<()>>) {
-    let (u4, u6): (UdpSocket, UdpSocket) = match bind_pair(ns, udp_socket, UDP_PORT) {
-        Ok(p) => {
-            let _ = ready.send(Ok(()));
-            p
-        }
-        Err(e) => {
-            let _ = ready.send(Err(e.context("transfer udp server")));
-            return;
-        }
-    };
-    let fds = [stop.fd(), u4.as_raw_fd(), u6.as_raw_fd()];
-    let mut buf = vec![0u8; 65536];
-    let mut out = vec![0u8; UDP_MAX];
-    while !stop.is_set() {
-        let Ok(r) = poll_readable(&fds, Duration::from_millis(200)) else {
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
-        };
-        for (i, u) in [(1, &u4), (2, &u6)] {
-            if !r[i] {
-                continue;
-            }
-            for _ in 0..256 {
-                let Ok((n, from)) = u.recv_from(&mut buf) else { break };
-                if n < UDP_MIN_UP {
-                    continue;
-                }
-                let size = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
-                if !(UDP_MIN_DOWN..=UDP_MAX).contains(&size) {
-                    continue;
-                }
-                fill(&mut out[..size], 0);
-                out[..4].copy_from_slice(&buf[4..8]);
-                let _ = u.send_to(&out[..size], from);
-            }
-        }
-    }
 }
 
 /// From inside `ns`, connect to `dst`:5003, send exactly `upload` TCP payload bytes (>= 16) and

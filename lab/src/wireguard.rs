@@ -31,7 +31,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::procs::{LabProc, kill_leftovers, tail, wait_for};
-use crate::{init_ns, ipn, netns_exec, run, run_stdin, sys, traffic, validate_prefix};
+use crate::{ipn, netns_exec, run, run_stdin, sys, traffic, validate_prefix};
 
 /// Server listen port.
 pub const WG_PORT: u16 = 51820;
@@ -123,7 +123,7 @@ fn keypair(dir: &Path, name: &str) -> Result<KeyPair> {
 pub struct WgLab {
     prefix: String,
     dir: PathBuf,
-    namespaces: Vec<String>,
+    namespaces: crate::Namespaces,
     procs: Vec<LabProc>,
     server_key: Option<KeyPair>,
     peer_keys: Vec<KeyPair>,
@@ -149,7 +149,7 @@ impl WgLab {
         let mut lab = WgLab {
             prefix: prefix.to_string(),
             dir: lab_dir(prefix),
-            namespaces: Vec::new(),
+            namespaces: crate::Namespaces::new(),
             procs: Vec::new(),
             server_key: None,
             peer_keys: Vec::new(),
@@ -161,9 +161,7 @@ impl WgLab {
     }
 
     fn add_ns(&mut self, ns: &str) -> Result<()> {
-        run("ip", &["netns", "add", ns])?;
-        self.namespaces.push(ns.to_string());
-        init_ns(ns, false)
+        self.namespaces.add(ns, false)
     }
 
     /// Start `wireguard-go -f iface` in `ns` and wait for its device and control socket.
@@ -366,11 +364,8 @@ impl WgLab {
                 errors.push(format!("{e:#}"));
             }
         }
-        crate::delete_namespaces(&mut self.namespaces, &mut errors);
-        if let Err(e) = cleanup(&self.prefix) {
-            errors.push(format!("{e:#}"));
-        }
-        if errors.is_empty() { Ok(()) } else { Err(anyhow!("WireGuard lab cleanup: {}", errors.join("; "))) }
+        let prefix = self.prefix.clone();
+        crate::finish_cleanup("WireGuard lab", &mut self.namespaces, errors, || cleanup(&prefix))
     }
 }
 

@@ -52,20 +52,24 @@ impl Tasks {
     /// forever when the group is empty (for use in `select!`).
     pub async fn next_exit(&mut self) -> &'static str {
         match self.set.join_next_with_id().await {
-            Some(r) => self.collect(r, "ended before the daemon stopped"),
+            Some(r) => self.collect(r, "ended before the daemon stopped").0,
             None => std::future::pending().await,
         }
     }
 
     /// Cancel the token, wait up to `grace` for every task to return, abort the rest. Every
-    /// outcome is logged.
-    pub async fn shutdown(mut self, grace: Duration) {
+    /// outcome is logged; the names of the tasks that failed, panicked or had to be aborted are
+    /// returned.
+    pub async fn shutdown(mut self, grace: Duration) -> Vec<&'static str> {
         self.token.cancel();
         let deadline = tokio::time::Instant::now() + grace;
+        let mut bad = Vec::new();
         while !self.set.is_empty() {
             match tokio::time::timeout_at(deadline, self.set.join_next_with_id()).await {
                 Ok(Some(r)) => {
-                    self.collect(r, "stopped");
+                    if let (name, false) = self.collect(r, "stopped") {
+                        bad.push(name);
+                    }
                 }
                 Ok(None) => break,
                 Err(_) => {
@@ -74,11 +78,12 @@ impl Tasks {
                     }
                     self.set.abort_all();
                     while let Some(r) = self.set.join_next_with_id().await {
-                        self.collect(r, "aborted");
+                        bad.push(self.collect(r, "aborted").0);
                     }
                 }
             }
         }
+        bad
     }
 
     /// Abort every task at once without cancelling (what a crash does; for tests).
@@ -86,17 +91,19 @@ impl Tasks {
         self.set.abort_all();
     }
 
-    fn collect(&mut self, r: Result<(Id, Result<(), String>), JoinError>, how: &str) -> &'static str {
+    /// Log how a task ended; its name and whether it returned `Ok`.
+    fn collect(&mut self, r: Result<(Id, Result<(), String>), JoinError>, how: &str) -> (&'static str, bool) {
         let (id, outcome) = match r {
             Ok((id, res)) => (id, res.map_err(|e| format!("failed: {e}"))),
-            Err(e) => (e.id(), if e.is_panic() { Err("panicked".to_string()) } else { Ok(()) }),
+            Err(e) if e.is_panic() => (e.id(), Err("panicked".to_string())),
+            Err(e) => (e.id(), Err(how.to_string())),
         };
         let name = self.names.remove(&id).unwrap_or("unknown");
-        match outcome {
+        match &outcome {
             Ok(()) => debug!(task = name, "task {how}"),
             Err(e) => error!(task = name, "task {e}"),
         }
-        name
+        (name, outcome.is_ok())
     }
 }
 
@@ -124,7 +131,7 @@ mod tests {
         t.spawn("failing", async { Err::<(), _>("boom") });
         assert_eq!(t.len(), 3);
         assert_eq!(t.next_exit().await, "failing");
-        t.shutdown(Duration::from_millis(200)).await;
+        assert_eq!(t.shutdown(Duration::from_millis(200)).await, ["stuck"]);
         assert!(rx.await.is_ok(), "the polite task saw the cancellation");
         assert!(aborted.await.is_err(), "the stuck task was aborted");
     }

@@ -121,8 +121,10 @@ fn bench() -> Result<()> {
     std::fs::create_dir_all(target_dir()).with_context(|| format!("creating {}", target_dir().display()))?;
     let mut file = File::create(&report).with_context(|| format!("creating {}", report.display()))?;
     let mut c = cmd("cargo");
-    c.args(["test", "--release", "-p", "tunmeter", "--test", "bench", "--"])
-        .args(["--ignored", "--nocapture", "--test-threads=1"])
+    // The benchmark is the `bench` module of the one integration-test binary `it`, ignored by
+    // default: select it by filter.
+    c.args(["test", "--release", "-p", "tunmeter", "--test", "it", "--"])
+        .args(["bench::", "--ignored", "--nocapture", "--test-threads=1"])
         .env("TUNMETER_REQUIRE_ROOT_TESTS", "1")
         .stdout(Stdio::piped());
     let what = describe(&c);
@@ -147,7 +149,7 @@ fn bench() -> Result<()> {
 /// command, commit and machine that produced them.
 fn write_benchmarks_md(report: &std::path::Path) -> Result<()> {
     let text = std::fs::read_to_string(report).with_context(|| format!("reading {}", report.display()))?;
-    // The report starts mid-line (after libtest's "test bench ... ") and ends before "ok".
+    // The report starts mid-line (after libtest's "test bench::bench ... ") and ends before "ok".
     let start = text.find("# tunmeter benchmarks").context("no benchmark report in the output")?;
     let body = &text[start..];
     let body = body.find("\nok\n").map_or(body, |end| &body[..end]);

@@ -1,0 +1,95 @@
+//! Section 1: ns/packet of the counting program under BPF_PROG_TEST_RUN with 1, 10,000 and
+//! 100,000 clients (IPv4, IPv6, L2, outside subnets, not IP, the empty program), and the cost
+//! of reading the whole client map entry by entry and batched.
+
+use super::*;
+
+pub(super) fn ns_per_packet() {
+    println!("## Counting program, BPF_PROG_TEST_RUN: median of {SAMPLES} runs of {REPEAT} repeats per figure");
+    println!("Figures are ns/packet as BPF_PROG_TEST_RUN reports them; in parentheses, minus the");
+    println!("harness cost (an empty program run the same way, last column).");
+    println!();
+    println!(
+        "| clients in map | IPv4 client | IPv6 client | IPv4 client, L2 variant | outside subnets | not IP | empty program |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut empty = EmptyProgram::load();
+    let mut read_ms = None;
+    for n in [1u32, 10_000, 100_000] {
+        let mut h = Harness::new(Layer::L3, 262_144, &["10.8.0.0/16", "fd00:8::/64"]);
+        fill(&h, n, false);
+        fill(&h, n, true);
+        let mut h2 = Harness::new(Layer::L2, 262_144, &["10.8.0.0/16"]);
+        fill(&h2, n, false);
+        // A client in the middle of the populated range.
+        let mid = n / 2;
+        let v4 = std::net::Ipv4Addr::from(0x0a08_0000u32 + mid).to_string();
+        let v6 = Ipv6Addr::new(0xfd00, 8, 0, 0, 0, 0, (mid >> 16) as u16, mid as u16).to_string();
+        let udp = Packet::udp().ports(1, 2).payload([0; 64]).l4_checksum(0);
+        let (p4, p6, po) = (
+            udp.clone().src(&v4).dst("1.1.1.1"),
+            udp.clone().src(&v6).dst("2001:db8::1"),
+            udp.src("192.168.7.7").dst("1.1.1.1"),
+        );
+        let (p4_frame, not_ip) = (p4.clone().eth().build(), Packet::junk([0u8; 64]).build());
+        let (p4, p6, po) = (p4.build(), p6.build(), po.build());
+        let t4 = sampled(|| h.time(PROG_INGRESS, &p4, REPEAT));
+        let t6 = sampled(|| h.time(PROG_INGRESS, &p6, REPEAT));
+        let to = sampled(|| h.time(PROG_INGRESS, &po, REPEAT));
+        // Not IP: harness, parse and one stats bump, no hash lookup.
+        let tn = sampled(|| h.time(PROG_INGRESS, &not_ip, REPEAT));
+        let te = empty.time(&p4);
+        let t2 = sampled(|| h2.time(PROG_INGRESS, &p4_frame, REPEAT));
+        let c = h.client(&v4).unwrap();
+        assert_eq!(c.up_packets, REPEAT as u64 * SAMPLES as u64, "every repeat counted");
+        println!(
+            "| {n} | {t4:.0} ({:.0}) | {t6:.0} ({:.0}) | {t2:.0} ({:.0}) | {to:.0} | {tn:.0} | {te:.0} |",
+            t4 - te,
+            t6 - te,
+            t2 - te
+        );
+        if n == 100_000 {
+            read_ms = Some(map_read(&h));
+        }
+    }
+    println!();
+    if let Some((n, iter_ms, batch_ms)) = read_ms {
+        println!(
+            "Reading the whole client map from userspace ({n} entries, per-CPU values summed, median of {READS}): \
+             {iter_ms:.0} ms one entry at a time, {batch_ms:.1} ms batched (BPF_MAP_LOOKUP_BATCH), {:.1}x faster.",
+            iter_ms / batch_ms
+        );
+        println!();
+    }
+}
+
+/// Whole-map reads timed per method, each the median of this many.
+const READS: usize = 3;
+
+/// What a poll (or `tunmeter clients`) costs: aya 0.16 iteration (one get-next-key and one
+/// lookup syscall per entry) vs `read_sums` (BPF_MAP_LOOKUP_BATCH, many entries per syscall).
+/// Returns (client entries, iterative ms, batched ms).
+fn map_read(h: &Harness) -> (usize, f64, f64) {
+    let (iter_ms, mut by_entry) = median_ms(|| {
+        let map = h.maps.clients().unwrap();
+        map.iter().map(|e| e.map(|(k, v)| (k, sum_cpus(v.iter()))).unwrap()).collect::<Vec<_>>()
+    });
+    let (batch_ms, mut batched) = median_ms(|| read_sums(&h.maps).unwrap());
+    by_entry.sort_by_key(|(k, _)| *k);
+    batched.sort_by_key(|(k, _)| *k);
+    assert!(by_entry == batched, "batched and iterative reads agree");
+    (batched.iter().filter(|(k, _)| !k.is_reserved()).count(), iter_ms, batch_ms)
+}
+
+/// Median wall-clock milliseconds of READS calls of `f`, and the last call's result.
+fn median_ms<T>(mut f: impl FnMut() -> T) -> (f64, T) {
+    let mut last = None;
+    let times = (0..READS)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            last = Some(f());
+            t0.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    (median(times), last.expect("READS > 0"))
+}

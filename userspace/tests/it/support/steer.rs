@@ -1,0 +1,180 @@
+//! The steering maps pinned by a `Harness` (or a daemon), read and written directly with
+//! explicit rule ids: forward rules, flows, fragments, redirect sources, bypass, rule counters and
+//! events. The fixtures and the benchmark use this one type.
+//!
+//! Not `tunmeter::steer::SteerMaps`: that allocates rule ids by scanning every rule (quadratic
+//! for 10,000 rules), takes the host-wide steering lock, and reads neither flows nor fragments.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use ipnet::IpNet;
+use tunmeter::steer::table::addr_key;
+use tunmeter_common::{
+    AddrKey, BypassValue, FlowKey, FlowNat, FragKey, FragNat, FwdKey, FwdRule, MAP_FWD_FLOWS, MAP_FWD_FRAGS,
+    MAP_FWD_RULES, MAP_REDIRECT_BYPASS, MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS, MAP_STEER_STATS, OutcomeCounter,
+    RedirectRule, RuleCounters, SteerEvent,
+};
+
+use super::packet::ToIp;
+
+/// An IPv4 address as the maps hold it (packet byte order in a `u32`).
+pub fn addr(a: impl ToIp) -> u32 {
+    match a.to_ip() {
+        IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
+        a => panic!("{a}: the steering maps hold IPv4 addresses"),
+    }
+}
+
+/// A map address back as an `Ipv4Addr`.
+pub fn show_addr(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(a.to_ne_bytes())
+}
+
+/// A flow-table key (the reply's view: device -> customer).
+pub fn flow_key(device: impl ToIp, device_port: u16, customer: impl ToIp, customer_port: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        device_addr: addr(device),
+        customer_addr: addr(customer),
+        device_port_be: device_port.to_be(),
+        customer_port_be: customer_port.to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// A fragment-table key.
+pub fn frag_key(src: impl ToIp, dst: impl ToIp, id: u16, proto: u8, dir: u8) -> FragKey {
+    FragKey { src: addr(src), dst: addr(dst), id_be: id.to_be(), proto, dir }
+}
+
+/// A forward rule: protocol, public port, public address (None: any), device address and
+/// port, rule id.
+pub type Forward = (u8, u16, Option<Ipv4Addr>, Ipv4Addr, u16, u32);
+
+/// The steering maps pinned in one directory.
+pub struct SteerTables {
+    dir: PathBuf,
+}
+
+impl SteerTables {
+    pub fn new(pins: &Path) -> SteerTables {
+        SteerTables { dir: pins.to_owned() }
+    }
+
+    fn open(&self, name: &str) -> Map {
+        let data = MapData::from_pin(self.dir.join(name))
+            .unwrap_or_else(|e| panic!("steering map {name} not pinned in {}: {e}", self.dir.display()));
+        Map::from_map_data(data).unwrap()
+    }
+
+    fn fwd_rules(&self) -> HashMap<MapData, FwdKey, FwdRule> {
+        HashMap::try_from(self.open(MAP_FWD_RULES)).unwrap()
+    }
+
+    fn fwd_flows(&self) -> HashMap<MapData, FlowKey, FlowNat> {
+        HashMap::try_from(self.open(MAP_FWD_FLOWS)).unwrap()
+    }
+
+    fn redirects(&self) -> LpmTrie<MapData, AddrKey, RedirectRule> {
+        LpmTrie::try_from(self.open(MAP_REDIRECT_SOURCES)).unwrap()
+    }
+
+    /// One forward rule, addresses as text.
+    pub fn add_forward(&self, proto: u8, public_port: u16, public: Option<&str>, device: &str, port: u16, id: u32) {
+        let v4 = |a: &str| a.parse::<Ipv4Addr>().unwrap_or_else(|e| panic!("{a}: {e}"));
+        self.add_forwards([(proto, public_port, public.map(v4), v4(device), port, id)]);
+    }
+
+    pub fn add_forwards(&self, rules: impl IntoIterator<Item = Forward>) {
+        let mut m = self.fwd_rules();
+        for (proto, port, public, device, device_port, rule_id) in rules {
+            let key = FwdKey { proto, _pad: 0, port_be: port.to_be() };
+            let rule = FwdRule {
+                public_addr: public.map_or(0, addr),
+                device_addr: addr(device),
+                device_port_be: device_port.to_be(),
+                _pad: 0,
+                rule_id,
+                flags: 0,
+                _pad2: 0,
+            };
+            m.insert(&key, &rule, 0).unwrap();
+        }
+    }
+
+    pub fn forward_count(&self) -> usize {
+        self.fwd_rules().keys().count()
+    }
+
+    /// Insert flow-table entries: (key, public address, public port, rule id).
+    pub fn add_flows(&self, flows: impl IntoIterator<Item = (FlowKey, Ipv4Addr, u16, u32)>) {
+        let mut m = self.fwd_flows();
+        for (key, public, port, rule_id) in flows {
+            let nat = FlowNat { public_addr: addr(public), public_port_be: port.to_be(), _pad: 0, rule_id, _pad2: 0 };
+            m.insert(&key, &nat, 0).unwrap();
+        }
+    }
+
+    /// Every flow, sorted by ports, protocol and customer.
+    pub fn flows(&self) -> Vec<(FlowKey, FlowNat)> {
+        let mut v: Vec<(FlowKey, FlowNat)> = self.fwd_flows().iter().map(Result::unwrap).collect();
+        v.sort_by_key(|(k, _)| (k.device_port_be, k.customer_port_be, k.proto, k.customer_addr));
+        v
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowNat> {
+        self.fwd_flows().get(key, 0).ok()
+    }
+
+    pub fn frags(&self) -> Vec<(FragKey, FragNat)> {
+        let m: HashMap<MapData, FragKey, FragNat> = HashMap::try_from(self.open(MAP_FWD_FRAGS)).unwrap();
+        m.iter().map(Result::unwrap).collect()
+    }
+
+    /// One redirect rule: source subnet as text, proxy port, rule id.
+    pub fn add_redirect(&self, source: &str, proxy_port: u16, rule_id: u32) {
+        self.add_redirects([(source.parse().unwrap_or_else(|e| panic!("{source}: {e}")), proxy_port, rule_id)]);
+    }
+
+    /// Insert redirect rules: (source, proxy port, rule id).
+    pub fn add_redirects(&self, rules: impl IntoIterator<Item = (IpNet, u16, u32)>) {
+        let mut t = self.redirects();
+        for (source, proxy_port, rule_id) in rules {
+            let rule = RedirectRule { proxy_port_be: proxy_port.to_be(), _pad: 0, rule_id, flags: 0 };
+            t.insert(&addr_key(&source), &rule, 0).unwrap();
+        }
+    }
+
+    pub fn redirect_count(&self) -> usize {
+        self.redirects().keys().count()
+    }
+
+    pub fn add_bypass(&self, nets: impl IntoIterator<Item = IpNet>) {
+        let mut t: LpmTrie<MapData, AddrKey, BypassValue> = LpmTrie::try_from(self.open(MAP_REDIRECT_BYPASS)).unwrap();
+        for net in nets {
+            t.insert(&addr_key(&net), &BypassValue { flags: 0 }, 0).unwrap();
+        }
+    }
+
+    /// A rule's counters, all CPUs.
+    pub fn rule(&self, id: u32) -> RuleCounters {
+        let a: PerCpuArray<MapData, RuleCounters> = PerCpuArray::try_from(self.open(MAP_RULE_COUNTERS)).unwrap();
+        a.get(&id, 0).unwrap().iter().fold(RuleCounters::default(), |s, c| s.plus(*c))
+    }
+
+    /// (packets, bytes) of a steering event, all CPUs.
+    pub fn event(&self, e: SteerEvent) -> (u64, u64) {
+        let a: PerCpuArray<MapData, OutcomeCounter> = PerCpuArray::try_from(self.open(MAP_STEER_STATS)).unwrap();
+        a.get(&(e as u32), 0).unwrap().iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
+    }
+
+    /// Every event that happened: name -> (packets, bytes).
+    pub fn events(&self) -> BTreeMap<&'static str, (u64, u64)> {
+        SteerEvent::ALL.iter().map(|e| (e.name(), self.event(*e))).filter(|(_, c)| *c != (0, 0)).collect()
+    }
+}
