@@ -159,7 +159,7 @@ impl Packet {
                 let ihl = self.ihl.map_or(real_ihl, usize::from);
                 let total = self.ip_len_field.unwrap_or((real_ihl * 4 + l4.len()) as u16);
                 let frag = self.frag_field.unwrap_or(
-                    self.frag_offset / 8
+                    (self.frag_offset / 8)
                         | if self.more_fragments { IP_MF } else { 0 }
                         | if self.dont_fragment { IP_DF } else { 0 },
                 );
