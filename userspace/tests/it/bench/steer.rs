@@ -40,7 +40,6 @@ fn rule_device(i: u32) -> std::net::Ipv4Addr {
 /// checksums.
 fn tcp_packet(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Packet {
     let payload: &[u8] = if flags == SYN { &[] } else { &[0x5a; 64] };
-
     Packet::tcp().src(src).dst(dst).ports(sport, dport).flags(flags).payload(payload).df()
 }
 

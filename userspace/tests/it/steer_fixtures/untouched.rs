@@ -90,25 +90,25 @@ fn truncated_and_malformed_packets_to_a_forwarded_port_pass_untouched() {
         let (mut h, s) = l2_with_rules(n);
         let full_tcp = Packet::tcp().src(n.cust).dst(n.public).ports(CPORT, TCP_PUB_PORT).syn().id(1);
         let full_udp = Packet::udp().src(n.cust).dst(n.public).ports(CPORT, UDP_PUB_PORT).payload(b"abcd").id(2);
-        let mut cases: Vec<(&str, Packet)> = vec![
+        // ICMP errors from the customer, the quote cut inside the inner IP header or before the ports.
+        let reply = Packet::tcp().src(n.public).dst(n.cust).ports(TCP_PUB_PORT, CPORT).ack().id(6).build();
+        let error = Packet::icmp_error(3, 4).rest(1280).src(n.cust).dst(n.public);
+        let cases: Vec<(&str, Packet)> = vec![
             ("IHL 4", full_tcp.clone().ihl(4)),
             // The IHL 5 header's checksum from here on: damage on the way.
             ("IHL 0", full_tcp.clone().poke(0, 0x40)),
+            // IHL 15: the header claims 60 bytes, the packet has 40.
+            ("IHL 15 beyond the packet", full_tcp.clone().poke(0, 0x4f)),
+            // IHL 9: options claimed, so the TCP header would start at 36 and be cut off.
+            ("IHL 9, TCP header cut off by the options", full_tcp.clone().poke(0, 0x49)),
+            // TCP header cut after 10 bytes: ports present, checksum field missing.
+            ("TCP header cut off", full_tcp.clone().id(3).truncate_l4(10)),
+            ("UDP header cut off", full_udp.clone().id(5).truncate_l4(6)),
+            ("IP total length < 20", full_udp.clone().ip_len_field(19)),
+            ("IP version 6 behind an IPv4 EtherType", full_udp.clone().poke(0, 0x65)),
+            ("ICMP error, quote cut in the inner IP header", error.clone().quote(&reply[..12]).id(7)),
+            ("ICMP error, quote without ports", error.quote(&reply[..22]).id(8)),
         ];
-        // IHL 15: the header claims 60 bytes, the packet has 40.
-        cases.push(("IHL 15 beyond the packet", full_tcp.clone().poke(0, 0x4f)));
-        // IHL 9: options claimed, so the TCP header would start at 36 and be cut off.
-        cases.push(("IHL 9, TCP header cut off by the options", full_tcp.clone().poke(0, 0x49)));
-        // TCP header cut after 10 bytes: ports present, checksum field missing.
-        cases.push(("TCP header cut off", full_tcp.clone().id(3).truncate_l4(10)));
-        cases.push(("UDP header cut off", full_udp.clone().id(5).truncate_l4(6)));
-        cases.push(("IP total length < 20", full_udp.clone().ip_len_field(19)));
-        cases.push(("IP version 6 behind an IPv4 EtherType", full_udp.clone().poke(0, 0x65)));
-        // ICMP error from the customer with the quote cut inside the inner IP header.
-        let reply = Packet::tcp().src(n.public).dst(n.cust).ports(TCP_PUB_PORT, CPORT).ack().id(6).build();
-        let error = Packet::icmp_error(3, 4).rest(1280).src(n.cust).dst(n.public);
-        cases.push(("ICMP error, quote cut in the inner IP header", error.clone().quote(&reply[..12]).id(7)));
-        cases.push(("ICMP error, quote without ports", error.quote(&reply[..22]).id(8)));
         // Give those ICMP errors a flow to be about.
         let (syn, _) = tcp_to_public(n, SYN, b"", 0x100);
         assert_eq!(h.run_out(PROG_INGRESS, &syn).0, TC_ACT_UNSPEC);
