@@ -1,4 +1,5 @@
-//! `tunmeter-lab`: a lab of network namespaces for tunmeter's integration tests and demo.
+//! `tunmeter-lab`: a lab of network namespaces for tunmeter's integration tests and demo, with
+//! real OpenVPN and wireguard-go labs, bounded traffic and an nftables oracle to check against.
 //!
 //! Topology for a prefix `P` (at most 8 chars of `[a-z0-9]`):
 //!

@@ -1,4 +1,5 @@
-//! An independent traffic counter built from nftables, to check tunmeter's numbers against.
+//! An independent traffic counter built from nftables netdev chains, to check tunmeter's
+//! numbers against, per client address and direction.
 //!
 //! In the server namespace the oracle installs `table netdev tmoracle` with, for each of `tun0`
 //! and `eth0`, one chain on hook `ingress` and one on hook `egress` (priority 0). Each chain has,

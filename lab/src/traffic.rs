@@ -1,4 +1,5 @@
-//! Bounded test traffic between the clients and the server's echo sinks.
+//! Bounded test traffic between the clients and the server's echo sinks: TCP, UDP and ping,
+//! IPv4 and IPv6, with the byte counts each side expects.
 //!
 //! Every socket operation has a timeout of [`IO_TIMEOUT`]; every loop is bounded.
 

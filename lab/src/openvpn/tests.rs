@@ -1,4 +1,5 @@
-//! Unit tests of the OpenVPN lab's configuration checks and `status 3` parsing.
+//! Unit tests of the OpenVPN lab's configuration checks and of its `status 3` parsing, which
+//! need neither root nor a running OpenVPN.
 
 use super::*;
 

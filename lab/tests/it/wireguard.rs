@@ -1,4 +1,5 @@
-//! Integration tests of the WireGuard lab (wireguard-go + wg; root only, skipped otherwise).
+//! Integration tests of the WireGuard lab: wireguard-go peers in namespaces handshake and carry
+//! traffic, read with `wg` (root only, skipped otherwise).
 
 use std::net::IpAddr;
 use std::path::Path;

@@ -1,3 +1,6 @@
+//! The ledger against real databases, SQLite and PostgreSQL, with a scripted counter source:
+//! every byte it must hold is known exactly.
+//!
 //! The ledger against real databases (a SQLite file, and a PostgreSQL server started by the
 //! test): restarts without a clean stop, a database outage, a new kernel epoch, resets and the
 //! history rollups. The counter source here is a scripted stand-in for the kernel map, so every

@@ -1,3 +1,6 @@
+//! The management client (`identity::openvpn::mgmt::run_instance`) against a real OpenVPN 2.6
+//! management interface in throwaway network namespaces.
+//!
 //! `identity::openvpn::mgmt::run_instance` against a REAL OpenVPN 2.6 management interface:
 //! a server (and a client) in throwaway network namespaces, certificates made with the
 //! `openssl` CLI. Covers password login, the ESTABLISHED notification triggering a snapshot,

@@ -1,4 +1,5 @@
-//! Section 6 of the benchmarks: identity.
+//! Section 6 of the benchmarks, identity: what OpenVPN waits for at each connect, `status 3`
+//! parsing at scale, and webhook delivery from the durable outbox.
 //!
 //! - What OpenVPN waits for at every connect and disconnect: the wall time of the real
 //!   `tunmeter hook openvpn` process against the real daemon (session durable before it

@@ -1,3 +1,6 @@
+//! Identity with real OpenVPN and the real daemon in the namespace lab: names, sessions with
+//! exact bytes, webhooks, fail-closed admission, restarts and redirects.
+//!
 //! Identity with real OpenVPN (Debian's openvpn, a UDP and a TCP instance with management
 //! interfaces, certificates made by the lab) and the real daemon in the namespace lab:
 //! usernames from the hook and management, sessions with exact bytes against the nftables

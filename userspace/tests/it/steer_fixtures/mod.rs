@@ -1,3 +1,6 @@
+//! BPF_PROG_TEST_RUN fixtures for steering: the real eBPF object fed crafted packets, each
+//! translation compared byte for byte and every checksum verified from scratch.
+//!
 //! BPF_PROG_TEST_RUN fixtures for steering: the real eBPF object, forward rules on the L2
 //! (Ethernet) instance and redirect rules on the L3 (tun) instance, fed crafted packets with
 //! valid checksums. Each translation is compared byte for byte with a packet built

@@ -1,3 +1,6 @@
+//! Steering in the namespace lab with real proxies: forward rules in front of tinyproxy, dante
+//! and a UDP service, redirect rules to a transparent proxy, and never a netfilter NAT rule.
+//!
 //! Steering in the namespace lab with real proxies: forward rules (the DNAT of old) in front of
 //! Debian's tinyproxy and dante running on a VPN device, a UDP service behind a forward rule
 //! (fragmented datagrams both ways), per-rule counters against nftables counters on the forward

@@ -1,4 +1,5 @@
-//! Running the real `tunmeter` binary inside a lab namespace, the way an operator would.
+//! Running the real `tunmeter` binary inside a lab namespace, the way an operator would: start,
+//! wait for a log line, stop with a signal, kill -9.
 
 use std::{
     path::{Path, PathBuf},

@@ -1,4 +1,7 @@
-//! Servers for the steering tests, each running inside one lab namespace:
+//! Servers for the steering tests, each running inside one lab namespace: Debian's proxies,
+//! a web server, a UDP echo and a transparent proxy that reports original destinations.
+//!
+//! The servers:
 //!
 //! * [`Proxy::tinyproxy`] and [`Proxy::danted`]: Debian's HTTP proxy (tinyproxy) and SOCKS5
 //!   server (dante) as child processes (`ip netns exec`), in the foreground, with a minimal
