@@ -22,7 +22,7 @@ use crate::{
     },
     registry::{
         RegistryError,
-        connections::{self},
+        connections,
         devices::{self, Device, Liveness},
     },
     time::unix_ms,
