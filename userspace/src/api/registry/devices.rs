@@ -21,8 +21,7 @@ use crate::{
         params::{body, parse_client},
     },
     registry::{
-        RegistryError,
-        connections,
+        RegistryError, connections,
         devices::{self, Device, Liveness},
     },
     time::unix_ms,
