@@ -1,5 +1,5 @@
 //! `tunmeter detach`: remove programs, links, pins and the redirect policy route (this zeroes
-//! all counters). Refused while a daemon holds the state directory.
+//! all counters). Refused while a daemon holds the state directory or the pin directory.
 
 use std::path::PathBuf;
 
@@ -22,12 +22,29 @@ pub struct DetachArgs {
     /// State directory of the daemon, to refuse while it runs.
     #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Detach even while a daemon holds the state or pin directory (its counters are lost and
+    /// it keeps running without programs until restarted).
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn detach(a: DetachArgs) -> anyhow::Result<()> {
     let pin_dir = &a.pins.pin_dir;
-    if system::daemon_running(&a.state_dir) {
-        anyhow::bail!("a tunmeter daemon is running with state directory {}: stop it first", a.state_dir.display());
+    if !a.force {
+        // Either lock alone is enough: a daemon holds both, and a wrong --state-dir must not
+        // let this tear down the pins of a daemon that uses another one.
+        if system::daemon_running(&a.state_dir) {
+            anyhow::bail!(
+                "a tunmeter daemon is running with state directory {}: stop it first (or --force)",
+                a.state_dir.display()
+            );
+        }
+        if system::dir_locked(pin_dir) {
+            anyhow::bail!(
+                "a tunmeter daemon is using the pin directory {}: stop it first (or --force)",
+                pin_dir.display()
+            );
+        }
     }
     let n = attach::detach_all(pin_dir)?;
     let explicit = a.config.is_some();

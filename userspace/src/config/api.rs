@@ -24,7 +24,7 @@ pub(super) struct FileApi {
     stream_interval_ms: Option<u64>,
     stream_stall_timeout_secs: Option<u64>,
     offline_after_secs: Option<u64>,
-    metrics_max_clients: Option<usize>,
+    metrics_max_clients: Option<u64>,
 }
 
 pub(super) fn build(a: FileApi, ov: &Overrides) -> Result<ApiSettings, ConfigError> {
@@ -36,18 +36,23 @@ pub(super) fn build(a: FileApi, ov: &Overrides) -> Result<ApiSettings, ConfigErr
     Ok(ApiSettings {
         listen,
         stream_interval_ms: ranged(
-            "stream_interval_ms",
+            "[api] stream_interval_ms",
             ov.stream_interval_ms.or(a.stream_interval_ms).unwrap_or(1000),
             250,
             60_000,
         )?,
         stream_stall_timeout_secs: ranged(
-            "stream_stall_timeout_secs",
+            "[api] stream_stall_timeout_secs",
             a.stream_stall_timeout_secs.unwrap_or(10),
             1,
             3600,
         )?,
-        offline_after_secs: ranged("offline_after_secs", a.offline_after_secs.unwrap_or(120), 1, 30 * 86_400)?,
-        metrics_max_clients: a.metrics_max_clients.unwrap_or(1000),
+        offline_after_secs: ranged("[api] offline_after_secs", a.offline_after_secs.unwrap_or(120), 1, 30 * 86_400)?,
+        metrics_max_clients: ranged(
+            "[api] metrics_max_clients",
+            a.metrics_max_clients.unwrap_or(1000) as u64,
+            0,
+            1_000_000,
+        )? as usize,
     })
 }

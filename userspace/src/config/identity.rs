@@ -96,10 +96,12 @@ pub(super) fn build(
     ovpn: Vec<FileOpenvpn>,
     wg: Vec<FileWireguard>,
 ) -> Result<IdentitySettings, ConfigError> {
-    let reconcile_interval_ms = ranged("reconcile_interval_ms", s.reconcile_interval_ms.unwrap_or(2000), 200, 60_000)?;
+    let reconcile_interval_ms =
+        ranged("[identity] reconcile_interval_ms", s.reconcile_interval_ms.unwrap_or(2000), 200, 60_000)?;
     let device_offline_after_secs =
-        ranged("device_offline_after_secs", s.device_offline_after_secs.unwrap_or(120), 1, 30 * 86_400)?;
-    let management_grace_secs = ranged("management_grace_secs", s.management_grace_secs.unwrap_or(30), 0, 3600)?;
+        ranged("[identity] device_offline_after_secs", s.device_offline_after_secs.unwrap_or(120), 1, 30 * 86_400)?;
+    let management_grace_secs =
+        ranged("[identity] management_grace_secs", s.management_grace_secs.unwrap_or(30), 0, 3600)?;
     let mut openvpn: Vec<OpenvpnInstance> = Vec::new();
     let mut openvpn_interfaces = BTreeMap::new();
     for o in ovpn {

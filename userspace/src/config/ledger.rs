@@ -34,23 +34,28 @@ pub fn default_url(state_dir: &Path) -> String {
     format!("sqlite://{}/tunmeter.db?mode=rwc", state_dir.display())
 }
 
+/// Days of history to keep: 0 (forever) to 100 years.
+fn days(name: &'static str, value: u32) -> Result<u32, ConfigError> {
+    Ok(ranged(name, value.into(), 0, 36_500)? as u32)
+}
+
 pub(super) fn build(l: FileLedger, ov: &Overrides, state_dir: &Path) -> Result<LedgerSettings, ConfigError> {
     Ok(LedgerSettings {
         database_url: ov.database_url.clone().or(l.database_url).unwrap_or_else(|| default_url(state_dir)),
         poll_interval_ms: ranged(
-            "poll_interval_ms",
+            "[ledger] poll_interval_ms",
             ov.poll_interval_ms.or(l.poll_interval_ms).unwrap_or(1000),
             100,
             60_000,
         )?,
         flush_interval_ms: ranged(
-            "flush_interval_ms",
+            "[ledger] flush_interval_ms",
             ov.flush_interval_ms.or(l.flush_interval_ms).unwrap_or(10_000),
             100,
             300_000,
         )?,
-        retention_minute_days: l.retention_minute_days.unwrap_or(2),
-        retention_hour_days: l.retention_hour_days.unwrap_or(90),
-        retention_day_days: l.retention_day_days.unwrap_or(0),
+        retention_minute_days: days("[ledger] retention_minute_days", l.retention_minute_days.unwrap_or(2))?,
+        retention_hour_days: days("[ledger] retention_hour_days", l.retention_hour_days.unwrap_or(90))?,
+        retention_day_days: days("[ledger] retention_day_days", l.retention_day_days.unwrap_or(0))?,
     })
 }

@@ -219,7 +219,12 @@ impl Config {
             state_dir,
             max_clients,
             attach_mode: ov.attach_mode.or(file.attach_mode).unwrap_or_default(),
-            reconcile_interval_ms: file.reconcile_interval_ms.unwrap_or(1000).clamp(100, 60_000),
+            reconcile_interval_ms: ranged(
+                "reconcile_interval_ms",
+                file.reconcile_interval_ms.unwrap_or(1000),
+                100,
+                60_000,
+            )?,
             node_id,
         })
     }

@@ -55,7 +55,7 @@ pub(super) fn build(s: FileSteer, fwd: &[FileForward], red: &[FileRedirect]) -> 
         priority: s.rule_priority.unwrap_or(DEFAULT_RULE_PRIORITY),
     };
     if policy.mark == 0 {
-        return Err(ConfigError::OutOfRange { name: "redirect_mark", value: 0, min: 1, max: u32::MAX as u64 });
+        return Err(ConfigError::OutOfRange { name: "[steer] redirect_mark", value: 0, min: 1, max: u32::MAX as u64 });
     }
     // Tables 0 and 253..=255 are the kernel's (unspec, default, main, local).
     if policy.table == 0 || (253..=255).contains(&policy.table) {

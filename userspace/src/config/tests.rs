@@ -242,3 +242,27 @@ fn ledger_and_api_settings() {
     // Commands that need no interfaces can load the settings alone.
     assert!(Config::build_inner(FileConfig::default(), &ov(), false).is_ok());
 }
+
+#[test]
+fn out_of_range_values_are_refused_naming_their_key() {
+    let o = Overrides { tun: vec!["tun0".into()], subnets: vec!["10.0.0.0/8".into()], ..ov() };
+    for (text, key) in [
+        ("reconcile_interval_ms = 5", "reconcile_interval_ms"),
+        ("reconcile_interval_ms = 3600000", "reconcile_interval_ms"),
+        ("[identity]\nreconcile_interval_ms = 5", "[identity] reconcile_interval_ms"),
+        ("[identity]\nmanagement_grace_secs = 100000", "[identity] management_grace_secs"),
+        ("[ledger]\nflush_interval_ms = 50", "[ledger] flush_interval_ms"),
+        ("[ledger]\nretention_hour_days = 100000", "[ledger] retention_hour_days"),
+        ("[api]\nmetrics_max_clients = 5000000", "[api] metrics_max_clients"),
+        ("[api]\noffline_after_secs = 0", "[api] offline_after_secs"),
+        ("[steer]\nredirect_mark = 0", "[steer] redirect_mark"),
+    ] {
+        let e = Config::from_toml(text, &o).unwrap_err();
+        assert!(matches!(e, ConfigError::OutOfRange { .. }), "{text}: {e}");
+        let msg = e.to_string();
+        assert!(msg.starts_with(key) && msg.contains("must be between"), "{text}: {msg}");
+    }
+    // In range: taken as written, never adjusted.
+    let c = Config::from_toml("reconcile_interval_ms = 100\n[ledger]\nretention_day_days = 36500", &o).unwrap();
+    assert_eq!((c.reconcile_interval_ms, c.ledger.retention_day_days), (100, 36_500));
+}

@@ -92,9 +92,9 @@ pub(super) fn build(hooks: Vec<FileWebhook>) -> Result<Vec<Endpoint>, ConfigErro
                 v
             }
         };
-        let timeout_ms = ranged("webhook timeout_ms", h.timeout_ms.unwrap_or(5000), 100, 120_000)?;
-        let min_backoff_ms = ranged("webhook min_backoff_ms", h.min_backoff_ms.unwrap_or(1000), 10, 3_600_000)?;
-        let max_backoff_secs = ranged("webhook max_backoff_secs", h.max_backoff_secs.unwrap_or(300), 1, 86_400)?;
+        let timeout_ms = ranged("[[webhook]] timeout_ms", h.timeout_ms.unwrap_or(5000), 100, 120_000)?;
+        let min_backoff_ms = ranged("[[webhook]] min_backoff_ms", h.min_backoff_ms.unwrap_or(1000), 10, 3_600_000)?;
+        let max_backoff_secs = ranged("[[webhook]] max_backoff_secs", h.max_backoff_secs.unwrap_or(300), 1, 86_400)?;
         if min_backoff_ms > max_backoff_secs * 1000 {
             return Err(bad(format!(
                 "min_backoff_ms ({min_backoff_ms}) is longer than max_backoff_secs ({max_backoff_secs} s)"
