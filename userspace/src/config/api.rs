@@ -48,11 +48,7 @@ pub(super) fn build(a: FileApi, ov: &Overrides) -> Result<ApiSettings, ConfigErr
             3600,
         )?,
         offline_after_secs: ranged("[api] offline_after_secs", a.offline_after_secs.unwrap_or(120), 1, 30 * 86_400)?,
-        metrics_max_clients: ranged(
-            "[api] metrics_max_clients",
-            a.metrics_max_clients.unwrap_or(1000) as u64,
-            0,
-            1_000_000,
-        )? as usize,
+        metrics_max_clients: ranged("[api] metrics_max_clients", a.metrics_max_clients.unwrap_or(1000), 0, 1_000_000)?
+            as usize,
     })
 }
