@@ -4,11 +4,13 @@
 #![no_std]
 
 pub mod headers;
+pub mod iface;
 pub mod maps;
 pub mod stats;
 pub mod steer;
 
 pub use headers::*;
+pub use iface::*;
 pub use maps::*;
 pub use stats::*;
 pub use steer::*;

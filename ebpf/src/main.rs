@@ -5,12 +5,14 @@
 #![no_main]
 
 // Module graph (siblings form a DAG; any module may use this root's globals):
-//   count            -> maps, packet, stats
+//   count            -> iface, maps, packet, stats
+//   iface            -> maps
 //   steer            -> forward, redirect, verdict
 //   forward/redirect -> maps, packet, stats, verdict
 //   verdict          -> stats -> maps
 mod count;
 mod forward;
+mod iface;
 mod maps;
 mod packet;
 mod redirect;

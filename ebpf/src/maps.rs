@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use tunmeter_common::{
     AddrKey, BypassValue, ClientCounters, ClientKey, DEFAULT_MAX_CLIENTS, FWD_FLOW_ENTRIES, FWD_FRAG_ENTRIES, FlowKey,
-    FlowNat, FragKey, FragNat, FwdKey, FwdRule, MAX_BYPASS, MAX_FWD_RULES, MAX_REDIRECT_SOURCES, MAX_RULES,
-    MAX_SUBNETS, OutcomeCounter, RedirectRule, RuleCounters, STATS_ENTRIES, SteerEvent, SubnetKey, SubnetValue,
+    FlowNat, FragKey, FragNat, FwdKey, FwdRule, IFACE_ENTRIES, IfaceCounter, MAX_BYPASS, MAX_FWD_RULES,
+    MAX_REDIRECT_SOURCES, MAX_RULES, MAX_SUBNETS, OutcomeCounter, RedirectRule, RuleCounters, STATS_ENTRIES,
+    SteerEvent, SubnetKey, SubnetValue,
 };
 
 // ---- counting ----
@@ -26,6 +27,10 @@ pub static CLIENT_SUBNETS: LpmTrie<SubnetKey, SubnetValue> = LpmTrie::pinned(MAX
 /// Packets and bytes per (direction, outcome), at `stats_index`.
 #[map(name = "OUTCOME_STATS")]
 pub static OUTCOME_STATS: PerCpuArray<OutcomeCounter> = PerCpuArray::pinned(STATS_ENTRIES, 0);
+
+/// Every packet per (device slot, direction), at `iface_index`: the ledger's self-check.
+#[map(name = "IFACE_STATS")]
+pub static IFACE_STATS: PerCpuArray<IfaceCounter> = PerCpuArray::pinned(IFACE_ENTRIES, 0);
 
 // ---- steering ----
 

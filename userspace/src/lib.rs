@@ -6,7 +6,8 @@
 //! 1. foundation: `types` (shared vocabulary), `time`, `config` (file + flags), `db`
 //!    (SQLite/PostgreSQL and migrations), `tasks` (background tasks that stop together);
 //! 2. kernel: `bpf` (loading, attaching, devices, the kernel clock, reading the maps);
-//! 3. domain: `webhook` (durable outbox), `ledger` (lossless usage), `tokens` (API tokens),
+//! 3. domain: `webhook` (durable outbox), `ledger` (lossless usage), `selfcheck` (devices'
+//!    counters against the programs'), `tokens` (API tokens),
 //!    `steer` (forward and redirect rules), `registry` (sessions, devices, connections),
 //!    `identity` (who is behind each address);
 //! 4. serving: `control` (the local control socket), `web` (the dashboard's files), `api`
@@ -24,6 +25,7 @@ pub mod bpf;
 pub mod identity;
 pub mod ledger;
 pub mod registry;
+pub mod selfcheck;
 pub mod steer;
 pub mod tokens;
 pub mod webhook;

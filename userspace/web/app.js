@@ -21,7 +21,7 @@
 
   const $ = (id) => document.getElementById(id);
   const el = {
-    status: $('status'), conn: $('conn'), node: $('node'), whoami: $('whoami'), logout: $('logout'),
+    status: $('status'), conn: $('conn'), node: $('node'), selfcheck: $('selfcheck'), whoami: $('whoami'), logout: $('logout'),
     login: $('login'), loginForm: $('login-form'), token: $('token'), loginSubmit: $('login-submit'),
     dashboard: $('dashboard'), filter: $('filter'), count: $('count'), totals: $('totals'),
     table: $('table'), viewport: $('viewport'), spacer: $('spacer'), empty: $('empty'),
@@ -291,6 +291,7 @@
     }
     sessionStorage.removeItem(TOKEN_KEY);
     state.token = null;
+    el.selfcheck.hidden = true;
     state.me = null;
     delete document.body.dataset.role;
     stopRefresh();
@@ -1052,7 +1053,51 @@
     stopRefresh();
     refreshIdents();
     loadRegistry();
-    state.registryTimer = setInterval(loadRegistry, REGISTRY_REFRESH_MS);
+    loadSelfCheck();
+    state.registryTimer = setInterval(() => {
+      loadRegistry();
+      loadSelfCheck();
+    }, REGISTRY_REFRESH_MS);
+  }
+
+  // The node's self-check (device counters held against the programs'): one line in the top
+  // bar, "drift" when a device counted packets the programs never saw.
+  async function loadSelfCheck() {
+    if (!state.token) return;
+    let sc = null;
+    try {
+      const s = await api('/api/v1/stats');
+      sc = s && s.self_check;
+    } catch {
+      sc = null;
+    }
+    if (!sc || !state.token) {
+      el.selfcheck.hidden = true;
+      return;
+    }
+    const drifting = [];
+    const lines = [];
+    for (const i of sc.interfaces) {
+      lines.push(`${i.interface}: ${i.status}${i.reason ? ` (${i.reason})` : ''}`);
+      for (const d of ['upload', 'download']) {
+        if (i[d].alerting) drifting.push(`${i.interface} ${d}: ${i[d].missed_packets} packets missed`);
+      }
+    }
+    let st = 'ok';
+    let text = 'self-check ok';
+    if (drifting.length) {
+      st = 'drift';
+      text = `ledger drift: ${drifting.join('; ')}`;
+    } else if (!sc.interfaces.length || sc.interfaces.every((i) => i.status === 'starting')) {
+      st = 'starting';
+      text = 'self-check starting';
+    } else if (sc.interfaces.some((i) => i.status === 'unchecked')) {
+      text = 'self-check ok (some devices unchecked)';
+    }
+    el.selfcheck.textContent = text;
+    el.selfcheck.dataset.state = st;
+    el.selfcheck.title = lines.join('\n');
+    el.selfcheck.hidden = false;
   }
 
   function stopRefresh() {

@@ -281,6 +281,18 @@ async function main() {
     return live;
   });
 
+  await step('the top bar shows the self-check', async () => {
+    const sc = await waitFor('self-check reported ok', () =>
+      page.evaluate(() => {
+        const e = document.getElementById('selfcheck');
+        return !e.hidden && e.dataset.state === 'ok' ? e.textContent : null;
+      }),
+      20000,
+    );
+    summary.self_check = sc;
+    return sc;
+  });
+
   const ip = EXPECT[0];
   await step('rates move and totals grow', async () => {
     const first = {};

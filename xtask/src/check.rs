@@ -38,7 +38,7 @@ const ROOTS: &[&str] = &[
 pub const LAYERS: &[(&str, &[&str])] = &[
     ("foundation", &["types", "time", "config", "db", "tasks"]),
     ("kernel", &["bpf"]),
-    ("domain", &["webhook", "ledger", "tokens", "steer", "registry", "identity"]),
+    ("domain", &["webhook", "ledger", "selfcheck", "tokens", "steer", "registry", "identity"]),
     ("serving", &["control", "web", "api"]),
     ("top", &["daemon", "cli"]),
 ];

@@ -13,7 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{bpf::counters::OutcomeRow, ledger::Ledger, steer::SteerList};
+use crate::{bpf::counters::OutcomeRow, ledger::Ledger, selfcheck::Report, steer::SteerList};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClientLabels {
@@ -32,6 +32,39 @@ struct RuleLabels {
     kind: &'static str,
     rule: String,
     direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IfaceLabels {
+    interface: String,
+    direction: &'static str,
+}
+
+/// The self-check: per device and direction, packets the device counted that the programs did
+/// not see, the bytes difference, and whether it is drifting now.
+fn register_selfcheck(reg: &mut Registry, r: &Report) {
+    let missed = Family::<IfaceLabels, Counter>::default();
+    let unexplained = Family::<IfaceLabels, Gauge<i64, AtomicI64>>::default();
+    let drifting = Family::<IfaceLabels, Gauge<i64, AtomicI64>>::default();
+    for i in &r.interfaces {
+        for (direction, d) in [("upload", &i.upload), ("download", &i.download)] {
+            let l = IfaceLabels { interface: i.interface.clone(), direction };
+            missed.get_or_create(&l).inc_by(d.missed_packets);
+            unexplained.get_or_create(&l).set(d.unexplained_bytes);
+            drifting.get_or_create(&l).set(d.alerting as i64);
+        }
+    }
+    reg.register(
+        "selfcheck_missed_packets",
+        "Packets a device counted that the programs never saw, since the daemon started",
+        missed,
+    );
+    reg.register(
+        "selfcheck_unexplained_bytes",
+        "Device bytes minus counted bytes since the daemon started (segmentation headers included)",
+        unexplained,
+    );
+    reg.register("selfcheck_drifting", "1 while a device and direction is past the drift threshold", drifting);
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,6 +109,7 @@ pub fn render(
     stream_subscribers: usize,
     outcomes: &[OutcomeRow],
     steer: Option<&SteerList>,
+    selfcheck: Option<&Report>,
     max_clients: usize,
 ) -> String {
     let mut reg = Registry::with_prefix("tunmeter");
@@ -113,6 +147,9 @@ pub fn render(
 
     if let Some(l) = steer {
         register_steer(&mut reg, l);
+    }
+    if let Some(r) = selfcheck {
+        register_selfcheck(&mut reg, r);
     }
     let timings = ledger.timings();
     reg.register("poll_duration_seconds", "Time to read the kernel client map", timings.poll_seconds.clone());

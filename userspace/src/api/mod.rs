@@ -57,6 +57,8 @@ pub struct App {
     pub webhooks: Arc<crate::webhook::Webhooks>,
     /// None in tests that serve the ledger alone.
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// The ledger's self-check (None in tests that serve the ledger alone).
+    pub selfcheck: Option<Arc<crate::selfcheck::SelfCheck>>,
     /// Cancelled when the daemon stops: open live streams close (they would otherwise keep the
     /// server's graceful shutdown waiting).
     pub shutdown: tokio_util::sync::CancellationToken,

@@ -178,7 +178,7 @@ pub async fn resets(
 }
 
 #[utoipa::path(get, path = "/api/v1/stats", tag = "stats", security(("bearer" = [])),
-    responses((status = 200, description = "Ledger health and kernel outcome counters", body = Object)))]
+    responses((status = 200, description = "Ledger health, kernel outcome counters and the self-check", body = Object)))]
 pub async fn stats(_c: Caller, State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     let h = app.ledger.health();
     let kernel = match app.kernel_outcomes() {
@@ -200,6 +200,7 @@ pub async fn stats(_c: Caller, State(app): State<Arc<App>>) -> Json<serde_json::
         },
         "stream_subscribers": app.hub.subscribers(),
         "kernel": kernel,
+        "self_check": app.selfcheck.as_ref().map(|s| s.report()),
     }))
 }
 
@@ -213,6 +214,7 @@ pub async fn metrics(_c: Caller, State(app): State<Arc<App>>) -> impl IntoRespon
         app.hub.subscribers(),
         &outcomes,
         steer.as_ref(),
+        app.selfcheck.as_ref().map(|s| s.report()).as_ref(),
         app.cfg.metrics_max_clients,
     );
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)

@@ -6,7 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use aya::maps::{IterableMap as _, MapData, PerCpuArray};
 use serde::Serialize;
 use tracing::debug;
-use tunmeter_common::{ClientCounters, ClientKey, Direction, MAP_CLIENTS, Outcome, OutcomeCounter, stats_index};
+use tunmeter_common::{
+    ClientCounters, ClientKey, Direction, IfaceCounter, MAP_CLIENTS, Outcome, OutcomeCounter, stats_index,
+};
 
 use super::{
     batch::{self, BatchError},
@@ -65,6 +67,15 @@ pub fn ip_key(ip: IpAddr) -> ClientKey {
         IpAddr::V4(a) => ClientKey::v4(a.octets()),
         IpAddr::V6(a) => ClientKey::v6(a.octets()),
     }
+}
+
+/// Sum one slot of the per-interface totals over CPUs.
+pub fn sum_iface_cpus<'a>(values: impl IntoIterator<Item = &'a IfaceCounter>) -> IfaceCounter {
+    values.into_iter().fold(IfaceCounter::default(), |acc, v| IfaceCounter {
+        packets: acc.packets + v.packets,
+        segments: acc.segments + v.segments,
+        bytes: acc.bytes + v.bytes,
+    })
 }
 
 /// Sum per-CPU values; last seen is the latest of any CPU.

@@ -1,5 +1,6 @@
-//! The network devices of this namespace, from rtnetlink: a dump on demand and a stream of
-//! link events (device added, removed, renamed) that wakes the reconciler.
+//! The network devices of this namespace, from rtnetlink: a dump on demand, a stream of link
+//! events (device added, removed, renamed) that wakes the reconciler, and each device's own
+//! packet counters (IFLA_STATS64) for the ledger's self-check.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +29,17 @@ pub struct Link {
 }
 
 pub type LinkTable = BTreeMap<String, Link>;
+
+/// A device's own counters (IFLA_STATS64), as the driver and the core count them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Packets the device dropped on transmit (after TC egress ran on them).
+    pub tx_dropped: u64,
+}
 
 /// One `()` per link event (added, removed, renamed): a wake-up, not a description.
 pub type LinkEvents = UnboundedReceiver<()>;
@@ -74,6 +86,35 @@ impl Links {
             warn!("rtnetlink event stream ended; relying on periodic reconciliation");
         });
         Ok((Links { handle }, rx))
+    }
+
+    /// A handle for dumps only, without the event socket (for tasks that only read).
+    pub fn requests() -> Result<Links, LinksError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(LinksError::Socket)?;
+        tokio::spawn(conn);
+        Ok(Links { handle })
+    }
+
+    /// Every device's own counters, by ifindex.
+    pub async fn counters(&self) -> Result<BTreeMap<u32, DeviceCounters>, LinksError> {
+        let mut out = BTreeMap::new();
+        let mut s = self.handle.link().get().execute();
+        while let Some(msg) = s.try_next().await.map_err(LinksError::Dump)? {
+            let stats = msg.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Stats64(s) => Some(DeviceCounters {
+                    rx_packets: s.rx_packets,
+                    rx_bytes: s.rx_bytes,
+                    tx_packets: s.tx_packets,
+                    tx_bytes: s.tx_bytes,
+                    tx_dropped: s.tx_dropped,
+                }),
+                _ => None,
+            });
+            if let Some(c) = stats {
+                out.insert(msg.header.index, c);
+            }
+        }
+        Ok(out)
     }
 
     pub async fn dump(&self) -> Result<LinkTable, LinksError> {

@@ -8,15 +8,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{LpmTrie, MapData, MapError, MapInfo, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
+    maps::{LpmTrie, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
     programs::{ProgramError, SchedClassifier},
     util::nr_cpus,
 };
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 use tunmeter_common::{
-    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, MAP_CLIENTS, MAP_SUBNETS, SUBNET_FLAG_CLIENTS,
-    SubnetKey, SubnetValue,
+    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, IfaceCounter, MAP_CLIENTS, MAP_SUBNETS,
+    SUBNET_FLAG_CLIENTS, SubnetKey, SubnetValue,
 };
 
 use crate::types::Layer;
@@ -163,6 +163,13 @@ impl PinnedMaps {
         MapInfo::from_pin(self.dir.join(MAP_CLIENTS))
             .map(|i| i.id())
             .map_err(|source| LoadError::Map { name: MAP_CLIENTS, source })
+    }
+
+    /// The per-interface totals of the self-check (`IFACE_STATS`).
+    pub fn iface_stats(&self) -> Result<PerCpuArray<MapData, IfaceCounter>, LoadError> {
+        let name = tunmeter_common::MAP_IFACE_STATS;
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(self.open(name)?))
+            .map_err(|source| LoadError::Map { name, source })
     }
 
     pub fn stats_data(&self) -> Result<MapData, LoadError> {

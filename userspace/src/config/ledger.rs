@@ -16,6 +16,14 @@ pub struct LedgerSettings {
     pub retention_minute_days: u32,
     pub retention_hour_days: u32,
     pub retention_day_days: u32,
+    /// Self-check: packets per poll that a device counted but the programs did not, above which
+    /// a poll counts as drifting.
+    pub drift_threshold_packets: u64,
+    /// Self-check: consecutive drifting polls before `ledger.drift` fires.
+    pub drift_polls: u32,
+    /// Pending usage rows (client x minute) held while the database is down, before the oldest
+    /// minutes are folded into coarser rows.
+    pub max_pending_rows: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -27,6 +35,9 @@ pub(super) struct FileLedger {
     retention_minute_days: Option<u32>,
     retention_hour_days: Option<u32>,
     retention_day_days: Option<u32>,
+    drift_threshold_packets: Option<u64>,
+    drift_polls: Option<u32>,
+    max_pending_rows: Option<u64>,
 }
 
 /// The default database: `tunmeter.db` in the state directory, created if missing.
@@ -57,5 +68,18 @@ pub(super) fn build(l: FileLedger, ov: &Overrides, state_dir: &Path) -> Result<L
         retention_minute_days: days("[ledger] retention_minute_days", l.retention_minute_days.unwrap_or(2))?,
         retention_hour_days: days("[ledger] retention_hour_days", l.retention_hour_days.unwrap_or(90))?,
         retention_day_days: days("[ledger] retention_day_days", l.retention_day_days.unwrap_or(0))?,
+        drift_threshold_packets: ranged(
+            "[ledger] drift_threshold_packets",
+            l.drift_threshold_packets.unwrap_or(64),
+            1,
+            1_000_000_000,
+        )?,
+        drift_polls: ranged("[ledger] drift_polls", l.drift_polls.unwrap_or(3).into(), 1, 1_000)? as u32,
+        max_pending_rows: ranged(
+            "[ledger] max_pending_rows",
+            l.max_pending_rows.unwrap_or(1_000_000),
+            1_000,
+            100_000_000,
+        )?,
     })
 }

@@ -16,6 +16,7 @@ use crate::{
         system,
     },
     config::{Config, InterfaceConfig},
+    selfcheck::Watched,
     types::Layer,
 };
 
@@ -139,6 +140,18 @@ impl Dataplane {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// The attached devices, for the self-check.
+    pub fn watched(&self) -> Vec<Watched> {
+        self.cfg
+            .interfaces
+            .iter()
+            .filter_map(|i| {
+                let a = self.attached.get(&i.name)?;
+                Some(Watched { name: i.name.clone(), ifindex: a.ifindex, layer: i.layer })
+            })
+            .collect()
     }
 
     fn reconcile_one(&mut self, i: &InterfaceConfig, now: Option<u32>) -> Result<(), DaemonError> {

@@ -31,6 +31,7 @@ use crate::{
     db::{Database, DbError},
     identity::{Identity, IdentityOptions},
     ledger::{Ledger, LedgerConfig, source::KernelSource, store::Granularity},
+    selfcheck::{SelfCheck, SelfCheckConfig},
     steer::SteerMaps,
     tasks::Tasks,
     tokens::TokenCache,
@@ -102,6 +103,17 @@ async fn serve(
         Some(SteerMaps::new(&cfg.pin_dir)),
     );
     identity.spawn(front);
+    let selfcheck = SelfCheck::new(
+        SelfCheckConfig {
+            interval: Duration::from_millis(cfg.ledger.poll_interval_ms),
+            threshold_packets: cfg.ledger.drift_threshold_packets,
+            polls: cfg.ledger.drift_polls,
+        },
+        PinnedMaps::new(&cfg.pin_dir),
+        Some(webhooks.clone()),
+    );
+    selfcheck.watch(dp.watched());
+    selfcheck.spawn(front);
     let app = Arc::new(App {
         cfg: ApiConfig {
             listen: cfg.api.listen,
@@ -118,6 +130,7 @@ async fn serve(
         list_cache: Default::default(),
         webhooks: webhooks.clone(),
         identity: Some(identity.clone()),
+        selfcheck: Some(selfcheck.clone()),
         shutdown: front.token(),
     });
     api::serve(app, &cfg.state_dir, front).await?;
@@ -141,6 +154,7 @@ async fn serve(
                 if let Err(e) = dp.reconcile(&table) {
                     error!(%e, "reconcile failed; retrying on the next event or tick");
                 }
+                selfcheck.watch(dp.watched());
             }
             Err(e) => error!(%e, "listing devices failed"),
         }

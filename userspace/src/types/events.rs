@@ -11,5 +11,6 @@ named_enum! {
         SessionOpened = "session.opened",
         SessionClosed = "session.closed",
         Reset = "reset",
+        LedgerDrift = "ledger.drift",
     }
 }

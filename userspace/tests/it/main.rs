@@ -18,6 +18,7 @@ mod openvpn_mgmt;
 mod openvpn_netns;
 mod postgres_fixture;
 mod registry;
+mod selfcheck;
 mod steer_fixtures;
 mod steer_netns;
 mod webhooks;

@@ -50,6 +50,7 @@ async fn serve_api(db: &Database, node: &str, hooks: &Arc<Webhooks>) -> (String,
         list_cache: Default::default(),
         webhooks: hooks.clone(),
         identity: None,
+        selfcheck: None,
         shutdown: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
