@@ -160,6 +160,13 @@ pub fn render(
         g
     };
     reg.register("ledger_pending_rows", "Usage rows waiting to be written", gauge(ledger.pending_rows() as i64));
+    let folded = Counter::<u64>::default();
+    folded.inc_by(ledger.folded_rows());
+    reg.register(
+        "ledger_pending_folded_rows",
+        "Pending usage rows merged into hour or day rows because pending usage hit max_pending_rows",
+        folded,
+    );
     reg.register("database_up", "1 if the last database write succeeded", gauge(ledger.health().database_up as i64));
     reg.register("stream_subscribers", "Live stream subscribers", gauge(stream_subscribers as i64));
     reg.register("clients", "Clients in the ledger", gauge(ledger.with_clients(|c| c.len()) as i64));

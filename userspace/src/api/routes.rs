@@ -190,6 +190,7 @@ pub async fn stats(_c: Caller, State(app): State<Arc<App>>) -> Json<serde_json::
         "ledger": {
             "database": if h.database_up { "ok" } else { "down" },
             "pending_rows": app.ledger.pending_rows(),
+            "pending_folded_rows": app.ledger.folded_rows(),
             "clients": app.ledger.with_clients(|c| c.len()),
             "last_poll_ms": h.last_poll_ms,
             "last_flush_ms": h.last_flush_ms,

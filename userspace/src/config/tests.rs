@@ -253,6 +253,9 @@ fn out_of_range_values_are_refused_naming_their_key() {
         ("[identity]\nmanagement_grace_secs = 100000", "[identity] management_grace_secs"),
         ("[ledger]\nflush_interval_ms = 50", "[ledger] flush_interval_ms"),
         ("[ledger]\nretention_hour_days = 100000", "[ledger] retention_hour_days"),
+        ("[ledger]\ndrift_threshold_packets = 0", "[ledger] drift_threshold_packets"),
+        ("[ledger]\ndrift_polls = 0", "[ledger] drift_polls"),
+        ("[ledger]\nmax_pending_rows = 10", "[ledger] max_pending_rows"),
         ("[api]\nmetrics_max_clients = 5000000", "[api] metrics_max_clients"),
         ("[api]\noffline_after_secs = 0", "[api] offline_after_secs"),
         ("[steer]\nredirect_mark = 0", "[steer] redirect_mark"),
@@ -265,4 +268,6 @@ fn out_of_range_values_are_refused_naming_their_key() {
     // In range: taken as written, never adjusted.
     let c = Config::from_toml("reconcile_interval_ms = 100\n[ledger]\nretention_day_days = 36500", &o).unwrap();
     assert_eq!((c.reconcile_interval_ms, c.ledger.retention_day_days), (100, 36_500));
+    let l = Config::from_toml("", &o).unwrap().ledger;
+    assert_eq!((l.drift_threshold_packets, l.drift_polls, l.max_pending_rows), (64, 3, 1_000_000), "defaults");
 }

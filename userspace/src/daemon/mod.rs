@@ -179,6 +179,7 @@ async fn open_ledger(cfg: &Config, stop: &mut Signals) -> Result<Arc<Ledger>, Da
             (Granularity::Hour, cfg.ledger.retention_hour_days),
             (Granularity::Day, cfg.ledger.retention_day_days),
         ],
+        max_pending_rows: cfg.ledger.max_pending_rows as usize,
     };
     let source = Arc::new(KernelSource::new(&cfg.pin_dir));
     let mut warned = false;

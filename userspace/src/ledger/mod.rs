@@ -52,6 +52,8 @@ pub struct LedgerConfig {
     pub flush_interval: Duration,
     /// Days to keep minute, hour and day rows (0 = forever).
     pub retention_days: [(Granularity, u32); 3],
+    /// Pending usage rows before the oldest are folded into coarser ones (0: no bound).
+    pub max_pending_rows: usize,
 }
 
 /// Ledger health, for `/healthz`, stats and metrics.
@@ -129,12 +131,17 @@ impl Ledger {
         let clients = store::load_clients(&db, &cfg.node_id).await.map_err(LedgerError::Load)?;
         info!(node = cfg.node_id, clients = clients.len(), epoch, "ledger loaded");
         let (tx, rx) = mpsc::channel(64);
+        let max_pending = cfg.max_pending_rows;
         Ok(Arc::new(Ledger {
             cfg,
             db,
             source,
             timings: Timings::default(),
-            state: Mutex::new(State::restore(epoch, clients)),
+            state: Mutex::new({
+                let mut s = State::restore(epoch, clients);
+                s.set_max_pending(max_pending);
+                s
+            }),
             health: Mutex::new(Health { database_up: true, ..Health::default() }),
             read_gate: tokio::sync::Mutex::new(None),
             write_gate: tokio::sync::Mutex::new(()),
@@ -174,6 +181,11 @@ impl Ledger {
         self.state().pending_rows()
     }
 
+    /// Pending rows merged into coarser ones since the daemon started.
+    pub fn folded_rows(&self) -> u64 {
+        self.state().folded_rows()
+    }
+
     /// Read the kernel map once and fold it in.
     pub async fn poll_once(&self) -> Result<(), crate::bpf::loader::LoadError> {
         let mut last = self.read_gate.lock().await;
@@ -199,6 +211,14 @@ impl Ledger {
         }
         if !out.recreated.is_empty() {
             warn!(clients = ?out.recreated, "client entries were re-created in the kernel map; their new counts were added");
+        }
+        if out.folded > 0 {
+            warn!(
+                folded = out.folded,
+                max_pending_rows = self.cfg.max_pending_rows,
+                "pending usage hit its bound while the database is down: older minutes were merged into hour \
+                 or day rows (totals stay exact)"
+            );
         }
         drop(last);
         let took = started.elapsed();

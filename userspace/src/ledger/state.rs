@@ -14,6 +14,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use serde::{Deserialize, Serialize};
 
+mod fold;
+
 pub const MINUTE_MS: u64 = 60_000;
 
 /// Four monotonic counters.
@@ -161,6 +163,8 @@ pub struct PollOutcome {
     pub recreated: Vec<IpAddr>,
     /// Clients with new usage.
     pub changed: usize,
+    /// Pending rows folded into coarser ones because pending usage hit its bound.
+    pub folded: usize,
 }
 
 /// Clients by address. (Fx hashing: the keys are the operator's own VPN addresses, and a poll
@@ -176,6 +180,10 @@ pub struct State {
     dirty: FxHashSet<IpAddr>,
     epoch_dirty: bool,
     polls: u64,
+    /// Pending rows past which the oldest are folded into coarser ones (0: no bound).
+    max_pending: usize,
+    /// Pending rows merged into coarser ones so far.
+    folded_rows: u64,
 }
 
 impl State {
@@ -221,6 +229,7 @@ impl State {
                 c.down_rate = 0.0;
             }
         }
+        out.folded = self.fold_pending(now_ms);
         out
     }
 

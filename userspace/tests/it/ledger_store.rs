@@ -87,6 +87,7 @@ fn cfg(node: &str) -> LedgerConfig {
         poll_interval: Duration::from_secs(3600),
         flush_interval: Duration::from_secs(3600),
         retention_days: [(Granularity::Minute, 2), (Granularity::Hour, 90), (Granularity::Day, 0)],
+        max_pending_rows: 1_000_000,
     }
 }
 

@@ -1,0 +1,131 @@
+//! Bounding pending usage while the database is down: past `max_pending` rows, the oldest
+//! minutes are merged into hour rows, then day rows, then one row per client, so memory stays
+//! bounded through a long outage and no byte is lost.
+
+use super::{MINUTE_MS, State};
+
+const HOUR_MS: u64 = 60 * MINUTE_MS;
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+impl State {
+    /// Bound the pending usage to `rows` rows (see [`State::fold_pending`]).
+    pub fn set_max_pending(&mut self, rows: usize) {
+        self.max_pending = rows;
+    }
+
+    /// Pending rows merged into coarser ones so far (by [`State::fold_pending`]).
+    pub fn folded_rows(&self) -> u64 {
+        self.folded_rows
+    }
+
+    /// While the database is down, pending usage grows by one row per active client and minute.
+    /// Past the bound, the rows before the current minute are merged into one row per client and
+    /// hour (at the hour's first minute), then per day, then into one row per client at the
+    /// oldest day. Bytes and packets stay exact at every granularity the history rolls up to;
+    /// only where inside the hour (day) the usage happened is lost. Peaks stay the highest of
+    /// any poll interval. Returns the rows folded away.
+    pub fn fold_pending(&mut self, now_ms: u64) -> usize {
+        if self.max_pending == 0 || self.pending.len() <= self.max_pending {
+            return 0;
+        }
+        let before = self.pending.len();
+        let current = now_ms - now_ms % MINUTE_MS;
+        let oldest = self.pending.keys().map(|(start, _)| *start).min().unwrap_or(current);
+        for level in [HOUR_MS, DAY_MS, 0] {
+            let to = |start: u64| match level {
+                0 => oldest - oldest % DAY_MS,
+                len => start - start % len,
+            };
+            let old: Vec<_> = self.pending.iter().filter(|((start, _), _)| *start < current).map(|(k, _)| *k).collect();
+            for k in old {
+                let b = self.pending.remove(&k).expect("key just listed");
+                self.pending.entry((to(k.0), k.1)).or_default().merge(&b);
+            }
+            if self.pending.len() <= self.max_pending {
+                break;
+            }
+        }
+        let folded = before - self.pending.len();
+        self.folded_rows += folded as u64;
+        folded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::super::{Bucket, Totals};
+    use super::*;
+
+    fn bucket(bytes: u64, peak: f64) -> Bucket {
+        Bucket {
+            totals: Totals { up_bytes: bytes, up_packets: 1, down_bytes: 2 * bytes, down_packets: 1 },
+            peak_up_rate: peak,
+            peak_down_rate: 0.0,
+        }
+    }
+
+    fn sums(s: &State) -> (u64, u64, f64) {
+        s.pending.values().fold((0, 0, 0.0), |(b, p, peak), v| {
+            (b + v.totals.up_bytes + v.totals.down_bytes, p + v.totals.up_packets, f64::max(peak, v.peak_up_rate))
+        })
+    }
+
+    #[test]
+    fn folding_keeps_every_byte_and_the_bound() {
+        let day0 = 20_000 * DAY_MS;
+        let now = day0 + 3 * DAY_MS + 5 * HOUR_MS + 7 * MINUTE_MS;
+        let mut s = State::default();
+        // 40 clients x every 10th minute over three days and a bit.
+        let ips: Vec<IpAddr> = (0..40u8).map(|i| IpAddr::from([10, 8, 0, i])).collect();
+        let mut t = day0;
+        let mut n = 0u64;
+        while t <= now {
+            for ip in &ips {
+                n += 1;
+                s.pending.insert((t, *ip), bucket(n, n as f64));
+            }
+            t += 10 * MINUTE_MS;
+        }
+        let before = sums(&s);
+        let rows = s.pending.len();
+        s.set_max_pending(rows);
+        assert_eq!(s.fold_pending(now), 0, "at the bound: nothing to fold");
+
+        // One hour row per client and hour: within 5,000 after the first level.
+        s.set_max_pending(5_000);
+        let folded = s.fold_pending(now);
+        assert!(s.pending.len() <= 5_000, "{}", s.pending.len());
+        assert!(s.pending.keys().all(|(start, _)| start % HOUR_MS == 0), "hour starts");
+        assert_eq!(sums(&s), before, "bytes, packets and the peak are kept");
+        assert_eq!((folded, s.folded_rows()), (rows - s.pending.len(), folded as u64));
+
+        // Then days; then one row per client at the oldest day.
+        s.set_max_pending(200);
+        s.fold_pending(now);
+        assert!(s.pending.keys().all(|(start, _)| start % DAY_MS == 0), "day starts");
+        assert_eq!(sums(&s), before);
+        s.set_max_pending(40);
+        s.fold_pending(now);
+        assert_eq!(s.pending.len(), 40, "one row per client");
+        assert!(s.pending.keys().all(|(start, _)| *start == day0));
+        assert_eq!(sums(&s), before);
+        assert_eq!(s.folded_rows(), (rows - 40) as u64);
+    }
+
+    #[test]
+    fn the_current_minute_is_never_folded() {
+        let now = 20_000 * DAY_MS + 90 * MINUTE_MS + 1;
+        let current = now - now % MINUTE_MS;
+        let mut s = State::default();
+        let ip = IpAddr::from([10, 8, 0, 2]);
+        for m in 0..=90 {
+            s.pending.insert((20_000 * DAY_MS + m * MINUTE_MS, ip), bucket(1, 0.0));
+        }
+        s.set_max_pending(10);
+        s.fold_pending(now);
+        assert!(s.pending.contains_key(&(current, ip)));
+        assert_eq!(s.pending[&(current, ip)].totals.up_bytes, 1);
+    }
+}
