@@ -1,0 +1,34 @@
+//! The daemon starts, counts and adopts its pinned links at restart as an unprivileged uid with
+//! exactly the unit's capabilities (no CAP_SYS_ADMIN), after the unit's ExecStartPre handed it
+//! the pins a root-run daemon left.
+
+use super::*;
+use tunmeter_lab::traffic;
+
+#[test]
+fn daemon_adopts_root_pins_as_an_unprivileged_uid_with_the_unit_capabilities() {
+    if !support::require_root() {
+        return;
+    }
+    assert!(!unit_caps().iter().any(|c| c == "sys_admin"), "the unit must not need CAP_SYS_ADMIN");
+    let env = Env::new("tmdc", 1, 1);
+    // An earlier root-run daemon left pins (and a root-owned state directory).
+    let mut root = env.start_daemon(&[]);
+    assert!(root.stop().is_some_and(|s| s.success()));
+    hand_over_pins(env.pins.path(), NOBODY);
+    let st = Command::new("chown").args(["-R", &format!("{NOBODY}:{NOBODY}")]).arg(&env.state).status().unwrap();
+    assert!(st.success());
+
+    for round in 0..2 {
+        let mut d = support::daemon::Daemon::start_with(unprivileged_run(&env), &env.log);
+        let log = d.log_text();
+        assert_eq!(log.matches("adopted pinned link").count(), 4 * (round + 1), "round {round}: adoption:\n{log}");
+        let before = counted_packets(&env);
+        traffic::mixed_round(&env.lab, 1).expect("traffic");
+        assert!(counted_packets(&env) > before, "counting as uid {NOBODY}");
+        d.wait_log("ledger and API running", 2 + round, std::time::Duration::from_secs(30));
+        assert!(d.stop().is_some_and(|s| s.success()), "clean stop as uid {NOBODY}:\n{}", d.log_text());
+    }
+    let log = std::fs::read_to_string(&env.log).unwrap_or_default();
+    assert!(!log.contains(" ERROR "), "errors as uid {NOBODY}:\n{log}");
+}
