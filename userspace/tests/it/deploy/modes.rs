@@ -63,3 +63,23 @@ fn state_and_pin_files_are_private_and_other_users_cannot_read_or_lock_them() {
         assert_eq!(st.code(), Some(1), "{} must be held by the daemon", target.display());
     }
 }
+
+#[test]
+fn token_create_before_the_first_start_makes_a_private_state_dir_and_database() {
+    let state = PathBuf::from(format!("/tmp/tmtest-token-modes-{}/state", std::process::id()));
+    let _cleanup = Cleanup(state.parent().unwrap().to_owned());
+    let out = Command::new(BIN)
+        .args(["token", "create", "--role", "read", "--name", "modes", "--node-id", "tmdt", "--state-dir"])
+        .arg(&state)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(mode(&state), 0o700, "state dir");
+    for f in ["tunmeter.db", "tunmeter.db-wal", "tunmeter.db-shm"] {
+        let p = state.join(f);
+        if f == "tunmeter.db" || p.exists() {
+            assert_eq!(mode(&p), 0o600, "{f}");
+        }
+    }
+}
