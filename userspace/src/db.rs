@@ -72,7 +72,13 @@ impl Database {
         };
         let sqlite_file = if backend == Backend::Sqlite { sqlite_path(url) } else { None };
         if let Some(path) = &sqlite_file {
-            private_file(path).map_err(|e| DbError::Mode { path: path.clone(), source: e })?;
+            // Created here (0600) only where sqlx would create it (`mode=rwc`) and its directory
+            // exists; otherwise sqlx reports the missing file or directory as before.
+            let create =
+                url.contains("mode=rwc") && path.parent().is_none_or(|d| d.as_os_str().is_empty() || d.is_dir());
+            if path.exists() || create {
+                private_file(path).map_err(|e| DbError::Mode { path: path.clone(), source: e })?;
+            }
         }
         let opts = AnyConnectOptions::from_str(url)
             .map_err(|e| DbError::BadUrl { url: shown_url.clone(), reason: e.to_string() })?;
