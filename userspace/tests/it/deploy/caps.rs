@@ -15,6 +15,8 @@ fn daemon_adopts_root_pins_as_an_unprivileged_uid_with_the_unit_capabilities() {
     // An earlier root-run daemon left pins (and a root-owned state directory).
     let mut root = env.start_daemon(&[]);
     assert!(root.stop().is_some_and(|s| s.success()));
+    // The script also takes over the host-wide steering lock; give it back to root afterwards.
+    let _restore = RestoreSteerLock;
     hand_over_pins(env.pins.path(), NOBODY);
     let st = Command::new("chown").args(["-R", &format!("{NOBODY}:{NOBODY}")]).arg(&env.state).status().unwrap();
     assert!(st.success());
@@ -31,4 +33,16 @@ fn daemon_adopts_root_pins_as_an_unprivileged_uid_with_the_unit_capabilities() {
     }
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(!log.contains(" ERROR "), "errors as uid {NOBODY}:\n{log}");
+}
+
+/// Gives /run/lock/tunmeter-steer.lock back to root (0644, as root-run daemons leave it).
+struct RestoreSteerLock;
+
+impl Drop for RestoreSteerLock {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = Path::new("/run/lock/tunmeter-steer.lock");
+        let _ = std::os::unix::fs::chown(p, Some(0), Some(0));
+        let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644));
+    }
 }
