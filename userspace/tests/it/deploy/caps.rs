@@ -1,6 +1,6 @@
 //! The daemon starts, counts and adopts its pinned links at restart as an unprivileged uid with
 //! exactly the unit's capabilities (no CAP_SYS_ADMIN), after the unit's ExecStartPre handed it
-//! the pins a root-run daemon left.
+//! the pins a root-run daemon left; those capabilities let it write the reserved-ports sysctl.
 
 use super::*;
 use tunmeter_lab::traffic;
@@ -45,4 +45,42 @@ impl Drop for RestoreSteerLock {
         let _ = std::os::unix::fs::chown(p, Some(0), Some(0));
         let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644));
     }
+}
+
+/// The daemon reserves forward rules' public ports in `net.ipv4.ip_local_reserved_ports`: as a
+/// service user that works only through CAP_NET_ADMIN (a per-namespace net sysctl), which the
+/// unit grants; without it the write is refused.
+#[test]
+fn the_unit_capabilities_let_an_unprivileged_uid_write_the_reserved_ports_sysctl() {
+    if !support::require_root() {
+        return;
+    }
+    let ns = format!("tmdq-{}", std::process::id());
+    assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
+    struct DelNs(String);
+    impl Drop for DelNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _del = DelNs(ns.clone());
+    let write = |caps: &str, port: u16| {
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args(["setpriv", &format!("--reuid={NOBODY}"), &format!("--regid={NOBODY}"), "--clear-groups"])
+            .args([format!("--inh-caps=-all{caps}"), format!("--ambient-caps=-all{caps}")])
+            .arg(format!("--bounding-set=-all{caps}"))
+            .args(["sh", "-c", &format!("echo {port} > /proc/sys/net/ipv4/ip_local_reserved_ports")])
+            .output()
+            .unwrap()
+    };
+    let caps: String = unit_caps().iter().map(|c| format!(",+{c}")).collect();
+    let out = write(&caps, 40123);
+    assert!(out.status.success(), "with the unit's capabilities: {}", String::from_utf8_lossy(&out.stderr));
+    let now =
+        Command::new("ip").args(["netns", "exec", &ns, "cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]).output();
+    assert_eq!(String::from_utf8_lossy(&now.unwrap().stdout).trim(), "40123");
+    let out = write("", 40124);
+    assert!(!out.status.success(), "without CAP_NET_ADMIN the write must be refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
 }
