@@ -1,5 +1,5 @@
 //! The database: SQLite (a file in the state directory) by default, PostgreSQL by URL, opened
-//! with the schema of `migrations/` applied.
+//! with the schema of `migrations/` applied. A SQLite file and its -wal/-shm are made 0600.
 //!
 //! One schema serves both (`migrations/`, portable SQL), applied at start-up. Queries use `$N`
 //! placeholders, which both drivers accept, through sqlx's `Any` driver.
@@ -22,6 +22,8 @@ pub enum DbError {
     Connect { url: String, source: sqlx::Error },
     #[error("migrating database {url}: {source}")]
     Migrate { url: String, source: sqlx::migrate::MigrateError },
+    #[error("cannot make {path} private (mode 0600): {source}")]
+    Mode { path: std::path::PathBuf, source: std::io::Error },
     #[error("database: {0}")]
     Query(#[from] sqlx::Error),
 }
@@ -68,6 +70,16 @@ impl Database {
         } else {
             return Err(DbError::BadUrl { url: shown_url, reason: "unknown scheme".into() });
         };
+        let sqlite_file = if backend == Backend::Sqlite { sqlite_path(url) } else { None };
+        if let Some(path) = &sqlite_file {
+            // Created here (0600) only where sqlx would create it (`mode=rwc`) and its directory
+            // exists; otherwise sqlx reports the missing file or directory as before.
+            let create =
+                url.contains("mode=rwc") && path.parent().is_none_or(|d| d.as_os_str().is_empty() || d.is_dir());
+            if path.exists() || create {
+                private_file(path).map_err(|e| DbError::Mode { path: path.clone(), source: e })?;
+            }
+        }
         let opts = AnyConnectOptions::from_str(url)
             .map_err(|e| DbError::BadUrl { url: shown_url.clone(), reason: e.to_string() })?;
         let pool = AnyPoolOptions::new()
@@ -90,9 +102,35 @@ impl Database {
             .await
             .map_err(|source| DbError::Connect { url: shown_url.clone(), source })?;
         MIGRATOR.run(&pool).await.map_err(|source| DbError::Migrate { url: shown_url.clone(), source })?;
+        if let Some(path) = &sqlite_file {
+            // SQLite gives -wal and -shm the database file's mode; older versions left 0644 ones.
+            for suffix in ["-wal", "-shm"] {
+                let mut side = path.clone().into_os_string();
+                side.push(suffix);
+                let side = std::path::PathBuf::from(side);
+                if side.exists() {
+                    private_file(&side).map_err(|e| DbError::Mode { path: side.clone(), source: e })?;
+                }
+            }
+        }
         info!(url = %shown_url, ?backend, "database ready");
         Ok(Database { pool, backend, shown_url })
     }
+}
+
+/// The file of a `sqlite:` URL (`sqlite://PATH?...`, `sqlite:PATH`), unless in memory.
+fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or("");
+    (!path.is_empty() && !path.starts_with(":memory:")).then(|| path.into())
+}
+
+/// Create `path` with mode 0600, or take an existing file down to 0600 (it holds usernames,
+/// real addresses and token hashes).
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let f = std::fs::File::options().create(true).append(true).mode(0o600).open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
 }
 
 /// Store a u64 counter in a BIGINT (saturating: 2^63 bytes is 8 EiB).
@@ -114,5 +152,13 @@ mod tests {
         assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite:///var/lib/x.db"), "sqlite:///var/lib/x.db");
+    }
+
+    #[test]
+    fn sqlite_paths() {
+        assert_eq!(sqlite_path("sqlite:///var/lib/t.db?mode=rwc"), Some("/var/lib/t.db".into()));
+        assert_eq!(sqlite_path("sqlite:rel.db"), Some("rel.db".into()));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://h/db"), None);
     }
 }

@@ -4,6 +4,7 @@
 mod check;
 mod demo;
 mod modtree;
+mod proof;
 mod setup;
 mod util;
 
@@ -38,6 +39,10 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run CI's toolchain step (.ci/install-toolchain) in a scratch RUSTUP_HOME with
+    /// RUSTUP_AUTO_INSTALL=0 and check `cargo --version` prints the pinned version (~11 s,
+    /// downloads the toolchain). `cargo xtask test` runs it unless TUNMETER_SKIP_TOOLCHAIN_PROOF=1.
+    ToolchainProof,
     /// Run setup, build, start the lab with traffic and the daemon in its server namespace,
     /// and show the live per-client table until Ctrl-C.
     Demo {
@@ -55,6 +60,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Check => check::check(),
         Task::Test { args } => test(&args),
+        Task::ToolchainProof => proof::toolchain_proof(),
         Task::Demo { seconds } => demo::demo(seconds),
         Task::Bench => bench(),
     };
@@ -71,6 +77,11 @@ fn test(extra: &[String]) -> Result<()> {
     setup::setup()?;
     setup::require_root("the kernel tests load BPF programs and create network namespaces", "test")?;
     let start = Instant::now();
+    if std::env::var(proof::SKIP_ENV).as_deref() == Ok("1") {
+        println!("skipped: toolchain proof ({}=1)", proof::SKIP_ENV);
+    } else {
+        proof::toolchain_proof()?;
+    }
     lint()?;
     // No --workspace: the default members leave out the eBPF crate, which only builds for
     // the BPF target (userspace/build.rs builds it).

@@ -49,6 +49,10 @@ const APT_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
     "openssl",
+    // deployment tests (userspace/tests/it/deploy): `systemd-analyze verify`/`security` and
+    // `syscall-filter` on deploy/tunmeter.service, and a strace of the daemon against its filter
+    "systemd",
+    "strace",
 ];
 
 /// System services of the proxy packages: the tests never use them (they start their own

@@ -44,6 +44,8 @@ pub enum AttachError {
     Qdisc { iface: String, source: TcError },
     #[error("TCX attachment needs kernel >= 6.6 (this is {0}); use attach_mode = \"netlink\" or \"auto\"")]
     NoTcx(String),
+    #[error("querying the TCX programs of {iface} ({dir}): {source}")]
+    Query { iface: String, dir: &'static str, source: io::Error },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -181,16 +183,9 @@ fn adopt_tcx(
     let fd = FdLink::from(pinned);
     let prog_id = fd.info().map_err(|source| AttachError::Link { iface: iface.into(), dir, source })?.program_id();
     // A failed query must not be read as "stale": removing a live pin would stop counting.
-    let live = SchedClassifier::query_tcx(ifindex, attach_type)
-        .map_err(|source| AttachError::Program {
-            prog: "tcx query",
-            iface: iface.into(),
-            dir,
-            source: Box::new(source),
-        })?
-        .1
-        .iter()
-        .any(|p| p.id() == prog_id);
+    let live = tcx_prog_ids(ifindex, attach_type)
+        .map_err(|e| AttachError::Query { iface: iface.into(), dir, source: e })?
+        .contains(&prog_id);
     if !live {
         drop(fd);
         remove_pin(path)?;
@@ -205,6 +200,62 @@ fn adopt_tcx(
     let link = prog.take_link(id).map_err(prog_err)?;
     info!(iface, dir, old_prog = prog_id, "adopted pinned link; program replaced atomically");
     Ok(Some(Held::Tcx(link)))
+}
+
+/// The ids of the programs attached to a TCX hook, by a raw `BPF_PROG_QUERY`. aya's
+/// `SchedClassifier::query_tcx` also turns each id into an fd (`BPF_PROG_GET_FD_BY_ID`), which
+/// needs CAP_SYS_ADMIN; the ids alone need only CAP_NET_ADMIN, so the unit can drop CAP_SYS_ADMIN.
+fn tcx_prog_ids(ifindex: u32, attach_type: TcAttachType) -> io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    const BPF_TCX_EGRESS: u32 = 47;
+    /// The `query` member of `union bpf_attr` (linux/bpf.h), up to `revision`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct QueryAttr {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    let attach_type = match attach_type {
+        TcAttachType::Ingress => BPF_TCX_INGRESS,
+        TcAttachType::Egress => BPF_TCX_EGRESS,
+    };
+    let mut ids = vec![0u32; 64];
+    // Bounded: the kernel reports the count it has; a chain that grows between two calls gets
+    // a bigger buffer, at most a few times.
+    for _ in 0..4 {
+        let mut attr = QueryAttr {
+            target_ifindex: ifindex,
+            attach_type,
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: ids.len() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid bpf_attr prefix; `prog_ids` points to `prog_cnt` u32s that
+        // outlive the call.
+        let ret = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &mut attr as *mut QueryAttr, size_of::<QueryAttr>())
+        };
+        if ret == 0 {
+            ids.truncate(attr.prog_cnt as usize);
+            return Ok(ids);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ENOSPC) {
+            return Err(err);
+        }
+        ids = vec![0u32; attr.prog_cnt as usize + 16];
+    }
+    Err(io::Error::from_raw_os_error(libc::ENOSPC))
 }
 
 fn attach_tcx(

@@ -1,5 +1,6 @@
 //! Host checks with errors that name the fix (kernel version, bpffs, privileges) and the locks
-//! that keep one daemon per state directory and per pin directory.
+//! that keep one daemon per state directory and per pin directory (both directories 0700, the
+//! lock files unreachable by other local users).
 
 use std::{
     fs::File,
@@ -33,6 +34,10 @@ pub enum SystemError {
     AlreadyRunning(PathBuf),
     #[error("another tunmeter daemon is using the pin directory {0}")]
     PinsInUse(PathBuf),
+    #[error(
+        "{path} belongs to uid {owner}, not to this daemon (uid {me}): remove it, or hand it over with `chown -R {me} {path}`"
+    )]
+    NotOwner { path: PathBuf, owner: u32, me: u32 },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -86,10 +91,28 @@ pub fn io_err(path: &Path, source: std::io::Error) -> SystemError {
 /// Hold this for the daemon's lifetime: one daemon per state directory.
 pub struct DaemonLock(#[allow(dead_code)] Flock<File>);
 
+/// Create `dir` (and missing parents) with mode 0700, or take an existing one down to 0700:
+/// the state directory holds the database (usernames, real addresses, token hashes) and the
+/// lock, which no other local user may read or hold.
+pub fn private_dir(dir: &Path) -> Result<(), SystemError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io_err(dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io_err(dir, e))
+}
+
 pub fn lock_state_dir(state_dir: &Path) -> Result<DaemonLock, SystemError> {
-    std::fs::create_dir_all(state_dir).map_err(|e| io_err(state_dir, e))?;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    private_dir(state_dir)?;
     let path = state_dir.join("tunmeter.lock");
-    let f = File::options().create(true).truncate(false).write(true).open(&path).map_err(|e| io_err(&path, e))?;
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| io_err(&path, e))?;
+    // A lock file left 0644 by an older version: anyone could open and flock it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| io_err(&path, e))?;
     Flock::lock(f, FlockArg::LockExclusiveNonblock)
         .map(DaemonLock)
         .map_err(|_| SystemError::AlreadyRunning(state_dir.into()))
@@ -98,7 +121,17 @@ pub fn lock_state_dir(state_dir: &Path) -> Result<DaemonLock, SystemError> {
 /// An exclusive lock on a directory (the pin directory), held for the daemon's lifetime.
 pub struct DirLock(#[allow(dead_code)] Flock<File>);
 
+/// Locks the pin directory after making it 0700 and checking it is ours: bpffs is often mode
+/// 1777, and a directory another user created there (or could open) would let that user hold
+/// the lock and keep the daemon from starting.
 pub fn lock_dir(dir: &Path) -> Result<DirLock, SystemError> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let meta = std::fs::metadata(dir).map_err(|e| io_err(dir, e))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(SystemError::NotOwner { path: dir.into(), owner: meta.uid(), me });
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io_err(dir, e))?;
     let f = File::open(dir).map_err(|e| io_err(dir, e))?;
     Flock::lock(f, FlockArg::LockExclusiveNonblock).map(DirLock).map_err(|_| SystemError::PinsInUse(dir.into()))
 }

@@ -39,7 +39,7 @@ pub async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
             let cfg = settings.load()?;
             if cfg.ledger.database_url.starts_with("sqlite:") {
                 // Before the daemon's first start the state directory may not exist yet.
-                std::fs::create_dir_all(&cfg.state_dir)
+                crate::bpf::system::private_dir(&cfg.state_dir)
                     .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
             }
             let db = db::Database::open(&cfg.ledger.database_url).await?;

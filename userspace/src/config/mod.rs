@@ -167,9 +167,27 @@ fn validate_node_id(id: &str) -> Result<(), ConfigError> {
 }
 
 fn read_secret(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+    if let Some(warning) = secret_mode_warning(what, path) {
+        tracing::warn!("{warning}");
+    }
     std::fs::read_to_string(path)
         .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
         .map_err(|source| ConfigError::ReadSecret { what, path: path.into(), source })
+}
+
+/// A warning if the secret file at `path` is readable by other users (mode o+r). Group read is
+/// fine: `root:tunmeter 0640` is how the service user reads a file it must not change.
+pub fn secret_mode_warning(what: &str, path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "{what} {} is readable by every local user (mode {:o}): `chmod o-rwx {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        )
+    })
 }
 
 impl Config {

@@ -271,3 +271,26 @@ fn out_of_range_values_are_refused_naming_their_key() {
     let l = Config::from_toml("", &o).unwrap().ledger;
     assert_eq!((l.drift_threshold_packets, l.drift_polls, l.max_pending_rows), (64, 3, 1_000_000), "defaults");
 }
+
+#[test]
+fn a_world_readable_secret_file_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::temp_dir().join(format!("tmtest-secret-mode-{}", std::process::id()));
+    std::fs::write(&path, "0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let w = secret_mode_warning("webhook secret file", &path).expect("0644 is warned about");
+    assert!(w.contains("readable by every local user") && w.contains("644") && w.contains("chmod o-rwx"), "{w}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(secret_mode_warning("webhook secret file", &path), None, "group read is fine");
+    let text = format!(
+        "[[webhook]]\nname = \"p\"\nurl = \"https://hooks.example.com/x\"\nsecret_file = \"{}\"\nallow_private = true\n",
+        path.display()
+    );
+    let c = Config::from_toml(
+        &format!("{text}\n[[interface]]\nname = \"tun0\"\nlayer = \"l3\"\nsubnets = [\"10.8.0.0/24\"]\n"),
+        &ov(),
+    );
+    let _ = std::fs::remove_file(&path);
+    let c = c.unwrap();
+    assert!(c.webhooks[0].allow_private && c.webhooks[0].secret == b"0123456789abcdef");
+}

@@ -23,6 +23,8 @@ pub struct Endpoint {
     /// Backoff after the first failure; doubles per failure up to `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Deliver to loopback, private, link-local and metadata addresses too (default: refused).
+    pub allow_private: bool,
 }
 
 /// Never prints the secret.
@@ -36,6 +38,7 @@ impl std::fmt::Debug for Endpoint {
             .field("timeout", &self.timeout)
             .field("min_backoff", &self.min_backoff)
             .field("max_backoff", &self.max_backoff)
+            .field("allow_private", &self.allow_private)
             .finish()
     }
 }
@@ -51,6 +54,7 @@ pub(super) struct FileWebhook {
     timeout_ms: Option<u64>,
     min_backoff_ms: Option<u64>,
     max_backoff_secs: Option<u64>,
+    allow_private: Option<bool>,
 }
 
 pub(super) fn build(hooks: Vec<FileWebhook>) -> Result<Vec<Endpoint>, ConfigError> {
@@ -108,6 +112,7 @@ pub(super) fn build(hooks: Vec<FileWebhook>) -> Result<Vec<Endpoint>, ConfigErro
             timeout: Duration::from_millis(timeout_ms),
             min_backoff: Duration::from_millis(min_backoff_ms),
             max_backoff: Duration::from_secs(max_backoff_secs),
+            allow_private: h.allow_private.unwrap_or(false),
         });
     }
     Ok(out)

@@ -254,6 +254,10 @@ async fn attempt(hooks: &Webhooks, i: usize, h: Head) -> Outcome {
     let timestamp = at_ms / 1000;
     let signature = sign::signature(&ep.secret, timestamp, h.body.as_bytes());
     let started = Instant::now();
+    let refused = if ep.allow_private { None } else { super::policy::check_literal(&ep.url) };
+    if let Some(reason) = refused {
+        return failed(ep, h, at_ms, started, None, reason);
+    }
     let sent = hooks.clients[i]
         .post(&ep.url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -285,7 +289,24 @@ async fn attempt(hooks: &Webhooks, i: usize, h: Head) -> Outcome {
         // Without the URL: it may carry credentials, and this text is logged and stored.
         Err(e) => (None, Some(chain(&e.without_url()))),
     };
-    let error = error.map(|e| scrub(e, &ep.url));
+    match error {
+        Some(e) => failed(ep, h, at_ms, started, status, e),
+        None => outcome(ep, h, at_ms, started, status, None),
+    }
+}
+
+fn failed(ep: &super::Endpoint, h: Head, at_ms: u64, started: Instant, status: Option<u16>, error: String) -> Outcome {
+    outcome(ep, h, at_ms, started, status, Some(scrub(error, &ep.url)))
+}
+
+fn outcome(
+    ep: &super::Endpoint,
+    h: Head,
+    at_ms: u64,
+    started: Instant,
+    status: Option<u16>,
+    error: Option<String>,
+) -> Outcome {
     let duration_ms = started.elapsed().as_millis() as u64;
     let attempt = h.attempts + 1;
     let backoff = ep.backoff(attempt);
@@ -402,6 +423,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             min_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
+            allow_private: true,
         };
         let hooks = Webhooks::new(db.clone(), "n".into(), vec![ep]).await.unwrap();
         let ev = super::super::Event {

@@ -26,6 +26,7 @@
 
 mod deliver;
 pub mod outbox;
+mod policy;
 pub mod sign;
 
 use std::{
@@ -181,7 +182,11 @@ impl Webhooks {
         let clients = endpoints
             .iter()
             .map(|ep| {
-                reqwest::Client::builder()
+                let mut builder = reqwest::Client::builder();
+                if let Some(r) = policy::resolver(ep.allow_private) {
+                    builder = builder.dns_resolver(r);
+                }
+                builder
                     .timeout(ep.timeout)
                     .connect_timeout(ep.timeout)
                     // Headers and body go out in separate writes: without NODELAY the body

@@ -9,6 +9,7 @@ mod api;
 mod batch;
 mod bench;
 mod dashboard;
+mod deploy;
 mod fixtures;
 mod ledger_netns;
 mod ledger_store;

@@ -220,6 +220,7 @@ pub fn webhook_throughput() {
                 timeout: Duration::from_secs(5),
                 min_backoff: Duration::from_millis(100),
                 max_backoff: Duration::from_secs(1),
+                allow_private: true,
             };
             let hooks = Webhooks::new(db, "bench".into(), vec![ep]).await.unwrap();
             got.store(0, Ordering::SeqCst);

@@ -141,6 +141,8 @@ url = "http://127.0.0.1:{hook_port}/hook"
 secret = "{SECRET}"
 min_backoff_ms = 100
 max_backoff_secs = 1
+# The receiver is on 127.0.0.1: loopback is refused unless allowed.
+allow_private = true
 "#
     )
 }

@@ -30,13 +30,15 @@ pub struct Daemon {
 impl Daemon {
     /// Start `tunmeter run <args>` and wait until it says it is counting.
     pub fn start(ns: &str, args: &[&str], log: &Path) -> Daemon {
+        Daemon::start_with(command(ns, &[&["run"], args].concat()), log)
+    }
+
+    /// Start `c` (a `tunmeter run` command line, possibly wrapped by strace or setpriv) and wait
+    /// until it says it is counting.
+    pub fn start_with(mut c: Command, log: &Path) -> Daemon {
         let f = std::fs::File::options().create(true).append(true).open(log).unwrap();
-        let child = command(ns, &[&["run"], args].concat())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(f))
-            .spawn()
-            .expect("spawn tunmeter run");
+        let child =
+            c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(f)).spawn().expect("spawn tunmeter run");
         let mut d = Daemon { child: Some(child), log: log.to_owned() };
         d.wait_log("counting", 1 + d.log_text().matches("counting").count(), Duration::from_secs(20));
         d
@@ -63,6 +65,11 @@ impl Daemon {
         panic!("no {needle:?} x{times} in the daemon log after {timeout:?}:\n{}", self.log_text());
     }
 
+    /// The pid of the started process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -72,8 +79,15 @@ impl Daemon {
 
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let pid = self.child.as_ref()?.id();
+        self.stop_pid(pid)
+    }
+
+    /// SIGTERM to `pid` (the daemon itself, e.g. the child of a wrapping strace) and wait for
+    /// the started process to exit; returns its exit status.
+    pub fn stop_pid(&mut self, pid: u32) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(10) {
             if let Ok(Some(st)) = c.try_wait() {
