@@ -69,7 +69,7 @@ fn a_program_detached_by_hand_is_reported_as_drift() {
     std::fs::write(
         &config,
         "[ledger]\ndrift_threshold_packets = 5\ndrift_polls = 2\n\n[[webhook]]\nname = \"sink\"\n\
-         url = \"http://127.0.0.1:9/hook\"\nsecret = \"selfcheck-test-secret\"\nmin_backoff_ms = 100\nmax_backoff_secs = 1\n",
+         url = \"http://127.0.0.1:9/hook\"\nsecret = \"selfcheck-test-secret\"\nmin_backoff_ms = 100\nmax_backoff_secs = 1\nallow_private = true\n",
     )
     .unwrap();
     let config_s = config.display().to_string();
