@@ -58,8 +58,9 @@ fn client_key<const L3: usize>(ctx: &TcContext, l3_len: u32, dir: Direction) -> 
     })
 }
 
-/// Add the packet to its client's entry. A client unseen so far gets an entry if its address
-/// is inside a subnet of this interface; otherwise the packet goes to the OTHER bucket.
+/// Add the packet to its client's entry. A client unseen so far gets an entry on its first
+/// upload if its address is inside a subnet of this interface; otherwise (outside the subnets,
+/// or a download to an address without an entry) the packet goes to the OTHER bucket.
 #[inline(always)]
 fn count_client(ctx: &TcContext, key: &ClientKey, bytes: u32, dir: Direction) {
     // `::` (e.g. the source of duplicate-address detection) and ff..ff would hit a reserved
@@ -76,6 +77,13 @@ fn count_client(ctx: &TcContext, key: &ClientKey, bytes: u32, dir: Direction) {
     }
     if !in_client_subnet(ifindex(ctx), key) {
         count_bucket(&ClientKey::OTHER, dir, Outcome::OutsideSubnets, bytes);
+        return;
+    }
+    // Only the client's own packets (or the daemon admitting its address) create an entry: a
+    // download to an unknown address in the subnet must not, or anyone could fill the map
+    // (and the ledger) by sending to random addresses of a routed subnet.
+    if dir == Direction::Download {
+        count_bucket(&ClientKey::OTHER, dir, Outcome::UnknownClient, bytes);
         return;
     }
     let mut fresh = ClientCounters::default();

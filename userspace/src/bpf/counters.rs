@@ -60,12 +60,7 @@ pub fn key_ip(k: &ClientKey) -> IpAddr {
     }
 }
 
-pub fn ip_key(ip: IpAddr) -> ClientKey {
-    match ip {
-        IpAddr::V4(a) => ClientKey::v4(a.octets()),
-        IpAddr::V6(a) => ClientKey::v6(a.octets()),
-    }
-}
+pub use super::loader::ip_key;
 
 /// Sum per-CPU values; last seen is the latest of any CPU.
 pub fn sum_cpus<'a>(values: impl IntoIterator<Item = &'a ClientCounters>) -> ClientCounters {

@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -171,18 +172,61 @@ impl PinnedMaps {
 
     /// Create the OTHER and OVERFLOW buckets if missing, so they exist even when the map is full.
     pub fn ensure_reserved_buckets(&self) -> Result<(), LoadError> {
-        let mut clients = self.clients()?;
-        let ncpus = nr_cpus().map_err(|(_, e)| LoadError::Cpus(e.to_string()))?;
         for key in [ClientKey::OTHER, ClientKey::OVERFLOW] {
-            let zero = PerCpuValues::try_from(vec![ClientCounters::default(); ncpus.get() as usize])
-                .map_err(|e| LoadError::Cpus(e.to_string()))?;
-            match clients.insert(&key, zero, BPF_NOEXIST) {
-                Ok(()) => debug!(?key, "reserved bucket created"),
-                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => return Err(LoadError::Map { name: MAP_CLIENTS, source }),
+            if self.create_zero(&key)? {
+                debug!(?key, "reserved bucket created");
             }
         }
         Ok(())
+    }
+
+    /// Insert a zeroed entry for `key` unless it exists (`BPF_NOEXIST`); true if created.
+    fn create_zero(&self, key: &ClientKey) -> Result<bool, LoadError> {
+        let mut clients = self.clients()?;
+        let ncpus = nr_cpus().map_err(|(_, e)| LoadError::Cpus(e.to_string()))?;
+        let zero = PerCpuValues::try_from(vec![ClientCounters::default(); ncpus.get() as usize])
+            .map_err(|e| LoadError::Cpus(e.to_string()))?;
+        match clients.insert(key, zero, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(source) => Err(LoadError::Map { name: MAP_CLIENTS, source }),
+        }
+    }
+
+    /// Admit `ip` as a client before it sends anything (identity knows it is assigned): its
+    /// entry is created zeroed, so downloads to it are counted as its own from the first
+    /// packet. The kernel creates entries only from a client's own (upload) packets. True if
+    /// the entry was created; a full map is an error (the address then counts as unknown
+    /// until it uploads, into OVERFLOW).
+    pub fn admit_client(&self, ip: IpAddr) -> Result<bool, LoadError> {
+        let key = ip_key(ip);
+        if key.is_reserved() {
+            return Ok(false);
+        }
+        self.create_zero(&key)
+    }
+
+    /// Remove `ip`'s entry if it never counted anything (all counters zero on every CPU): an
+    /// admitted address that never sent or received a packet. The ledger has nothing to
+    /// account for it, so nothing is lost; an entry with any count is kept. True if removed.
+    /// Race accepted: a packet counted between the read and the delete (one syscall apart) is
+    /// lost; only an entry that was silent until that instant can lose it.
+    pub fn expire_if_unused(&self, ip: IpAddr) -> Result<bool, LoadError> {
+        let key = ip_key(ip);
+        let mut clients = self.clients()?;
+        let values = match clients.get(&key, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Ok(false),
+            Err(source) => return Err(LoadError::Map { name: MAP_CLIENTS, source }),
+        };
+        if key.is_reserved() || values.iter().any(|c| *c != ClientCounters::default()) {
+            return Ok(false);
+        }
+        match clients.remove(&key) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(LoadError::Map { name: MAP_CLIENTS, source }),
+        }
     }
 
     /// Make the subnet map say exactly `wanted` (ifindex -> subnets): add what is missing,
@@ -209,6 +253,14 @@ impl PinnedMaps {
         }
         info!(entries = want_keys.len(), "client subnets set");
         Ok(())
+    }
+}
+
+/// The client-map key of an address (IPv4 mapped into IPv6).
+pub fn ip_key(ip: IpAddr) -> ClientKey {
+    match ip {
+        IpAddr::V4(a) => ClientKey::v4(a.octets()),
+        IpAddr::V6(a) => ClientKey::v6(a.octets()),
     }
 }
 

@@ -55,10 +55,15 @@ fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
             Packet::udp().src("8.8.8.8").dst("10.8.0.3").ports(53, 40001).payload([1; 60]).l4_checksum(0),
             Packet::icmp().src("10.8.0.4").dst("9.9.9.9").payload([0; 56]),
         );
+        // 10.8.0.3 uploads first (its entry is created by its own packets, never by a
+        // download: see client_fill), then gets the download.
+        let hello = Packet::udp().src("10.8.0.3").dst("8.8.8.8").ports(40001, 53).l4_checksum(0);
         assert_eq!(h.run(PROG_INGRESS, &frame(layer, &t)), TC_ACT_UNSPEC);
         assert_eq!(h.run(PROG_INGRESS, &frame(layer, &t)), TC_ACT_UNSPEC);
+        assert_eq!(h.run(PROG_INGRESS, &frame(layer, &hello)), TC_ACT_UNSPEC);
         assert_eq!(h.run(PROG_EGRESS, &frame(layer, &u)), TC_ACT_UNSPEC);
         assert_eq!(h.run(PROG_INGRESS, &frame(layer, &i)), TC_ACT_UNSPEC);
+        let hello = hello.build();
         let (t, u, i) = (t.build(), u.build(), i.build());
 
         let c2 = h.client("10.8.0.2").expect("10.8.0.2 counted");
@@ -69,7 +74,10 @@ fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
         );
         assert!(c2.last_seen_jiffies > 0);
         let c3 = h.client("10.8.0.3").expect("10.8.0.3 counted");
-        assert_eq!((c3.up_bytes, c3.up_packets, c3.down_bytes, c3.down_packets), (0, 0, u.len() as u64, 1));
+        assert_eq!(
+            (c3.up_bytes, c3.up_packets, c3.down_bytes, c3.down_packets),
+            (hello.len() as u64, 1, u.len() as u64, 1)
+        );
         let c4 = h.client("10.8.0.4").expect("10.8.0.4 counted");
         assert_eq!((c4.up_bytes, c4.up_packets), (i.len() as u64, 1));
         // The far ends are not clients and got no entry.
@@ -79,10 +87,10 @@ fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
         let epoch = h.maps.clients_epoch().unwrap();
         assert_eq!(h.maps.clients_epoch().unwrap(), epoch);
         assert_ne!(Harness::new(layer, 1024, SUBNETS).maps.clients_epoch().unwrap(), epoch);
-        let up = 2 * t.len() as u64 + i.len() as u64;
+        let up = 2 * t.len() as u64 + i.len() as u64 + hello.len() as u64;
         assert_eq!(
             h.outcomes(),
-            outcomes(&[(Upload, Outcome::Client, 3, up), (Download, Outcome::Client, 1, u.len() as u64)]),
+            outcomes(&[(Upload, Outcome::Client, 4, up), (Download, Outcome::Client, 1, u.len() as u64)]),
             "{layer:?}"
         );
     });
@@ -97,10 +105,11 @@ fn ipv6_is_counted_with_l3_bytes() {
             Packet::udp().src("2001:db8::53").dst("fd00:8::3").ports(53, 3).payload([0; 33]).l4_checksum(0),
             Packet::icmpv6().src("fd00:8::2").dst("2001:db8::1").echo(1, 1).l4_checksum(0),
         );
-        for (prog, p) in [(PROG_INGRESS, &t), (PROG_EGRESS, &u), (PROG_INGRESS, &i)] {
+        let hello = Packet::udp().src("fd00:8::3").dst("2001:db8::53").ports(3, 53).l4_checksum(0);
+        for (prog, p) in [(PROG_INGRESS, &t), (PROG_INGRESS, &hello), (PROG_EGRESS, &u), (PROG_INGRESS, &i)] {
             assert_eq!(h.run(prog, &frame(layer, p)), TC_ACT_UNSPEC);
         }
-        let (t, u, i) = (t.build(), u.build(), i.build());
+        let (t, u, i, hello) = (t.build(), u.build(), i.build(), hello.build());
         let c = h.client("fd00:8::2").unwrap();
         assert_eq!((c.up_bytes, c.up_packets, c.down_bytes), ((t.len() + i.len()) as u64, 2, 0));
         let c = h.client("fd00:8::3").unwrap();
@@ -108,7 +117,7 @@ fn ipv6_is_counted_with_l3_bytes() {
         assert_eq!(
             h.outcomes(),
             outcomes(&[
-                (Upload, Outcome::Client, 2, (t.len() + i.len()) as u64),
+                (Upload, Outcome::Client, 3, (t.len() + i.len() + hello.len()) as u64),
                 (Download, Outcome::Client, 1, u.len() as u64)
             ])
         );
