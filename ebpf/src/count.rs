@@ -9,7 +9,7 @@ use tunmeter_common::{
 };
 
 use crate::{
-    l3_offset,
+    gso, l3_offset,
     maps::{CLIENT_COUNTERS, CLIENT_SUBNETS},
     packet::{l3_len, read},
     stats,
@@ -30,7 +30,7 @@ pub fn packet(ctx: &TcContext, dir: Direction) {
 fn packet_at<const L3: usize>(ctx: &TcContext, dir: Direction) {
     let l3_len = l3_len::<L3>(ctx);
     match client_key::<L3>(ctx, l3_len, dir) {
-        Ok(key) => count_client(ctx, &key, l3_len, dir),
+        Ok(key) => count_client(ctx, &key, gso::charged::<L3>(ctx, l3_len), dir),
         Err(outcome) => stats::outcome(dir, outcome, l3_len),
     }
 }

@@ -16,8 +16,8 @@ use aya::{
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 use tunmeter_common::{
-    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, MAP_CLIENTS, MAP_SUBNETS, SUBNET_FLAG_CLIENTS,
-    SubnetKey, SubnetValue,
+    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, GLOBAL_WIRE_BYTES, MAP_CLIENTS, MAP_SUBNETS,
+    SUBNET_FLAG_CLIENTS, SubnetKey, SubnetValue,
 };
 
 use crate::types::Layer;
@@ -54,29 +54,41 @@ fn is_eperm(text: &str) -> bool {
     text.contains("Operation not permitted") || text.contains("os error 1)") || text.contains("EPERM")
 }
 
+/// The load-time globals of an instance besides its layer's L3 offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// The mark of redirected packets (see `steer::PolicyRoute`).
+    pub redirect_mark: u32,
+    /// Charge GSO/GRO packets with their segments' wire bytes (`count_wire_bytes`).
+    pub wire_bytes: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { redirect_mark: crate::types::DEFAULT_REDIRECT_MARK, wire_bytes: false }
+    }
+}
+
 /// One loaded instance of the object (programs loaded into the kernel, not yet attached).
 pub struct Instance {
     pub ebpf: Ebpf,
 }
 
 impl Instance {
-    /// Load the object for `layer` with its maps under `pin_dir` and the default redirect mark.
+    /// Load the object for `layer` with its maps under `pin_dir` and the default options.
     pub fn load(layer: Layer, pin_dir: &Path, max_clients: u32) -> Result<Instance, LoadError> {
-        Self::load_with(layer, pin_dir, max_clients, crate::types::DEFAULT_REDIRECT_MARK)
+        Self::load_with(layer, pin_dir, max_clients, LoadOptions::default())
     }
 
-    /// Load with `redirect_mark` as the mark of redirected packets (see `steer::PolicyRoute`).
-    pub fn load_with(
-        layer: Layer,
-        pin_dir: &Path,
-        max_clients: u32,
-        redirect_mark: u32,
-    ) -> Result<Instance, LoadError> {
+    /// Load with `opts` (the load-time globals besides the layer's L3 offset).
+    pub fn load_with(layer: Layer, pin_dir: &Path, max_clients: u32, opts: LoadOptions) -> Result<Instance, LoadError> {
         let offset = layer.l3_offset();
+        let wire = opts.wire_bytes as u32;
         let mut loader = EbpfLoader::new();
         loader
             .override_global(GLOBAL_L3_OFFSET, &offset, true)
-            .override_global(GLOBAL_REDIRECT_MARK, &redirect_mark, true)
+            .override_global(GLOBAL_REDIRECT_MARK, &opts.redirect_mark, true)
+            .override_global(GLOBAL_WIRE_BYTES, &wire, true)
             .map_max_entries(MAP_CLIENTS, max_clients)
             .default_map_pin_directory(pin_dir);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {

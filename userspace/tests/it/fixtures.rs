@@ -251,3 +251,41 @@ fn a_full_client_map_is_counted_not_hidden() {
         outcomes(&[(Upload, Outcome::Client, 15, bytes), (Upload, Outcome::MapFull, 2, 2 * late.len() as u64)])
     );
 }
+
+/// A merged GSO/GRO packet: by default charged its `skb->len` (headers once); with
+/// `count_wire_bytes` (the `WIRE_BYTES` global), what its `gso_segs` segments carry as L3 bytes
+/// on the wire: every segment repeats the IP and TCP/UDP headers.
+#[test]
+fn gso_packets_are_counted_at_skb_len_or_in_wire_bytes() {
+    both_layers(|layer| {
+        let seg = 1000;
+        // TCP with 12 bytes of options (timestamps): 20 + 32 = 52 header bytes per segment.
+        let ts = [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+        let t4 =
+            Packet::bare_tcp().src("10.8.0.2").dst("1.1.1.1").ports(1, 2).tcp_options(ts).payload(vec![0; 3 * seg]);
+        let t6 = Packet::bare_tcp().src("fd00:8::2").dst("2001:db8::1").ports(1, 2).payload(vec![0; 3 * seg]);
+        let u4 = Packet::udp().src("10.8.0.2").dst("1.1.1.1").ports(1, 2).payload(vec![0; 2 * seg]).l4_checksum(0);
+        // (packet, segments, header bytes each segment repeats)
+        let cases = [(&t4, 3u32, 52u64), (&t6, 3, 60), (&u4, 2, 28)];
+        for wire in [false, true] {
+            let opts = tunmeter::bpf::loader::LoadOptions { wire_bytes: wire, ..Default::default() };
+            let mut h = Harness::with_options(layer, 1024, SUBNETS, opts);
+            let mut want = (0, 0);
+            for (p, segs, hdr) in cases {
+                let f = frame(layer, p);
+                let l3 = p.build().len() as u64;
+                assert_eq!(h.run_gso(PROG_INGRESS, &f, segs, seg as u32), TC_ACT_UNSPEC);
+                want.0 += if wire { l3 + (segs as u64 - 1) * hdr } else { l3 };
+                // Not merged (gso_segs 0 or 1): the packet's own bytes in both modes.
+                h.run_gso(PROG_INGRESS, &f, 1, 0);
+                h.run(PROG_INGRESS, &f);
+                want.0 += 2 * l3;
+                want.1 += 3;
+            }
+            let c4 = h.client("10.8.0.2").unwrap();
+            let c6 = h.client("fd00:8::2").unwrap();
+            assert_eq!((c4.up_bytes + c6.up_bytes, c4.up_packets + c6.up_packets), want, "{layer:?} wire={wire}");
+            assert_eq!(h.outcomes(), outcomes(&[(Upload, Outcome::Client, want.1, want.0)]), "{layer:?} wire={wire}");
+        }
+    });
+}
