@@ -13,6 +13,8 @@ pub const MAP_SUBNETS: &str = "CLIENT_SUBNETS";
 pub const MAP_STATS: &str = "OUTCOME_STATS";
 /// Load-time global: where the IP header starts (0 on tun/wg, 14 on Ethernet).
 pub const GLOBAL_L3_OFFSET: &str = "L3_OFFSET";
+/// Load-time global: 1 = charge GSO/GRO packets with their segments' wire bytes, 0 = `skb->len`.
+pub const GLOBAL_WIRE_BYTES: &str = "WIRE_BYTES";
 
 /// Default capacity of [`MAP_CLIENTS`].
 pub const DEFAULT_MAX_CLIENTS: u32 = 65_536;
@@ -82,7 +84,8 @@ impl ClientKey {
 }
 
 /// Per-client, per-CPU counters. Bytes are L3 bytes (IP header and payload, no L2 header), so
-/// figures agree between tun and Ethernet devices. Upload = packets from the client (ingress on
+/// figures agree between tun and Ethernet devices; a GSO packet counts its `skb->len`, or with
+/// the `WIRE_BYTES` global its segments' wire bytes. Upload = packets from the client (ingress on
 /// the client-facing device), download = packets to the client (egress).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

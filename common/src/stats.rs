@@ -98,6 +98,11 @@ indexed_enum! {
         MapFull = 5 => "map_full",
         /// A map update failed for another reason (should never happen): passed, counted here only.
         MapError = 6 => "map_error",
+        /// Download to an address inside a client subnet that has no entry: not a client until
+        /// it uploads or the daemon admits it, so it gets no entry (anyone could fill the map
+        /// and the ledger with packets to random addresses). Counted to the
+        /// [`ClientKey::OTHER`](crate::ClientKey::OTHER) bucket.
+        UnknownClient = 7 => "unknown_client",
     }
 }
 
@@ -203,7 +208,16 @@ mod tests {
         assert_eq!(Direction::NAMES, ["upload", "download"]);
         assert_eq!(
             Outcome::NAMES,
-            ["client", "outside_subnets", "not_ip", "truncated", "malformed", "map_full", "map_error"]
+            [
+                "client",
+                "outside_subnets",
+                "not_ip",
+                "truncated",
+                "malformed",
+                "map_full",
+                "map_error",
+                "unknown_client"
+            ]
         );
         assert_eq!(
             SteerEvent::NAMES,
@@ -222,7 +236,7 @@ mod tests {
                 "assign_failed",
             ]
         );
-        assert_eq!((STATS_ENTRIES, SteerEvent::COUNT), (14, 12));
-        assert_eq!(stats_index(Direction::Download, Outcome::Client), 7);
+        assert_eq!((STATS_ENTRIES, SteerEvent::COUNT), (16, 12));
+        assert_eq!(stats_index(Direction::Download, Outcome::Client), 8);
     }
 }

@@ -9,7 +9,7 @@ use tunmeter_common::{
 };
 
 use crate::{
-    iface, l3_offset,
+    gso, iface, l3_offset,
     maps::{CLIENT_COUNTERS, CLIENT_SUBNETS},
     packet::{l3_len, read},
     stats,
@@ -31,7 +31,7 @@ fn packet_at<const L3: usize>(ctx: &TcContext, dir: Direction) {
     let l3_len = l3_len::<L3>(ctx);
     iface::packet(ctx, dir, l3_len);
     match client_key::<L3>(ctx, l3_len, dir) {
-        Ok(key) => count_client(ctx, &key, l3_len, dir),
+        Ok(key) => count_client(ctx, &key, gso::charged::<L3>(ctx, l3_len), dir),
         Err(outcome) => stats::outcome(dir, outcome, l3_len),
     }
 }
@@ -59,8 +59,9 @@ fn client_key<const L3: usize>(ctx: &TcContext, l3_len: u32, dir: Direction) -> 
     })
 }
 
-/// Add the packet to its client's entry. A client unseen so far gets an entry if its address
-/// is inside a subnet of this interface; otherwise the packet goes to the OTHER bucket.
+/// Add the packet to its client's entry. A client unseen so far gets an entry on its first
+/// upload if its address is inside a subnet of this interface; otherwise (outside the subnets,
+/// or a download to an address without an entry) the packet goes to the OTHER bucket.
 #[inline(always)]
 fn count_client(ctx: &TcContext, key: &ClientKey, bytes: u32, dir: Direction) {
     // `::` (e.g. the source of duplicate-address detection) and ff..ff would hit a reserved
@@ -77,6 +78,13 @@ fn count_client(ctx: &TcContext, key: &ClientKey, bytes: u32, dir: Direction) {
     }
     if !in_client_subnet(ifindex(ctx), key) {
         count_bucket(&ClientKey::OTHER, dir, Outcome::OutsideSubnets, bytes);
+        return;
+    }
+    // Only the client's own packets (or the daemon admitting its address) create an entry: a
+    // download to an unknown address in the subnet must not, or anyone could fill the map
+    // (and the ledger) by sending to random addresses of a routed subnet.
+    if dir == Direction::Download {
+        count_bucket(&ClientKey::OTHER, dir, Outcome::UnknownClient, bytes);
         return;
     }
     let mut fresh = ClientCounters::default();

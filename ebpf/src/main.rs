@@ -5,13 +5,14 @@
 #![no_main]
 
 // Module graph (siblings form a DAG; any module may use this root's globals):
-//   count            -> iface, maps, packet, stats
+//   count            -> iface, maps, packet, stats, gso
 //   iface            -> maps
 //   steer            -> forward, redirect, verdict
 //   forward/redirect -> maps, packet, stats, verdict
 //   verdict          -> stats -> maps
 mod count;
 mod forward;
+mod gso;
 mod iface;
 mod maps;
 mod packet;
@@ -38,6 +39,19 @@ static L3_OFFSET: Global<u32> = Global::new(0);
 /// (`REDIRECT_MARK`, from the config).
 #[unsafe(no_mangle)]
 static REDIRECT_MARK: Global<u32> = Global::new(0x746d_0001);
+
+/// 1: charge a GSO/GRO packet with the L3 bytes its segments have on the wire (each segment
+/// repeats the IP and TCP/UDP headers), from `gso_segs`; 0 (default): charge `skb->len` minus
+/// the L2 header. Set by the loader (`WIRE_BYTES`, from `count_wire_bytes`); frozen, so the
+/// default path does not contain the wire-byte code at all.
+#[unsafe(no_mangle)]
+static WIRE_BYTES: Global<u32> = Global::new(0);
+
+/// Whether wire bytes are counted (a constant to the verifier).
+#[inline(always)]
+fn wire_bytes() -> bool {
+    WIRE_BYTES.load() != 0
+}
 
 /// The L3 offset as the verifier sees it: a constant, so only one branch is kept.
 #[inline(always)]

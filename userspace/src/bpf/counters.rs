@@ -62,12 +62,7 @@ pub fn key_ip(k: &ClientKey) -> IpAddr {
     }
 }
 
-pub fn ip_key(ip: IpAddr) -> ClientKey {
-    match ip {
-        IpAddr::V4(a) => ClientKey::v4(a.octets()),
-        IpAddr::V6(a) => ClientKey::v6(a.octets()),
-    }
-}
+pub use super::loader::ip_key;
 
 /// Sum one slot of the per-interface totals over CPUs.
 pub fn sum_iface_cpus<'a>(values: impl IntoIterator<Item = &'a IfaceCounter>) -> IfaceCounter {

@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -15,7 +16,7 @@ use aya::{
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 use tunmeter_common::{
-    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, IfaceCounter, MAP_CLIENTS, MAP_SUBNETS,
+    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, GLOBAL_WIRE_BYTES, IfaceCounter, MAP_CLIENTS, MAP_SUBNETS,
     SUBNET_FLAG_CLIENTS, SubnetKey, SubnetValue,
 };
 
@@ -53,29 +54,41 @@ fn is_eperm(text: &str) -> bool {
     text.contains("Operation not permitted") || text.contains("os error 1)") || text.contains("EPERM")
 }
 
+/// The load-time globals of an instance besides its layer's L3 offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// The mark of redirected packets (see `steer::PolicyRoute`).
+    pub redirect_mark: u32,
+    /// Charge GSO/GRO packets with their segments' wire bytes (`count_wire_bytes`).
+    pub wire_bytes: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { redirect_mark: crate::types::DEFAULT_REDIRECT_MARK, wire_bytes: false }
+    }
+}
+
 /// One loaded instance of the object (programs loaded into the kernel, not yet attached).
 pub struct Instance {
     pub ebpf: Ebpf,
 }
 
 impl Instance {
-    /// Load the object for `layer` with its maps under `pin_dir` and the default redirect mark.
+    /// Load the object for `layer` with its maps under `pin_dir` and the default options.
     pub fn load(layer: Layer, pin_dir: &Path, max_clients: u32) -> Result<Instance, LoadError> {
-        Self::load_with(layer, pin_dir, max_clients, crate::types::DEFAULT_REDIRECT_MARK)
+        Self::load_with(layer, pin_dir, max_clients, LoadOptions::default())
     }
 
-    /// Load with `redirect_mark` as the mark of redirected packets (see `steer::PolicyRoute`).
-    pub fn load_with(
-        layer: Layer,
-        pin_dir: &Path,
-        max_clients: u32,
-        redirect_mark: u32,
-    ) -> Result<Instance, LoadError> {
+    /// Load with `opts` (the load-time globals besides the layer's L3 offset).
+    pub fn load_with(layer: Layer, pin_dir: &Path, max_clients: u32, opts: LoadOptions) -> Result<Instance, LoadError> {
         let offset = layer.l3_offset();
+        let wire = opts.wire_bytes as u32;
         let mut loader = EbpfLoader::new();
         loader
             .override_global(GLOBAL_L3_OFFSET, &offset, true)
-            .override_global(GLOBAL_REDIRECT_MARK, &redirect_mark, true)
+            .override_global(GLOBAL_REDIRECT_MARK, &opts.redirect_mark, true)
+            .override_global(GLOBAL_WIRE_BYTES, &wire, true)
             .map_max_entries(MAP_CLIENTS, max_clients)
             .default_map_pin_directory(pin_dir);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
@@ -178,18 +191,61 @@ impl PinnedMaps {
 
     /// Create the OTHER and OVERFLOW buckets if missing, so they exist even when the map is full.
     pub fn ensure_reserved_buckets(&self) -> Result<(), LoadError> {
-        let mut clients = self.clients()?;
-        let ncpus = nr_cpus().map_err(|(_, e)| LoadError::Cpus(e.to_string()))?;
         for key in [ClientKey::OTHER, ClientKey::OVERFLOW] {
-            let zero = PerCpuValues::try_from(vec![ClientCounters::default(); ncpus.get() as usize])
-                .map_err(|e| LoadError::Cpus(e.to_string()))?;
-            match clients.insert(&key, zero, BPF_NOEXIST) {
-                Ok(()) => debug!(?key, "reserved bucket created"),
-                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => return Err(LoadError::Map { name: MAP_CLIENTS, source }),
+            if self.create_zero(&key)? {
+                debug!(?key, "reserved bucket created");
             }
         }
         Ok(())
+    }
+
+    /// Insert a zeroed entry for `key` unless it exists (`BPF_NOEXIST`); true if created.
+    fn create_zero(&self, key: &ClientKey) -> Result<bool, LoadError> {
+        let mut clients = self.clients()?;
+        let ncpus = nr_cpus().map_err(|(_, e)| LoadError::Cpus(e.to_string()))?;
+        let zero = PerCpuValues::try_from(vec![ClientCounters::default(); ncpus.get() as usize])
+            .map_err(|e| LoadError::Cpus(e.to_string()))?;
+        match clients.insert(key, zero, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(source) => Err(LoadError::Map { name: MAP_CLIENTS, source }),
+        }
+    }
+
+    /// Admit `ip` as a client before it sends anything (identity knows it is assigned): its
+    /// entry is created zeroed, so downloads to it are counted as its own from the first
+    /// packet. The kernel creates entries only from a client's own (upload) packets. True if
+    /// the entry was created; a full map is an error (the address then counts as unknown
+    /// until it uploads, into OVERFLOW).
+    pub fn admit_client(&self, ip: IpAddr) -> Result<bool, LoadError> {
+        let key = ip_key(ip);
+        if key.is_reserved() {
+            return Ok(false);
+        }
+        self.create_zero(&key)
+    }
+
+    /// Remove `ip`'s entry if it never counted anything (all counters zero on every CPU): an
+    /// admitted address that never sent or received a packet. The ledger has nothing to
+    /// account for it, so nothing is lost; an entry with any count is kept. True if removed.
+    /// Race accepted: a packet counted between the read and the delete (one syscall apart) is
+    /// lost; only an entry that was silent until that instant can lose it.
+    pub fn expire_if_unused(&self, ip: IpAddr) -> Result<bool, LoadError> {
+        let key = ip_key(ip);
+        let mut clients = self.clients()?;
+        let values = match clients.get(&key, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Ok(false),
+            Err(source) => return Err(LoadError::Map { name: MAP_CLIENTS, source }),
+        };
+        if key.is_reserved() || values.iter().any(|c| *c != ClientCounters::default()) {
+            return Ok(false);
+        }
+        match clients.remove(&key) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(LoadError::Map { name: MAP_CLIENTS, source }),
+        }
     }
 
     /// Make the subnet map say exactly `wanted` (ifindex -> subnets): add what is missing,
@@ -216,6 +272,14 @@ impl PinnedMaps {
         }
         info!(entries = want_keys.len(), "client subnets set");
         Ok(())
+    }
+}
+
+/// The client-map key of an address (IPv4 mapped into IPv6).
+pub fn ip_key(ip: IpAddr) -> ClientKey {
+    match ip {
+        IpAddr::V4(a) => ClientKey::v4(a.octets()),
+        IpAddr::V6(a) => ClientKey::v6(a.octets()),
     }
 }
 

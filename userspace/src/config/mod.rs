@@ -85,6 +85,8 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub max_clients: u32,
+    /// Charge GSO/GRO packets with their segments' wire bytes (the `WIRE_BYTES` load-time global).
+    pub count_wire_bytes: bool,
     pub attach_mode: AttachMode,
     /// Milliseconds between reconciliations of attachments (safety net behind link events).
     pub reconcile_interval_ms: u64,
@@ -103,6 +105,7 @@ struct FileConfig {
     pin_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     max_clients: Option<u32>,
+    count_wire_bytes: Option<bool>,
     attach_mode: Option<AttachMode>,
     reconcile_interval_ms: Option<u64>,
     node_id: Option<String>,
@@ -236,6 +239,7 @@ impl Config {
             pin_dir,
             state_dir,
             max_clients,
+            count_wire_bytes: file.count_wire_bytes.unwrap_or(false),
             attach_mode: ov.attach_mode.or(file.attach_mode).unwrap_or_default(),
             reconcile_interval_ms: ranged(
                 "reconcile_interval_ms",

@@ -21,6 +21,7 @@ fn flags_alone_make_a_config() {
     assert_eq!(c.interfaces[2].layer, Layer::L2);
     assert_eq!(c.interfaces[0].subnets.len(), 2);
     assert_eq!(c.max_clients, 65_536);
+    assert!(!c.count_wire_bytes, "skb->len accounting by default");
     assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
 }
 
@@ -30,6 +31,7 @@ fn toml_file_with_interfaces() {
         r#"
         pin_dir = "/sys/fs/bpf/x"
         max_clients = 200000
+        count_wire_bytes = true
         [[interface]]
         name = "tun0"
         layer = "l3"
@@ -44,6 +46,7 @@ fn toml_file_with_interfaces() {
     .unwrap();
     assert_eq!(c.interfaces[1].name, "wg0");
     assert_eq!(c.max_clients, 200_000);
+    assert!(c.count_wire_bytes);
 }
 
 #[test]

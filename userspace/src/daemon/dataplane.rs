@@ -12,7 +12,7 @@ use crate::{
         attach::{self, Attached, Mode},
         clock,
         links::LinkTable,
-        loader::{Instance, PinnedMaps, effective_max_clients},
+        loader::{Instance, LoadOptions, PinnedMaps, effective_max_clients},
         system,
     },
     config::{Config, InterfaceConfig},
@@ -86,8 +86,8 @@ impl Dataplane {
     fn bring_up(&mut self, links: &LinkTable) -> Result<(), DaemonError> {
         let max = effective_max_clients(&self.cfg.pin_dir, self.cfg.max_clients);
         for layer in self.cfg.interfaces.iter().map(|i| i.layer).collect::<std::collections::BTreeSet<_>>() {
-            self.instances
-                .insert(layer, Instance::load_with(layer, &self.cfg.pin_dir, max, self.cfg.steer.policy.mark)?);
+            let opts = LoadOptions { redirect_mark: self.cfg.steer.policy.mark, wire_bytes: self.cfg.count_wire_bytes };
+            self.instances.insert(layer, Instance::load_with(layer, &self.cfg.pin_dir, max, opts)?);
         }
         self.maps.ensure_reserved_buckets()?;
         // Interfaces attached by an earlier run but no longer configured: stop counting there.

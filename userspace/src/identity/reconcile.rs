@@ -133,6 +133,7 @@ impl Identity {
         match sessions::close(&self.db, self.node(), &self.hooks, &s.id, reason, end, unix_ms()).await {
             Ok(c) => {
                 inner.active.remove(&s.client_ip);
+                self.ledger.release(s.client_ip);
                 Ok(c)
             }
             Err(RegistryError::Conflict(_) | RegistryError::NotFound { .. }) => {

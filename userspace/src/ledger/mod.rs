@@ -278,6 +278,10 @@ impl Ledger {
     /// packet; sessions refer to the row). Returns the client's current totals. Fails, changing
     /// nothing durable, when the database is unavailable.
     pub async fn admit(&self, ip: IpAddr) -> Result<state::Totals, LedgerError> {
+        // The kernel entry too: downloads to an address without one are not counted as a client's.
+        if let Err(e) = self.source.admit(ip) {
+            warn!(%ip, %e, "creating the admitted client's counter entry failed; it gets one at its first upload");
+        }
         let (totals, unwritten) = self.state().admit(ip, unix_ms());
         if unwritten {
             // A flush that took the row first holds the write gate until it committed (or put
@@ -285,6 +289,14 @@ impl Ledger {
             self.flush().await.map_err(LedgerError::Unavailable)?;
         }
         Ok(totals)
+    }
+
+    /// `ip`'s session ended: drop its kernel entry if it never counted a byte (see
+    /// `PinnedMaps::expire_if_unused`), so admitted-but-silent addresses do not fill the map.
+    pub fn release(&self, ip: IpAddr) {
+        if let Err(e) = self.source.release(ip) {
+            warn!(%ip, %e, "removing an unused client entry failed");
+        }
     }
 
     /// Reset a client: from this instant its visible usage starts from zero. Done by the writer,

@@ -20,6 +20,15 @@ pub trait Source: Send + Sync + 'static {
     fn read_all(&self) -> Result<Vec<Reading>, LoadError>;
     /// One client's entry, now.
     fn read_one(&self, ip: IpAddr) -> Result<Option<Reading>, LoadError>;
+    /// Create `ip`'s (zeroed) entry now that it is admitted, so downloads to it count as its
+    /// own before it sends anything. Sources without such entries do nothing.
+    fn admit(&self, _ip: IpAddr) -> Result<(), LoadError> {
+        Ok(())
+    }
+    /// Remove `ip`'s entry if it never counted a byte (its session ended silent).
+    fn release(&self, _ip: IpAddr) -> Result<(), LoadError> {
+        Ok(())
+    }
 }
 
 /// The pinned kernel maps of a running dataplane.
@@ -81,5 +90,13 @@ impl Source for KernelSource {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(LoadError::Map { name: tunmeter_common::MAP_CLIENTS, source }),
         }
+    }
+
+    fn admit(&self, ip: IpAddr) -> Result<(), LoadError> {
+        self.maps.admit_client(ip).map(drop)
+    }
+
+    fn release(&self, ip: IpAddr) -> Result<(), LoadError> {
+        self.maps.expire_if_unused(ip).map(drop)
     }
 }

@@ -55,10 +55,15 @@ fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
             Packet::udp().src("8.8.8.8").dst("10.8.0.3").ports(53, 40001).payload([1; 60]).l4_checksum(0),
             Packet::icmp().src("10.8.0.4").dst("9.9.9.9").payload([0; 56]),
         );
+        // 10.8.0.3 uploads first (its entry is created by its own packets, never by a
+        // download: see client_fill), then gets the download.
+        let hello = Packet::udp().src("10.8.0.3").dst("8.8.8.8").ports(40001, 53).l4_checksum(0);
         assert_eq!(h.run(PROG_INGRESS, &frame(layer, &t)), TC_ACT_UNSPEC);
         assert_eq!(h.run(PROG_INGRESS, &frame(layer, &t)), TC_ACT_UNSPEC);
+        assert_eq!(h.run(PROG_INGRESS, &frame(layer, &hello)), TC_ACT_UNSPEC);
         assert_eq!(h.run(PROG_EGRESS, &frame(layer, &u)), TC_ACT_UNSPEC);
         assert_eq!(h.run(PROG_INGRESS, &frame(layer, &i)), TC_ACT_UNSPEC);
+        let hello = hello.build();
         let (t, u, i) = (t.build(), u.build(), i.build());
 
         let c2 = h.client("10.8.0.2").expect("10.8.0.2 counted");
@@ -69,7 +74,10 @@ fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
         );
         assert!(c2.last_seen_jiffies > 0);
         let c3 = h.client("10.8.0.3").expect("10.8.0.3 counted");
-        assert_eq!((c3.up_bytes, c3.up_packets, c3.down_bytes, c3.down_packets), (0, 0, u.len() as u64, 1));
+        assert_eq!(
+            (c3.up_bytes, c3.up_packets, c3.down_bytes, c3.down_packets),
+            (hello.len() as u64, 1, u.len() as u64, 1)
+        );
         let c4 = h.client("10.8.0.4").expect("10.8.0.4 counted");
         assert_eq!((c4.up_bytes, c4.up_packets), (i.len() as u64, 1));
         // The far ends are not clients and got no entry.
@@ -79,10 +87,10 @@ fn ipv4_tcp_udp_icmp_are_counted_per_client_and_direction() {
         let epoch = h.maps.clients_epoch().unwrap();
         assert_eq!(h.maps.clients_epoch().unwrap(), epoch);
         assert_ne!(Harness::new(layer, 1024, SUBNETS).maps.clients_epoch().unwrap(), epoch);
-        let up = 2 * t.len() as u64 + i.len() as u64;
+        let up = 2 * t.len() as u64 + i.len() as u64 + hello.len() as u64;
         assert_eq!(
             h.outcomes(),
-            outcomes(&[(Upload, Outcome::Client, 3, up), (Download, Outcome::Client, 1, u.len() as u64)]),
+            outcomes(&[(Upload, Outcome::Client, 4, up), (Download, Outcome::Client, 1, u.len() as u64)]),
             "{layer:?}"
         );
     });
@@ -97,10 +105,11 @@ fn ipv6_is_counted_with_l3_bytes() {
             Packet::udp().src("2001:db8::53").dst("fd00:8::3").ports(53, 3).payload([0; 33]).l4_checksum(0),
             Packet::icmpv6().src("fd00:8::2").dst("2001:db8::1").echo(1, 1).l4_checksum(0),
         );
-        for (prog, p) in [(PROG_INGRESS, &t), (PROG_EGRESS, &u), (PROG_INGRESS, &i)] {
+        let hello = Packet::udp().src("fd00:8::3").dst("2001:db8::53").ports(3, 53).l4_checksum(0);
+        for (prog, p) in [(PROG_INGRESS, &t), (PROG_INGRESS, &hello), (PROG_EGRESS, &u), (PROG_INGRESS, &i)] {
             assert_eq!(h.run(prog, &frame(layer, p)), TC_ACT_UNSPEC);
         }
-        let (t, u, i) = (t.build(), u.build(), i.build());
+        let (t, u, i, hello) = (t.build(), u.build(), i.build(), hello.build());
         let c = h.client("fd00:8::2").unwrap();
         assert_eq!((c.up_bytes, c.up_packets, c.down_bytes), ((t.len() + i.len()) as u64, 2, 0));
         let c = h.client("fd00:8::3").unwrap();
@@ -108,7 +117,7 @@ fn ipv6_is_counted_with_l3_bytes() {
         assert_eq!(
             h.outcomes(),
             outcomes(&[
-                (Upload, Outcome::Client, 2, (t.len() + i.len()) as u64),
+                (Upload, Outcome::Client, 3, (t.len() + i.len() + hello.len()) as u64),
                 (Download, Outcome::Client, 1, u.len() as u64)
             ])
         );
@@ -241,4 +250,42 @@ fn a_full_client_map_is_counted_not_hidden() {
         h.outcomes(),
         outcomes(&[(Upload, Outcome::Client, 15, bytes), (Upload, Outcome::MapFull, 2, 2 * late.len() as u64)])
     );
+}
+
+/// A merged GSO/GRO packet: by default charged its `skb->len` (headers once); with
+/// `count_wire_bytes` (the `WIRE_BYTES` global), what its `gso_segs` segments carry as L3 bytes
+/// on the wire: every segment repeats the IP and TCP/UDP headers.
+#[test]
+fn gso_packets_are_counted_at_skb_len_or_in_wire_bytes() {
+    both_layers(|layer| {
+        let seg = 1000;
+        // TCP with 12 bytes of options (timestamps): 20 + 32 = 52 header bytes per segment.
+        let ts = [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+        let t4 =
+            Packet::bare_tcp().src("10.8.0.2").dst("1.1.1.1").ports(1, 2).tcp_options(ts).payload(vec![0; 3 * seg]);
+        let t6 = Packet::bare_tcp().src("fd00:8::2").dst("2001:db8::1").ports(1, 2).payload(vec![0; 3 * seg]);
+        let u4 = Packet::udp().src("10.8.0.2").dst("1.1.1.1").ports(1, 2).payload(vec![0; 2 * seg]).l4_checksum(0);
+        // (packet, segments, header bytes each segment repeats)
+        let cases = [(&t4, 3u32, 52u64), (&t6, 3, 60), (&u4, 2, 28)];
+        for wire in [false, true] {
+            let opts = tunmeter::bpf::loader::LoadOptions { wire_bytes: wire, ..Default::default() };
+            let mut h = Harness::with_options(layer, 1024, SUBNETS, opts);
+            let mut want = (0, 0);
+            for (p, segs, hdr) in cases {
+                let f = frame(layer, p);
+                let l3 = p.build().len() as u64;
+                assert_eq!(h.run_gso(PROG_INGRESS, &f, segs, seg as u32), TC_ACT_UNSPEC);
+                want.0 += if wire { l3 + (segs as u64 - 1) * hdr } else { l3 };
+                // Not merged (gso_segs 0 or 1): the packet's own bytes in both modes.
+                h.run_gso(PROG_INGRESS, &f, 1, 0);
+                h.run(PROG_INGRESS, &f);
+                want.0 += 2 * l3;
+                want.1 += 3;
+            }
+            let c4 = h.client("10.8.0.2").unwrap();
+            let c6 = h.client("fd00:8::2").unwrap();
+            assert_eq!((c4.up_bytes + c6.up_bytes, c4.up_packets + c6.up_packets), want, "{layer:?} wire={wire}");
+            assert_eq!(h.outcomes(), outcomes(&[(Upload, Outcome::Client, want.1, want.0)]), "{layer:?} wire={wire}");
+        }
+    });
 }

@@ -53,6 +53,7 @@ pub(super) fn ns_per_packet() {
         }
     }
     println!();
+    wire_bytes(&mut empty);
     if let Some((n, iter_ms, batch_ms)) = read_ms {
         println!(
             "Reading the whole client map from userspace ({n} entries, per-CPU values summed, median of {READS}): \
@@ -61,6 +62,37 @@ pub(super) fn ns_per_packet() {
         );
         println!();
     }
+}
+
+/// The cost of wire-byte accounting (`count_wire_bytes`): the same IPv4 client packet on an
+/// instance loaded with `WIRE_BYTES` 0 and 1, as a plain packet and as a 3-segment GSO packet
+/// (the wire-byte path reads `gso_segs` and parses the IP and TCP header lengths).
+fn wire_bytes(empty: &mut EmptyProgram) {
+    let ts = [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+    let p = Packet::bare_tcp().src("10.8.0.2").dst("1.1.1.1").ports(1, 2).tcp_options(ts).payload(vec![0; 3000]);
+    let p = p.build();
+    let mut row = Vec::new();
+    for wire in [false, true] {
+        let opts = tunmeter::bpf::loader::LoadOptions { wire_bytes: wire, ..Default::default() };
+        let mut h = Harness::with_options(Layer::L3, 1024, &["10.8.0.0/16"], opts);
+        h.run(PROG_INGRESS, &p);
+        row.push(sampled(|| h.time_gso(PROG_INGRESS, &p, 1, 0, REPEAT)));
+        row.push(sampled(|| h.time_gso(PROG_INGRESS, &p, 3, 1000, REPEAT)));
+    }
+    let te = empty.time(&p);
+    println!("GSO byte accounting, IPv4 TCP client, 3,052-byte packet (ns/packet, minus the empty program):");
+    println!();
+    println!("| mode | plain packet | GSO packet, 3 segments |");
+    println!("|---|---:|---:|");
+    println!("| skb->len (default) | {:.0} ({:.0}) | {:.0} ({:.0}) |", row[0], row[0] - te, row[1], row[1] - te);
+    println!(
+        "| wire bytes (`count_wire_bytes`) | {:.0} ({:.0}) | {:.0} ({:.0}) |",
+        row[2],
+        row[2] - te,
+        row[3],
+        row[3] - te
+    );
+    println!();
 }
 
 /// Whole-map reads timed per method, each the median of this many.

@@ -23,7 +23,7 @@ use ipnet::IpNet;
 use tunmeter::{
     bpf::{
         counters::{self, ip_key, sum_cpus},
-        loader::{Instance, PinnedMaps},
+        loader::{Instance, LoadOptions, PinnedMaps},
     },
     types::Layer,
 };
@@ -109,9 +109,14 @@ pub struct Harness {
 
 impl Harness {
     pub fn new(layer: Layer, max_clients: u32, subnets: &[&str]) -> Harness {
+        Self::with_options(layer, max_clients, subnets, LoadOptions::default())
+    }
+
+    /// Like `new`, with the load-time globals of `opts` (e.g. wire-byte accounting).
+    pub fn with_options(layer: Layer, max_clients: u32, subnets: &[&str], opts: LoadOptions) -> Harness {
         let pins = PinDir::new("fx");
         std::fs::create_dir_all(pins.path()).unwrap();
-        let inst = Instance::load(layer, pins.path(), max_clients).expect("load eBPF object");
+        let inst = Instance::load_with(layer, pins.path(), max_clients, opts).expect("load eBPF object");
         let maps = PinnedMaps::new(pins.path());
         maps.ensure_reserved_buckets().unwrap();
         let nets: Vec<IpNet> = subnets.iter().map(|s| s.parse().unwrap()).collect();
@@ -178,6 +183,34 @@ impl Harness {
         Ok((r.return_value, out, skb))
     }
 
+    /// Run `prog` once on `data` as a merged GSO packet of `segs` segments of `size` payload
+    /// bytes (`gso_segs`, `gso_size` of the `struct __sk_buff` given as BPF_PROG_TEST_RUN
+    /// `ctx_in`); returns the program's return code.
+    pub fn run_gso(&mut self, prog: &'static str, data: &[u8], segs: u32, size: u32) -> u32 {
+        self.test_run_gso(prog, data, segs, size, 1).return_value
+    }
+
+    /// Average nanoseconds per run over `repeat` runs of the same GSO packet (see `run_gso`).
+    pub fn time_gso(&mut self, prog: &'static str, data: &[u8], segs: u32, size: u32, repeat: u32) -> f64 {
+        self.test_run_gso(prog, data, segs, size, repeat).duration.as_nanos() as f64
+    }
+
+    fn test_run_gso(
+        &mut self,
+        prog: &'static str,
+        data: &[u8],
+        segs: u32,
+        size: u32,
+        repeat: u32,
+    ) -> aya::programs::TestRunResult {
+        let mut ctx = [0u8; SKB_CTX_SIZE];
+        ctx[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&segs.to_ne_bytes());
+        ctx[SKB_GSO_SIZE..SKB_GSO_SIZE + 4].copy_from_slice(&size.to_ne_bytes());
+        let p = self.inst.program_mut(prog);
+        p.test_run(TestRunOptions { data_in: Some(data), ctx_in: Some(&ctx), repeat, ..TestRunOptions::new() })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {} bytes as {segs} segments: {e:?}", data.len()))
+    }
+
     /// Average nanoseconds per run over `repeat` runs of the same packet.
     pub fn time(&mut self, prog: &'static str, data: &[u8], repeat: u32) -> f64 {
         let p = self.inst.program_mut(prog);
@@ -210,6 +243,9 @@ impl Harness {
 
 /// Size of `struct __sk_buff` (uapi) as BPF_PROG_TEST_RUN copies it out.
 pub const SKB_CTX_SIZE: usize = 192;
+/// Offsets of `gso_segs` and `gso_size` in `struct __sk_buff` (uapi, linux/bpf.h).
+const SKB_GSO_SEGS: usize = 164;
+const SKB_GSO_SIZE: usize = 176;
 
 /// Fields of the `struct __sk_buff` a program left (BPF_PROG_TEST_RUN `ctx_out`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
