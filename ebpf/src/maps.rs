@@ -7,9 +7,10 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use tunmeter_common::{
-    AddrKey, BypassValue, ClientCounters, ClientKey, DEFAULT_MAX_CLIENTS, FWD_FLOW_ENTRIES, FWD_FRAG_ENTRIES, FlowKey,
-    FlowNat, FragKey, FragNat, FwdKey, FwdRule, MAX_BYPASS, MAX_FWD_RULES, MAX_REDIRECT_SOURCES, MAX_RULES,
-    MAX_SUBNETS, OutcomeCounter, RedirectRule, RuleCounters, STATS_ENTRIES, SteerEvent, SubnetKey, SubnetValue,
+    AddrKey, BypassValue, ClientCounters, ClientKey, DEFAULT_MAX_CLIENTS, DeviceKey, FWD_FLOW_ENTRIES,
+    FWD_FRAG_ENTRIES, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule, MAX_BYPASS, MAX_FWD_RULES,
+    MAX_REDIRECT_SOURCES, MAX_RULES, MAX_SUBNETS, OutcomeCounter, RedirectRule, RuleCounters, STATS_ENTRIES,
+    SteerEvent, SubnetKey, SubnetValue,
 };
 
 // ---- counting ----
@@ -32,6 +33,11 @@ pub static OUTCOME_STATS: PerCpuArray<OutcomeCounter> = PerCpuArray::pinned(STAT
 /// Forward rules: (protocol, public port) -> device address and port.
 #[map(name = "FWD_RULES")]
 pub static FWD_RULES: HashMap<FwdKey, FwdRule> = HashMap::pinned(MAX_FWD_RULES, 0);
+
+/// Every forward rule's (protocol, device address, device port): egress packets from these
+/// without a flow are dropped.
+#[map(name = "FWD_DEVICES")]
+pub static FWD_DEVICES: HashMap<DeviceKey, FwdDevice> = HashMap::pinned(MAX_FWD_RULES, 0);
 
 /// Forwarded flows as the reply path sees them -> the public address and port to restore.
 #[map(name = "FWD_FLOWS")]

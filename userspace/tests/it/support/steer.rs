@@ -15,9 +15,9 @@ use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
 use tunmeter::steer::table::addr_key;
 use tunmeter_common::{
-    AddrKey, BypassValue, FlowKey, FlowNat, FragKey, FragNat, FwdKey, FwdRule, MAP_FWD_FLOWS, MAP_FWD_FRAGS,
-    MAP_FWD_RULES, MAP_REDIRECT_BYPASS, MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS, MAP_STEER_STATS, OutcomeCounter,
-    RedirectRule, RuleCounters, SteerEvent,
+    AddrKey, BypassValue, DeviceKey, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule, MAP_FWD_DEVICES,
+    MAP_FWD_FLOWS, MAP_FWD_FRAGS, MAP_FWD_RULES, MAP_REDIRECT_BYPASS, MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS,
+    MAP_STEER_STATS, OutcomeCounter, RedirectRule, RuleCounters, SteerEvent,
 };
 
 use super::packet::ToIp;
@@ -90,8 +90,11 @@ impl SteerTables {
         self.add_forwards([(proto, public_port, public.map(v4), v4(device), port, id)]);
     }
 
+    /// Insert forward rules, and their devices into `FWD_DEVICES` as `SteerMaps` does.
     pub fn add_forwards(&self, rules: impl IntoIterator<Item = Forward>) {
         let mut m = self.fwd_rules();
+        let mut devices: HashMap<MapData, DeviceKey, FwdDevice> =
+            HashMap::try_from(self.open(MAP_FWD_DEVICES)).unwrap();
         for (proto, port, public, device, device_port, rule_id) in rules {
             let key = FwdKey { proto, _pad: 0, port_be: port.to_be() };
             let rule = FwdRule {
@@ -104,6 +107,8 @@ impl SteerTables {
                 _pad2: 0,
             };
             m.insert(&key, &rule, 0).unwrap();
+            let dev = DeviceKey { device_addr: rule.device_addr, device_port_be: rule.device_port_be, proto, _pad: 0 };
+            devices.insert(&dev, &FwdDevice { rule_id }, 0).unwrap();
         }
     }
 
@@ -141,11 +146,17 @@ impl SteerTables {
         self.add_redirects([(source.parse().unwrap_or_else(|e| panic!("{source}: {e}")), proxy_port, rule_id)]);
     }
 
-    /// Insert redirect rules: (source, proxy port, rule id).
+    /// Insert redirect rules with the default policy: (source, proxy port, rule id).
     pub fn add_redirects(&self, rules: impl IntoIterator<Item = (IpNet, u16, u32)>) {
+        self.add_redirects_flagged(rules.into_iter().map(|(s, p, id)| (s, p, id, 0)));
+    }
+
+    /// Insert redirect rules: (source, proxy port, rule id, flags: `REDIRECT_UNPARSED_PASS`, the
+    /// `REDIRECT_ALLOW` bits).
+    pub fn add_redirects_flagged(&self, rules: impl IntoIterator<Item = (IpNet, u16, u32, u32)>) {
         let mut t = self.redirects();
-        for (source, proxy_port, rule_id) in rules {
-            let rule = RedirectRule { proxy_port_be: proxy_port.to_be(), _pad: 0, rule_id, flags: 0 };
+        for (source, proxy_port, rule_id, flags) in rules {
+            let rule = RedirectRule { proxy_port_be: proxy_port.to_be(), _pad: 0, rule_id, flags };
             t.insert(&addr_key(&source), &rule, 0).unwrap();
         }
     }
