@@ -23,6 +23,10 @@ pub const MAP_FWD_FRAGS: &str = "FWD_FRAGS";
 /// rule, kept by userspace from [`MAP_FWD_RULES`]; the egress path drops packets from these that
 /// have no flow.
 pub const MAP_FWD_DEVICES: &str = "FWD_DEVICES";
+/// `ARRAY<u64>` of [`FWD_DEVICE_PORT_WORDS`]: a bitmap of the device ports in
+/// [`MAP_FWD_DEVICES`] (bit `port % 64` of word `port / 64`, host-order port), so that the
+/// egress path looks up `FWD_DEVICES` only for packets from such a port.
+pub const MAP_FWD_DEVICE_PORTS: &str = "FWD_DEVICE_PORTS";
 /// `LPM_TRIE<LpmKey<AddrKey>, RedirectRule>`: redirect rules by client address or subnet.
 pub const MAP_REDIRECT_SOURCES: &str = "REDIRECT_SOURCES";
 /// `LPM_TRIE<LpmKey<AddrKey>, BypassValue>`: destinations never redirected.
@@ -42,6 +46,8 @@ pub const MAX_REDIRECT_SOURCES: u32 = MAX_RULES;
 pub const MAX_BYPASS: u32 = 4_096;
 pub const FWD_FLOW_ENTRIES: u32 = 262_144;
 pub const FWD_FRAG_ENTRIES: u32 = 8_192;
+/// Words of the [`MAP_FWD_DEVICE_PORTS`] bitmap: one bit per port.
+pub const FWD_DEVICE_PORT_WORDS: u32 = 65_536 / 64;
 
 /// Rule flag: the rule comes from the config file (the daemon re-applies and prunes these at
 /// start); without it the rule was added at run time (CLI or API) and stays until deleted.

@@ -15,7 +15,7 @@ use tunmeter_common::{
 };
 
 use crate::{
-    maps::{FWD_DEVICES, FWD_FLOWS, FWD_FRAGS, FWD_RULES},
+    maps::{FWD_DEVICE_PORTS, FWD_DEVICES, FWD_FLOWS, FWD_FRAGS, FWD_RULES},
     packet::{ipv4, l3_len, l4_csum_field, ports, read, set_u16, set_v4_addr},
     stats::{self, Toward},
     verdict::{Steered, Verdict},
@@ -132,9 +132,7 @@ fn from_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     let Some(nat) = (unsafe { FWD_FLOWS.get(&key) }).copied() else {
         // Not a flow's reply: from a rule's device address and port it would leave with the
         // device's VPN address (an evicted or never-created flow), so it is dropped.
-        let dev = DeviceKey { device_addr: h.src, device_port_be: sport, proto: h.proto, _pad: 0 };
-        // SAFETY: only the presence of the entry is used.
-        if unsafe { FWD_DEVICES.get(&dev) }.is_some() {
+        if is_device(h, sport) {
             return Err(SteerEvent::DeviceWithoutFlow);
         }
         return Ok(());
@@ -149,6 +147,20 @@ fn from_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     stats::rule(nat.rule_id, Toward::Back, len);
     stats::event(SteerEvent::ReplyTranslated, len);
     Ok(())
+}
+
+/// Is (protocol, source address, source port) a forward rule's device? The port bitmap first
+/// (an array read), the device table only for a port in it.
+#[inline(always)]
+fn is_device(h: &Ipv4Hdr, sport: u16) -> bool {
+    let port = u16::from_be(sport) as u32;
+    match FWD_DEVICE_PORTS.get(port / 64) {
+        Some(w) if *w & (1u64 << (port % 64)) != 0 => {}
+        _ => return false,
+    }
+    let dev = DeviceKey { device_addr: h.src, device_port_be: sport, proto: h.proto, _pad: 0 };
+    // SAFETY: only the presence of the entry is used.
+    unsafe { FWD_DEVICES.get(&dev) }.is_some()
 }
 
 #[inline(always)]

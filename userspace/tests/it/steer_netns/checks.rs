@@ -72,6 +72,19 @@ fn steer_add_refuses_open_sources_foreign_devices_and_ports_in_use() {
     let list = steer_list(&env);
     assert_eq!(list["forward"].as_array().unwrap().len(), 4, "{list}");
     assert!(redirect_rule(&list, "0.0.0.0/0").is_some(), "{list}");
+
+    // The egress program's device set follows the rules (what `device_without_flow` drops).
+    let t = support::steer::SteerTables::new(env.pins.path());
+    let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+    let want =
+        vec![(ip("10.7.0.2"), 80, 6), (ip("10.8.0.2"), 53, 17), (ip("10.8.0.2"), 80, 6), (ip("127.0.0.1"), 80, 6)];
+    assert_eq!(t.devices(), want);
+    assert_eq!(t.device_ports(), [53, 80]);
+    for port in [tport.as_str(), "18081", "18082"] {
+        steer_ok(&env, &["del", "forward", "--proto", "tcp", "--public-port", port]);
+    }
+    assert_eq!(t.devices(), [(ip("10.8.0.2"), 53, 17)]);
+    assert_eq!(t.device_ports(), [53]);
     drop((tcp, udp, lo));
     let _ = &daemon;
 }

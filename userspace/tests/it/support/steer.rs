@@ -11,13 +11,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
 use tunmeter::steer::table::addr_key;
 use tunmeter_common::{
-    AddrKey, BypassValue, DeviceKey, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule, MAP_FWD_DEVICES,
-    MAP_FWD_FLOWS, MAP_FWD_FRAGS, MAP_FWD_RULES, MAP_REDIRECT_BYPASS, MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS,
-    MAP_STEER_STATS, OutcomeCounter, RedirectRule, RuleCounters, SteerEvent,
+    AddrKey, BypassValue, DeviceKey, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule,
+    MAP_FWD_DEVICE_PORTS, MAP_FWD_DEVICES, MAP_FWD_FLOWS, MAP_FWD_FRAGS, MAP_FWD_RULES, MAP_REDIRECT_BYPASS,
+    MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS, MAP_STEER_STATS, OutcomeCounter, RedirectRule, RuleCounters, SteerEvent,
 };
 
 use super::packet::ToIp;
@@ -109,7 +109,29 @@ impl SteerTables {
             m.insert(&key, &rule, 0).unwrap();
             let dev = DeviceKey { device_addr: rule.device_addr, device_port_be: rule.device_port_be, proto, _pad: 0 };
             devices.insert(&dev, &FwdDevice { rule_id }, 0).unwrap();
+            let mut bits: Array<MapData, u64> = Array::try_from(self.open(MAP_FWD_DEVICE_PORTS)).unwrap();
+            let i = (device_port / 64) as u32;
+            let w = bits.get(&i, 0).unwrap();
+            bits.set(i, &(w | 1 << (device_port % 64)), 0).unwrap();
         }
+    }
+
+    /// `FWD_DEVICES` as (device address, device port, protocol), sorted.
+    pub fn devices(&self) -> Vec<(Ipv4Addr, u16, u8)> {
+        let m: HashMap<MapData, DeviceKey, FwdDevice> = HashMap::try_from(self.open(MAP_FWD_DEVICES)).unwrap();
+        let mut v: Vec<(Ipv4Addr, u16, u8)> = m
+            .keys()
+            .map(Result::unwrap)
+            .map(|k| (show_addr(k.device_addr), u16::from_be(k.device_port_be), k.proto))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The ports whose bit is set in `FWD_DEVICE_PORTS`.
+    pub fn device_ports(&self) -> Vec<u16> {
+        let bits: Array<MapData, u64> = Array::try_from(self.open(MAP_FWD_DEVICE_PORTS)).unwrap();
+        (0..=u16::MAX).filter(|p| bits.get(&(*p as u32 / 64), 0).unwrap() & (1 << (p % 64)) != 0).collect()
     }
 
     pub fn forward_count(&self) -> usize {
