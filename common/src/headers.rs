@@ -140,6 +140,9 @@ pub const L4_DPORT: usize = offset_of!(UdpHdr, dport);
 const _: () = assert!(offset_of!(TcpHdr, sport) == L4_SPORT && offset_of!(TcpHdr, dport) == L4_DPORT);
 /// Offsets of the checksums inside TCP, UDP and ICMP headers.
 pub const TCP_CSUM: usize = offset_of!(TcpHdr, csum);
+/// The TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10): the second byte of
+/// the data-offset/flags word.
+pub const TCP_FLAGS: usize = offset_of!(TcpHdr, off_flags) + 1;
 pub const UDP_CSUM: usize = offset_of!(UdpHdr, csum);
 pub const ICMP_CSUM: usize = offset_of!(IcmpHdr, csum);
 /// Where the packet quoted by an ICMP error starts, from the ICMP header.
@@ -255,7 +258,7 @@ mod tests {
         assert_eq!((ETH_HLEN, ETH_TYPE_OFFSET, IPV4_HLEN, IPV6_HLEN), (14, 12, 20, 40));
         assert_eq!((V4_CSUM, V4_SRC, V4_DST), (10, 12, 16));
         assert_eq!((V6_NEXT_HEADER, V6_SRC, V6_DST), (6, 8, 24));
-        assert_eq!((L4_SPORT, L4_DPORT, TCP_CSUM, UDP_CSUM), (0, 2, 16, 6));
+        assert_eq!((L4_SPORT, L4_DPORT, TCP_CSUM, TCP_FLAGS, UDP_CSUM), (0, 2, 16, 13, 6));
         assert_eq!((ICMP_CSUM, ICMP_QUOTE), (2, 8));
     }
 

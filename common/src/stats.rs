@@ -131,10 +131,29 @@ indexed_enum! {
         Bypassed = 8 => "bypassed",
         /// From a redirected client, but the proxy has no socket: dropped.
         ProxyMissing = 9 => "proxy_missing",
-        /// From a redirected client, not redirectable (fragment, IPv6 extension header): passed.
+        /// From a redirected client, TCP/UDP whose header is cut short: dropped, or passed with
+        /// `unparsed = "pass"`.
         NotRedirectable = 10 => "not_redirectable",
         /// `bpf_sk_assign` failed: dropped.
         AssignFailed = 11 => "assign_failed",
+        /// A TCP segment to a forwarded port that may not start a flow (not a SYN without ACK)
+        /// and has none: dropped, no flow created.
+        FlowlessSegment = 12 => "flowless_segment",
+        /// Egress, from a forward rule's device address and port, but no flow: dropped (it
+        /// would leak the device's VPN address).
+        DeviceWithoutFlow = 13 => "device_without_flow",
+        /// From a redirected client, an IPv4 fragment: dropped, or passed with `unparsed = "pass"`.
+        RedirectFragment = 14 => "redirect_fragment",
+        /// From a redirected client, IPv4 with options: dropped, or passed with `unparsed = "pass"`.
+        RedirectIpOptions = 15 => "redirect_ip_options",
+        /// From a redirected client, IPv6 with an extension header before the transport header:
+        /// dropped, or passed with `unparsed = "pass"`.
+        RedirectExtHeader = 16 => "redirect_ext_header",
+        /// From a redirected client, a protocol other than TCP/UDP not in the rule's `allow`
+        /// list: dropped, or passed with `unparsed = "pass"`.
+        RedirectOtherProto = 17 => "redirect_other_proto",
+        /// From a redirected client, a protocol in the rule's `allow` list (e.g. ICMP): passed.
+        RedirectAllowed = 18 => "redirect_allowed",
     }
 }
 
@@ -234,9 +253,16 @@ mod tests {
                 "proxy_missing",
                 "not_redirectable",
                 "assign_failed",
+                "flowless_segment",
+                "device_without_flow",
+                "redirect_fragment",
+                "redirect_ip_options",
+                "redirect_ext_header",
+                "redirect_other_proto",
+                "redirect_allowed",
             ]
         );
-        assert_eq!((STATS_ENTRIES, SteerEvent::COUNT), (16, 12));
+        assert_eq!((STATS_ENTRIES, SteerEvent::COUNT), (16, 19));
         assert_eq!(stats_index(Direction::Download, Outcome::Client), 8);
     }
 }

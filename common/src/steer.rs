@@ -9,6 +9,8 @@
 
 use core::mem::size_of;
 
+use crate::headers::{IPPROTO_ICMP, IPPROTO_ICMPV6};
+
 /// `HASH<FwdKey, FwdRule>`: forward rules by (protocol, public port).
 pub const MAP_FWD_RULES: &str = "FWD_RULES";
 /// `LRU_HASH<FlowKey, FlowNat>`: forwarded flows, written by the inbound path, read by the
@@ -17,6 +19,14 @@ pub const MAP_FWD_FLOWS: &str = "FWD_FLOWS";
 /// `LRU_HASH<FragKey, FragNat>`: IPv4 datagrams whose first fragment was translated, so that
 /// their later fragments (which carry no ports) get the same address.
 pub const MAP_FWD_FRAGS: &str = "FWD_FRAGS";
+/// `HASH<DeviceKey, FwdDevice>`: the (protocol, device address, device port) of every forward
+/// rule, kept by userspace from [`MAP_FWD_RULES`]; the egress path drops packets from these that
+/// have no flow.
+pub const MAP_FWD_DEVICES: &str = "FWD_DEVICES";
+/// `ARRAY<u64>` of [`FWD_DEVICE_PORT_WORDS`]: a bitmap of the device ports in
+/// [`MAP_FWD_DEVICES`] (bit `port % 64` of word `port / 64`, host-order port), so that the
+/// egress path looks up `FWD_DEVICES` only for packets from such a port.
+pub const MAP_FWD_DEVICE_PORTS: &str = "FWD_DEVICE_PORTS";
 /// `LPM_TRIE<LpmKey<AddrKey>, RedirectRule>`: redirect rules by client address or subnet.
 pub const MAP_REDIRECT_SOURCES: &str = "REDIRECT_SOURCES";
 /// `LPM_TRIE<LpmKey<AddrKey>, BypassValue>`: destinations never redirected.
@@ -36,10 +46,43 @@ pub const MAX_REDIRECT_SOURCES: u32 = MAX_RULES;
 pub const MAX_BYPASS: u32 = 4_096;
 pub const FWD_FLOW_ENTRIES: u32 = 262_144;
 pub const FWD_FRAG_ENTRIES: u32 = 8_192;
+/// Words of the [`MAP_FWD_DEVICE_PORTS`] bitmap: one bit per port.
+pub const FWD_DEVICE_PORT_WORDS: u32 = 65_536 / 64;
 
 /// Rule flag: the rule comes from the config file (the daemon re-applies and prunes these at
 /// start); without it the rule was added at run time (CLI or API) and stays until deleted.
 pub const RULE_FROM_CONFIG: u32 = 1;
+/// Redirect rule flag: `unparsed = "pass"`: packets the program cannot hand to the proxy
+/// (fragments, IPv4 options, IPv6 extension headers, other protocols not allowed, cut-short
+/// headers) are passed untouched. Without it (the default) they are dropped.
+pub const REDIRECT_UNPARSED_PASS: u32 = 1 << 1;
+
+/// Redirect rule flags: the protocols (other than TCP/UDP) a rule's `allow` list lets pass
+/// untouched, by name, their IP protocol / IPv6 next-header numbers, and their flag bit.
+pub const REDIRECT_ALLOW: [(&str, [u8; 2], u32); 7] = [
+    ("icmp", [IPPROTO_ICMP, IPPROTO_ICMPV6], 1 << 8),
+    ("gre", [47, 47], 1 << 9),
+    ("esp", [50, 50], 1 << 10),
+    ("ah", [51, 51], 1 << 11),
+    ("sctp", [132, 132], 1 << 12),
+    ("ipip", [4, 4], 1 << 13),
+    ("ipv6", [41, 41], 1 << 14),
+];
+
+/// The `REDIRECT_ALLOW` flag bit of an IP protocol (0: none can allow it).
+#[inline(always)]
+pub const fn redirect_allow_bit(proto: u8) -> u32 {
+    match proto {
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => 1 << 8,
+        47 => 1 << 9,
+        50 => 1 << 10,
+        51 => 1 << 11,
+        132 => 1 << 12,
+        4 => 1 << 13,
+        41 => 1 << 14,
+        _ => 0,
+    }
+}
 
 /// Key of [`MAP_FWD_RULES`].
 #[repr(C)]
@@ -67,6 +110,25 @@ pub struct FwdRule {
     pub _pad2: u32,
 }
 const _: () = assert!(size_of::<FwdRule>() == 24);
+
+/// Key of [`MAP_FWD_DEVICES`]: where a forward rule sends its packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceKey {
+    pub device_addr: u32,
+    pub device_port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<DeviceKey>() == 8);
+
+/// Value of [`MAP_FWD_DEVICES`]: the id of one rule that points there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwdDevice {
+    pub rule_id: u32,
+}
+const _: () = assert!(size_of::<FwdDevice>() == 4);
 
 /// Key of [`MAP_FWD_FLOWS`]: a forwarded flow as the reply path sees it (from the device to the
 /// customer).
@@ -149,6 +211,7 @@ pub struct RedirectRule {
     pub proxy_port_be: u16,
     pub _pad: u16,
     pub rule_id: u32,
+    /// `RULE_FROM_CONFIG`, `REDIRECT_UNPARSED_PASS` and the `REDIRECT_ALLOW` bits.
     pub flags: u32,
 }
 const _: () = assert!(size_of::<RedirectRule>() == 12);
@@ -192,6 +255,10 @@ mod pod {
     unsafe impl aya::Pod for super::FwdKey {}
     // SAFETY: FwdRule is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::FwdRule {}
+    // SAFETY: DeviceKey is #[repr(C)] integers without padding (size assertion above).
+    unsafe impl aya::Pod for super::DeviceKey {}
+    // SAFETY: FwdDevice is #[repr(C)] integers without padding (size assertion above).
+    unsafe impl aya::Pod for super::FwdDevice {}
     // SAFETY: FlowKey is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: FlowNat is #[repr(C)] integers without padding (size assertion above).
@@ -208,4 +275,26 @@ mod pod {
     unsafe impl aya::Pod for super::BypassValue {}
     // SAFETY: RuleCounters is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::RuleCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_bits_match_the_table_and_leave_the_rule_flags_alone() {
+        let mut all = 0;
+        for (name, protos, bit) in REDIRECT_ALLOW {
+            for p in protos {
+                assert_eq!(redirect_allow_bit(p), bit, "{name}");
+            }
+            assert_eq!(bit.count_ones(), 1, "{name}");
+            assert_eq!(all & bit, 0, "{name}: bit used twice");
+            all |= bit;
+        }
+        assert_eq!(all & (RULE_FROM_CONFIG | REDIRECT_UNPARSED_PASS), 0);
+        for p in [0u8, 6, 17, 43, 44, 59, 60, 135] {
+            assert_eq!(redirect_allow_bit(p), 0, "protocol {p}");
+        }
+    }
 }

@@ -1,20 +1,22 @@
 //! Forward rules (what iptables DNAT did), on Ethernet (`--egress`) interfaces: a customer's
 //! packet to a forwarded (protocol, public port) gets the device's address and port, and the
-//! device's replies, ICMP errors and later fragments are translated back. Drops only when a
-//! rewrite fails halfway or the flow table refuses the flow.
+//! device's replies, ICMP errors and later fragments are translated back. Drops a TCP segment
+//! that has no flow and cannot start one, a device's packet without a flow, and half rewrites.
 
-// Ingress: the flow is remembered in `FWD_FLOWS`. Egress: a packet of a remembered flow gets the
-// public address and port back. Checksums are updated incrementally.
+// Ingress: a flow is created only by a TCP SYN (no ACK) or a UDP datagram, and remembered in
+// `FWD_FLOWS`. Egress: a packet of a remembered flow gets the public address and port back; one
+// from a rule's device address and port (`FWD_DEVICES`) without a flow is dropped.
+// Checksums are updated incrementally.
 
 use aya_ebpf::programs::TcContext;
 use tunmeter_common::{
-    FRAG_FROM_DEVICE, FRAG_TO_DEVICE, FlowKey, FlowNat, FragKey, FragNat, FwdKey, ICMP_CSUM, ICMP_QUOTE, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, L4_DPORT, L4_SPORT, SteerEvent, V4_DST, V4_SRC,
+    DeviceKey, FRAG_FROM_DEVICE, FRAG_TO_DEVICE, FlowKey, FlowNat, FragKey, FragNat, FwdKey, ICMP_CSUM, ICMP_QUOTE,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, L4_DPORT, L4_SPORT, SteerEvent, TCP_FLAGS, V4_DST, V4_SRC,
 };
 
 use crate::{
-    maps::{FWD_FLOWS, FWD_FRAGS, FWD_RULES},
-    packet::{ipv4, l3_len, l4_csum_field, ports, set_u16, set_v4_addr},
+    maps::{FWD_DEVICE_PORTS, FWD_DEVICES, FWD_FLOWS, FWD_FRAGS, FWD_RULES},
+    packet::{ipv4, l3_len, l4_csum_field, ports, read, set_u16, set_v4_addr},
     stats::{self, Toward},
     verdict::{Steered, Verdict},
 };
@@ -24,6 +26,10 @@ use crate::{
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+/// TCP flag bits (the low byte of the data-offset/flags word).
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// Customer -> device, on the ingress of an Ethernet interface.
 #[inline(always)]
@@ -73,10 +79,17 @@ fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
         _pad: [0; 3],
     };
     let nat = FlowNat { public_addr: h.dst, public_port_be: dport, _pad: 0, rule_id: rule.rule_id, _pad2: 0 };
-    // Written only when new or changed: most packets of a flow only read it.
+    // Written only when new or changed: most packets of a flow only read it. Only a packet that
+    // may start a flow creates or redirects one; the same flow under a re-added rule (another
+    // id) just gets the new id.
     // SAFETY: read-only copy of the value.
-    if unsafe { FWD_FLOWS.get(&key) }.copied() != Some(nat) && FWD_FLOWS.insert(&key, &nat, 0).is_err() {
-        return Err(SteerEvent::FlowTableError);
+    match unsafe { FWD_FLOWS.get(&key) }.copied() {
+        Some(have) if have == nat => {}
+        Some(have) if have.public_addr == nat.public_addr && have.public_port_be == nat.public_port_be => {
+            FWD_FLOWS.insert(&key, &nat, 0).map_err(|_| SteerEvent::FlowTableError)?
+        }
+        _ if !starts_flow(ctx, l4, h.proto) => return Err(SteerEvent::FlowlessSegment),
+        _ => FWD_FLOWS.insert(&key, &nat, 0).map_err(|_| SteerEvent::FlowTableError)?,
     }
     if h.is_first_fragment() {
         remember_fragment(h, FRAG_TO_DEVICE, rule.device_addr, rule.rule_id)?;
@@ -88,6 +101,19 @@ fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     stats::rule(rule.rule_id, Toward::Target, len);
     stats::event(SteerEvent::Forwarded, len);
     Ok(())
+}
+
+/// May this packet start a flow: a UDP datagram, or a TCP SYN without ACK.
+#[inline(always)]
+fn starts_flow(ctx: &TcContext, l4: usize, proto: u8) -> bool {
+    if proto != IPPROTO_TCP {
+        return true;
+    }
+    // `ports` checked that the header up to its checksum is in the packet. The whole
+    // offset/flags word is read: a 1-byte read at a variable offset compiles to a bounds check
+    // the verifier does not accept.
+    let Ok(word) = read::<u16>(ctx, l4 + TCP_FLAGS - 1) else { return false };
+    word.to_ne_bytes()[1] & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 #[inline(always)]
@@ -103,7 +129,14 @@ fn from_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
         _pad: [0; 3],
     };
     // SAFETY: read-only copy of the value.
-    let Some(nat) = (unsafe { FWD_FLOWS.get(&key) }).copied() else { return Ok(()) };
+    let Some(nat) = (unsafe { FWD_FLOWS.get(&key) }).copied() else {
+        // Not a flow's reply: from a rule's device address and port it would leave with the
+        // device's VPN address (an evicted or never-created flow), so it is dropped.
+        if is_device(h, sport) {
+            return Err(SteerEvent::DeviceWithoutFlow);
+        }
+        return Ok(());
+    };
     if h.is_first_fragment() {
         remember_fragment(h, FRAG_FROM_DEVICE, nat.public_addr, nat.rule_id)?;
     }
@@ -114,6 +147,20 @@ fn from_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     stats::rule(nat.rule_id, Toward::Back, len);
     stats::event(SteerEvent::ReplyTranslated, len);
     Ok(())
+}
+
+/// Is (protocol, source address, source port) a forward rule's device? The port bitmap first
+/// (an array read), the device table only for a port in it.
+#[inline(always)]
+fn is_device(h: &Ipv4Hdr, sport: u16) -> bool {
+    let port = u16::from_be(sport) as u32;
+    match FWD_DEVICE_PORTS.get(port / 64) {
+        Some(w) if *w & (1u64 << (port % 64)) != 0 => {}
+        _ => return false,
+    }
+    let dev = DeviceKey { device_addr: h.src, device_port_be: sport, proto: h.proto, _pad: 0 };
+    // SAFETY: only the presence of the entry is used.
+    unsafe { FWD_DEVICES.get(&dev) }.is_some()
 }
 
 #[inline(always)]

@@ -4,13 +4,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use tunmeter_common::{
-    AddrKey, BypassValue, ClientCounters, ClientKey, DEFAULT_MAX_CLIENTS, FWD_FLOW_ENTRIES, FWD_FRAG_ENTRIES, FlowKey,
-    FlowNat, FragKey, FragNat, FwdKey, FwdRule, IFACE_ENTRIES, IfaceCounter, MAX_BYPASS, MAX_FWD_RULES,
-    MAX_REDIRECT_SOURCES, MAX_RULES, MAX_SUBNETS, OutcomeCounter, RedirectRule, RuleCounters, STATS_ENTRIES,
-    SteerEvent, SubnetKey, SubnetValue,
+    AddrKey, BypassValue, ClientCounters, ClientKey, DEFAULT_MAX_CLIENTS, DeviceKey, FWD_DEVICE_PORT_WORDS,
+    FWD_FLOW_ENTRIES, FWD_FRAG_ENTRIES, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule, IFACE_ENTRIES,
+    IfaceCounter, MAX_BYPASS, MAX_FWD_RULES, MAX_REDIRECT_SOURCES, MAX_RULES, MAX_SUBNETS, OutcomeCounter, RedirectRule,
+    RuleCounters, STATS_ENTRIES, SteerEvent, SubnetKey, SubnetValue,
 };
 
 // ---- counting ----
@@ -37,6 +37,15 @@ pub static IFACE_STATS: PerCpuArray<IfaceCounter> = PerCpuArray::pinned(IFACE_EN
 /// Forward rules: (protocol, public port) -> device address and port.
 #[map(name = "FWD_RULES")]
 pub static FWD_RULES: HashMap<FwdKey, FwdRule> = HashMap::pinned(MAX_FWD_RULES, 0);
+
+/// Every forward rule's (protocol, device address, device port): egress packets from these
+/// without a flow are dropped.
+#[map(name = "FWD_DEVICES")]
+pub static FWD_DEVICES: HashMap<DeviceKey, FwdDevice> = HashMap::pinned(MAX_FWD_RULES, 0);
+
+/// Bitmap of the device ports in `FWD_DEVICES`: the cheap test before that lookup.
+#[map(name = "FWD_DEVICE_PORTS")]
+pub static FWD_DEVICE_PORTS: Array<u64> = Array::pinned(FWD_DEVICE_PORT_WORDS, 0);
 
 /// Forwarded flows as the reply path sees them -> the public address and port to restore.
 #[map(name = "FWD_FLOWS")]

@@ -3,7 +3,9 @@
 //!
 //! A packet to a destination outside the bypass set is assigned to the proxy's socket
 //! (`bpf_sk_assign`) and marked for the daemon's local-delivery route. Not one byte changes.
-//! Drops when the proxy has no socket or the assignment fails.
+//! Nothing else may go around the proxy: fragments, IPv4 options, IPv6 extension headers and
+//! protocols outside the rule's `allow` list are dropped (unless the rule passes them), as are
+//! packets whose proxy has no socket or whose assignment fails.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -16,8 +18,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tunmeter_common::{
-    ADDR_KEY_BITS, AddrKey, ClientKey, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN, RedirectRule, SteerEvent, V6_DST,
-    V6_NEXT_HEADER, V6_SRC,
+    ADDR_KEY_BITS, AddrKey, ClientKey, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, REDIRECT_UNPARSED_PASS,
+    RedirectRule, SteerEvent, V6_DST, V6_NEXT_HEADER, V6_SRC, redirect_allow_bit,
 };
 
 use crate::{
@@ -58,20 +60,21 @@ fn bypassed(dst: ClientKey) -> bool {
 fn v4(ctx: &TcContext) -> Steered {
     let Some(h) = ipv4::<0>(ctx) else { return Ok(()) };
     let Some(rule) = rule_for(ClientKey::v4_word(h.src)) else { return Ok(()) };
-    if h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP {
-        return Ok(());
-    }
     if bypassed(ClientKey::v4_word(h.dst)) {
         stats::event(SteerEvent::Bypassed, ctx.len());
         return Ok(());
     }
-    if h.is_fragment() {
-        stats::event(SteerEvent::NotRedirectable, ctx.len());
-        return Ok(());
+    if h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP {
+        return other_proto(ctx, rule, h.proto);
     }
-    let Some([sport, dport]) = ports(ctx, h.ihl(), h.proto) else {
-        stats::event(SteerEvent::NotRedirectable, ctx.len());
-        return Ok(());
+    if h.is_fragment() {
+        return unparsed(ctx, rule, SteerEvent::RedirectFragment);
+    }
+    if h.ihl() != IPV4_HLEN as usize {
+        return unparsed(ctx, rule, SteerEvent::RedirectIpOptions);
+    }
+    let Some([sport, dport]) = ports(ctx, IPV4_HLEN as usize, h.proto) else {
+        return unparsed(ctx, rule, SteerEvent::NotRedirectable);
     };
     let mut tuple = bpf_sock_tuple {
         __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
@@ -86,23 +89,21 @@ fn v4(ctx: &TcContext) -> Steered {
 fn v6(ctx: &TcContext) -> Steered {
     let Ok(src) = read::<[u64; 2]>(ctx, V6_SRC) else { return Ok(()) };
     let Some(rule) = rule_for(ClientKey::v6_words(src)) else { return Ok(()) };
-    let Ok(next) = read::<u16>(ctx, V6_NEXT_HEADER) else { return Ok(()) };
+    let Ok(next) = read::<u16>(ctx, V6_NEXT_HEADER) else { return unparsed(ctx, rule, SteerEvent::NotRedirectable) };
     let next = next.to_ne_bytes()[0];
-    if IPV6_EXTENSION_HEADERS.contains(&next) {
-        stats::event(SteerEvent::NotRedirectable, ctx.len());
-        return Ok(());
-    }
-    if next != IPPROTO_TCP && next != IPPROTO_UDP {
-        return Ok(());
-    }
-    let Ok(dst) = read::<[u64; 2]>(ctx, V6_DST) else { return Ok(()) };
+    let Ok(dst) = read::<[u64; 2]>(ctx, V6_DST) else { return unparsed(ctx, rule, SteerEvent::NotRedirectable) };
     if bypassed(ClientKey::v6_words(dst)) {
         stats::event(SteerEvent::Bypassed, ctx.len());
         return Ok(());
     }
+    if IPV6_EXTENSION_HEADERS.contains(&next) {
+        return unparsed(ctx, rule, SteerEvent::RedirectExtHeader);
+    }
+    if next != IPPROTO_TCP && next != IPPROTO_UDP {
+        return other_proto(ctx, rule, next);
+    }
     let Some([sport, dport]) = ports(ctx, IPV6_HLEN as usize, next) else {
-        stats::event(SteerEvent::NotRedirectable, ctx.len());
-        return Ok(());
+        return unparsed(ctx, rule, SteerEvent::NotRedirectable);
     };
     // SAFETY: [u64; 2] and [u32; 4] have the same size; every bit pattern is valid.
     let (saddr, daddr) =
@@ -114,6 +115,27 @@ fn v6(ctx: &TcContext) -> Steered {
     };
     let size = core::mem::size_of::<Tuple6>() as u32;
     assign(ctx, &mut tuple, size, next, rule, |t, port| t.__bindgen_anon_1.ipv6.dport = port)
+}
+
+/// A protocol the proxy cannot take: passed if the rule's `allow` list has it, else unparsed.
+#[inline(always)]
+fn other_proto(ctx: &TcContext, rule: RedirectRule, proto: u8) -> Steered {
+    if rule.flags & redirect_allow_bit(proto) != 0 {
+        stats::event(SteerEvent::RedirectAllowed, ctx.len());
+        return Ok(());
+    }
+    unparsed(ctx, rule, SteerEvent::RedirectOtherProto)
+}
+
+/// A packet of a redirected client that cannot be handed to the proxy: it must not go around
+/// it, so it is dropped, unless the rule says `unparsed = "pass"`. Counted as `why` either way.
+#[inline(always)]
+fn unparsed(ctx: &TcContext, rule: RedirectRule, why: SteerEvent) -> Steered {
+    if rule.flags & REDIRECT_UNPARSED_PASS == 0 {
+        return Err(why);
+    }
+    stats::event(why, ctx.len());
+    Ok(())
 }
 
 /// Find the socket the packet belongs to and assign it: for TCP an established connection of

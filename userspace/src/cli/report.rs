@@ -166,19 +166,21 @@ pub fn steer_table(l: &crate::steer::SteerList) -> String {
     if !l.redirect.is_empty() {
         let _ = writeln!(
             out,
-            "{:>5}  {:<43} {:>10} {:<7} {:>14} {:>10}",
-            "id", "source", "proxy port", "origin", "bytes", "pkts"
+            "{:>5}  {:<43} {:>10} {:<7} {:>14} {:>10}  {:<8} allow",
+            "id", "source", "proxy port", "origin", "bytes", "pkts", "unparsed"
         );
         for r in &l.redirect {
             let _ = writeln!(
                 out,
-                "{:>5}  {:<43} {:>10} {:<7} {:>14} {:>10}",
+                "{:>5}  {:<43} {:>10} {:<7} {:>14} {:>10}  {:<8} {}",
                 r.id,
                 r.source.to_string(),
                 r.proxy_port,
                 format!("{:?}", r.origin).to_lowercase(),
                 r.to_target_bytes,
-                r.to_target_packets
+                r.to_target_packets,
+                format!("{:?}", r.unparsed).to_lowercase(),
+                r.allow.names().join(",")
             );
         }
     }

@@ -8,9 +8,9 @@ use super::{
     report,
 };
 use crate::{
-    steer::{Origin, SteerMaps, host},
+    steer::{Origin, SteerMaps, guard, host},
     types::{
-        ForwardSpec, Proto, RedirectSpec,
+        Allow, ForwardSpec, Proto, RedirectSpec, Unparsed,
         rules::{parse_net, parse_port},
     },
 };
@@ -50,6 +50,10 @@ pub enum AddRule {
         /// Only traffic to this address of the host (default: any).
         #[arg(long)]
         public_address: Option<String>,
+        /// Add it even if the device is not in a client subnet (of the pinned subnet map) or is
+        /// loopback, or if this host listens on the public port.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         pins: PinArgs,
     },
@@ -61,6 +65,17 @@ pub enum AddRule {
         /// The transparent proxy's port (it listens with IP_TRANSPARENT on the wildcard address).
         #[arg(long, value_parser = parse_port)]
         proxy_port: u16,
+        /// Fragments, IPv4 options, IPv6 extension headers and protocols not allowed: dropped
+        /// (default) or passed around the proxy.
+        #[arg(long, value_enum, ignore_case = true, default_value_t = Unparsed::Drop)]
+        unparsed: Unparsed,
+        /// A protocol besides TCP and UDP that passes untouched (repeatable): icmp, gre, esp, ah,
+        /// sctp, ipip, ipv6.
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Add it even if the source is every address (0.0.0.0/0, ::/0).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         pins: PinArgs,
     },
@@ -86,9 +101,12 @@ pub enum DelRule {
 
 pub fn steer(cmd: SteerCmd) -> anyhow::Result<()> {
     match cmd {
-        SteerCmd::Add { rule: AddRule::Forward { proto, public_port, device, public_address, pins } } => {
+        SteerCmd::Add { rule: AddRule::Forward { proto, public_port, device, public_address, force, pins } } => {
             let spec =
                 ForwardSpec::parse(&proto.to_string(), &public_port.to_string(), &device, public_address.as_deref())?;
+            // No config here: the device must be in a subnet the daemon pinned.
+            let subnets = if force { None } else { Some(guard::pinned_subnets(&pins.pin_dir)?) };
+            guard::check_forward(&spec, subnets.as_deref(), force)?;
             let id = SteerMaps::new(&pins.pin_dir).add_forward(&spec, Origin::Runtime)?;
             host::reserve_ports(&[spec.public_port].into_iter().collect())?;
             if !host::ipv4_forwarding() {
@@ -96,8 +114,9 @@ pub fn steer(cmd: SteerCmd) -> anyhow::Result<()> {
             }
             eprintln!("forward rule {id}: {}/{} -> {}", spec.proto, spec.public_port, spec.device);
         }
-        SteerCmd::Add { rule: AddRule::Redirect { source, proxy_port, pins } } => {
-            let spec = RedirectSpec { source, proxy_port };
+        SteerCmd::Add { rule: AddRule::Redirect { source, proxy_port, unparsed, allow, force, pins } } => {
+            let spec = RedirectSpec { unparsed, allow: Allow::parse(&allow)?, ..RedirectSpec::new(source, proxy_port) };
+            guard::check_redirect(&spec, force)?;
             let id = SteerMaps::new(&pins.pin_dir).add_redirect(&spec, Origin::Runtime)?;
             eprintln!("redirect rule {id}: {} -> proxy port {}", spec.source, spec.proxy_port);
         }

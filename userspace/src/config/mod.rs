@@ -218,6 +218,7 @@ impl Config {
     fn build_inner(file: FileConfig, ov: &Overrides, need_interfaces: bool) -> Result<Config, ConfigError> {
         // Interfaces from the file have their own subnets; --subnet applies to --tun/--egress.
         let interfaces = interfaces::build(file.interfaces, ov, need_interfaces)?;
+        let client_subnets: Vec<ipnet::IpNet> = interfaces.iter().flat_map(|i| i.subnets.iter().copied()).collect();
         let max_clients = ov.max_clients.or(file.max_clients).unwrap_or(tunmeter_common::DEFAULT_MAX_CLIENTS);
         if !(16..=16 * 1024 * 1024).contains(&max_clients) {
             return Err(ConfigError::BadCapacity(max_clients));
@@ -232,7 +233,7 @@ impl Config {
         Ok(Config {
             ledger: ledger::build(file.ledger, ov, &state_dir)?,
             api: api::build(file.api, ov)?,
-            steer: steer::build(file.steer, &file.forward, &file.redirect)?,
+            steer: steer::build(file.steer, &file.forward, &file.redirect, need_interfaces.then_some(&client_subnets))?,
             identity: identity::build(file.identity, file.openvpn, file.wireguard)?,
             webhooks: webhooks::build(file.webhook)?,
             interfaces,

@@ -6,8 +6,8 @@ use serde::Deserialize;
 
 use super::ConfigError;
 use crate::types::{
-    DEFAULT_REDIRECT_MARK, DEFAULT_REDIRECT_TABLE, DEFAULT_RULE_PRIORITY, ForwardSpec, PolicyRoute, RedirectSpec,
-    rules::parse_net,
+    Allow, DEFAULT_REDIRECT_MARK, DEFAULT_REDIRECT_TABLE, DEFAULT_RULE_PRIORITY, ForwardSpec, PolicyRoute, Proto,
+    RedirectSpec, Unparsed, rules::parse_net,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +18,9 @@ pub struct SteerSettings {
     /// Also bypass every address configured on this host (default true).
     pub bypass_local: bool,
     pub forward: Vec<ForwardSpec>,
+    /// Forward rules with `force = true`: the daemon does not check whether this host listens
+    /// on their public port.
+    pub forced: std::collections::BTreeSet<(Proto, u16)>,
     pub redirect: Vec<RedirectSpec>,
 }
 
@@ -39,6 +42,8 @@ pub(super) struct FileForward {
     public_port: u32,
     device: String,
     public_address: Option<String>,
+    #[serde(default)]
+    force: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,9 +51,21 @@ pub(super) struct FileForward {
 pub(super) struct FileRedirect {
     source: String,
     proxy_port: u32,
+    unparsed: Option<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    force: bool,
 }
 
-pub(super) fn build(s: FileSteer, fwd: &[FileForward], red: &[FileRedirect]) -> Result<SteerSettings, ConfigError> {
+/// `subnets`: the client subnets of every interface, which forward devices must be in (`None`:
+/// no interfaces configured here, not checked).
+pub(super) fn build(
+    s: FileSteer,
+    fwd: &[FileForward],
+    red: &[FileRedirect],
+    subnets: Option<&[IpNet]>,
+) -> Result<SteerSettings, ConfigError> {
     let policy = PolicyRoute {
         mark: s.redirect_mark.unwrap_or(DEFAULT_REDIRECT_MARK),
         table: s.redirect_table.unwrap_or(DEFAULT_REDIRECT_TABLE),
@@ -63,8 +80,13 @@ pub(super) fn build(s: FileSteer, fwd: &[FileForward], red: &[FileRedirect]) -> 
     }
     let bypass = s.bypass.iter().map(|b| parse_net(b)).collect::<Result<Vec<_>, _>>()?;
     let mut forward = Vec::new();
+    let mut forced = std::collections::BTreeSet::new();
     for f in fwd {
         let spec = ForwardSpec::parse(&f.proto, &f.public_port.to_string(), &f.device, f.public_address.as_deref())?;
+        spec.check_device(subnets, f.force)?;
+        if f.force {
+            forced.insert((spec.proto, spec.public_port));
+        }
         if forward.iter().any(|o: &ForwardSpec| o.proto == spec.proto && o.public_port == spec.public_port) {
             return Err(ConfigError::DuplicateForward(format!("{}/{}", spec.proto, spec.public_port)));
         }
@@ -72,11 +94,14 @@ pub(super) fn build(s: FileSteer, fwd: &[FileForward], red: &[FileRedirect]) -> 
     }
     let mut redirect = Vec::new();
     for r in red {
-        let spec = RedirectSpec::parse(&r.source, &r.proxy_port.to_string())?;
+        let mut spec = RedirectSpec::parse(&r.source, &r.proxy_port.to_string())?;
+        spec.unparsed = r.unparsed.as_deref().map_or(Ok(Unparsed::Drop), str::parse)?;
+        spec.allow = Allow::parse(&r.allow)?;
+        spec.check_source(r.force)?;
         if redirect.iter().any(|o: &RedirectSpec| o.source == spec.source) {
             return Err(ConfigError::DuplicateRedirect(spec.source.to_string()));
         }
         redirect.push(spec);
     }
-    Ok(SteerSettings { policy, bypass, bypass_local: s.bypass_local.unwrap_or(true), forward, redirect })
+    Ok(SteerSettings { policy, bypass, bypass_local: s.bypass_local.unwrap_or(true), forward, forced, redirect })
 }

@@ -134,6 +134,14 @@ proxy_port = 12345
         ("[steer]\nredirect_table = 254\n", "254"),
         ("[steer]\nredirect_mark = 0\n", "redirect_mark"),
         ("[steer]\nbypass = [\"x/1\"]\n", "x/1"),
+        ("[[forward]]\nproto = \"tcp\"\npublic_port = 80\ndevice = \"127.0.0.1:1\"\n", "loopback"),
+        (
+            "[[forward]]\nproto = \"tcp\"\npublic_port = 80\ndevice = \"10.7.0.2:1\"\n",
+            "10.7.0.2 is outside every client subnet (10.8.0.0/24)",
+        ),
+        ("[[redirect]]\nsource = \"0.0.0.0/0\"\nproxy_port = 1\n", "0.0.0.0/0 matches every address"),
+        ("[[redirect]]\nsource = \"10.8.0.5\"\nproxy_port = 1\nallow = [\"tcp\"]\n", "\"tcp\""),
+        ("[[redirect]]\nsource = \"10.8.0.5\"\nproxy_port = 1\nunparsed = \"maybe\"\n", "maybe"),
     ] {
         let e = Config::from_toml(&format!("{base}{extra}"), &ov()).unwrap_err().to_string();
         assert!(e.contains(needle), "{extra}: {e}");
@@ -296,4 +304,40 @@ fn a_world_readable_secret_file_is_warned_about() {
     let _ = std::fs::remove_file(&path);
     let c = c.unwrap();
     assert!(c.webhooks[0].allow_private && c.webhooks[0].secret == b"0123456789abcdef");
+}
+
+#[test]
+fn forced_rules_and_redirect_policies() {
+    let c = Config::from_toml(
+        r#"
+[[interface]]
+name = "tun0"
+layer = "l3"
+subnets = ["10.8.0.0/24"]
+[[forward]]
+proto = "tcp"
+public_port = 22
+device = "127.0.0.1:2222"
+force = true
+[[forward]]
+proto = "tcp"
+public_port = 8080
+device = "10.8.0.2:80"
+[[redirect]]
+source = "0.0.0.0/0"
+proxy_port = 12345
+force = true
+unparsed = "pass"
+allow = ["icmp", "gre"]
+[[redirect]]
+source = "10.8.0.5"
+proxy_port = 12345
+"#,
+        &ov(),
+    )
+    .unwrap();
+    assert_eq!(c.steer.forced, [(crate::types::Proto::Tcp, 22)].into_iter().collect());
+    let (open, plain) = (&c.steer.redirect[0], &c.steer.redirect[1]);
+    assert_eq!((open.unparsed, open.allow.names()), (crate::types::Unparsed::Pass, vec!["icmp".into(), "gre".into()]));
+    assert_eq!((plain.unparsed, plain.allow.names()), (crate::types::Unparsed::Drop, Vec::<String>::new()));
 }

@@ -8,7 +8,7 @@ use super::DaemonError;
 use crate::{
     config::Config,
     ledger::Ledger,
-    steer::{SteerMaps, host},
+    steer::{SteerMaps, guard, host},
     types::Layer,
 };
 
@@ -30,6 +30,10 @@ pub async fn sync_connection_rules(ledger: &Ledger, node: &str, steer: &SteerMap
 /// Apply the config's steering rules and what the host needs for them. Runs before the API
 /// serves, so rules are in place when the daemon reports itself running.
 pub async fn start_steering(cfg: &Config, steer: &SteerMaps) -> Result<(), DaemonError> {
+    // The devices were checked with the config; what this host listens on is checked now.
+    for f in cfg.steer.forward.iter().filter(|f| !cfg.steer.forced.contains(&(f.proto, f.public_port))) {
+        guard::check_forward(f, None, false)?;
+    }
     steer.sync_config(&cfg.steer.forward, &cfg.steer.redirect)?;
     // Redirected packets must be delivered locally: the policy route is installed whenever tun
     // devices are configured (rules can be added at run time) and stays while the programs do.

@@ -88,18 +88,16 @@ impl Redirects {
                             "a redirect rule added by someone else covers this openvpn user; left as it is");
                     }
                 }
-                None => {
-                    match self.steer.add_redirect(&RedirectSpec { source: *net, proxy_port: *port }, Origin::Runtime) {
-                        Ok(id) => {
-                            info!(source = %net, proxy_port = port, rule = id, "openvpn user redirected to its device's proxy");
-                            self.foreign.remove(net);
-                            self.ours.insert(*net, *port);
-                        }
-                        Err(e) => {
-                            first_err.get_or_insert(e);
-                        }
+                None => match self.steer.add_redirect(&RedirectSpec::new(*net, *port), Origin::Runtime) {
+                    Ok(id) => {
+                        info!(source = %net, proxy_port = port, rule = id, "openvpn user redirected to its device's proxy");
+                        self.foreign.remove(net);
+                        self.ours.insert(*net, *port);
                     }
-                }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                },
             }
         }
         self.foreign.retain(|n| want.contains_key(n));
@@ -110,8 +108,7 @@ impl Redirects {
     }
 
     fn save(&self) {
-        let list: Vec<RedirectSpec> =
-            self.ours.iter().map(|(s, p)| RedirectSpec { source: *s, proxy_port: *p }).collect();
+        let list: Vec<RedirectSpec> = self.ours.iter().map(|(s, p)| RedirectSpec::new(*s, *p)).collect();
         let tmp = self.file.with_extension("json.tmp");
         let r = std::fs::write(&tmp, serde_json::to_vec(&list).expect("plain data"))
             .and_then(|_| std::fs::rename(&tmp, &self.file));

@@ -165,6 +165,7 @@ fn forward_failed(steer: &SteerMaps, spec: &ForwardSpec, e: SteerError) -> Regis
                 None => format!("public port tcp/{} is taken by a forward rule: delete it first", spec.public_port),
             })
         }
+        e @ SteerError::PortInUse { .. } => RegistryError::Conflict(e.to_string()),
         e => RegistryError::Steer(e),
     }
 }
@@ -243,7 +244,10 @@ pub async fn create(
     }
     match (spec, steer) {
         (Some(spec), Some(steer)) => {
-            if let Err(e) = steer.add_forward(&spec, Origin::Runtime) {
+            // A public port this host serves (SSH, the API, OpenVPN) is refused.
+            let added = crate::steer::guard::check_forward(&spec, None, false)
+                .and_then(|()| steer.add_forward(&spec, Origin::Runtime));
+            if let Err(e) = added {
                 let err = forward_failed(steer, &spec, e);
                 // Without its rule the connection would be a lie: take the row back.
                 if let Err(e) = delete_row(db, node, &c.id).await {

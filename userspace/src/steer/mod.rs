@@ -1,8 +1,10 @@
 //! Steering: forward rules (DNAT of old) and redirect rules (REDIRECT/TPROXY of old), done by
 //! the TC programs. `table` keeps the rules (parsed by `types::rules`) in the pinned maps,
-//! `host` sets up what the host needs (policy route, reserved ports, bypass addresses).
-//! See docs/steering.md.
+//! `devices` the forward rules' device set, `guard` checks rules before they go in, `host` sets
+//! up what the host needs (policy route, reserved ports, bypass addresses). See docs/steering.md.
 
+mod devices;
+pub mod guard;
 pub mod host;
 pub mod table;
 

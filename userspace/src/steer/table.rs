@@ -19,11 +19,11 @@ use serde::Serialize;
 use tracing::{info, warn};
 use tunmeter_common::{
     AddrKey, BypassValue, ClientKey, FwdKey, FwdRule, MAP_FWD_RULES, MAP_REDIRECT_BYPASS, MAP_REDIRECT_SOURCES,
-    MAP_RULE_COUNTERS, MAP_STEER_STATS, MAX_BYPASS, MAX_RULES, OutcomeCounter, RULE_FROM_CONFIG, RedirectRule,
-    RuleCounters, SteerEvent,
+    MAP_RULE_COUNTERS, MAP_STEER_STATS, MAX_BYPASS, MAX_RULES, OutcomeCounter, REDIRECT_UNPARSED_PASS,
+    RULE_FROM_CONFIG, RedirectRule, RuleCounters, SteerEvent,
 };
 
-use crate::types::{ForwardSpec, Proto, RedirectSpec};
+use crate::types::{Allow, ForwardSpec, Proto, RedirectSpec, Unparsed};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SteerError {
@@ -49,6 +49,12 @@ pub enum SteerError {
     Lock { path: PathBuf, source: std::io::Error },
     #[error("cannot determine the number of CPUs: {0}")]
     Cpus(String),
+    #[error(transparent)]
+    Rule(#[from] crate::types::RuleError),
+    #[error(
+        "{proto} port {port} is in use on this host ({listener}): a forward rule would take its traffic (force it with --force / force = true)"
+    )]
+    PortInUse { proto: Proto, port: u16, listener: String },
 }
 
 /// Where a rule came from.
@@ -100,6 +106,8 @@ pub struct RedirectView {
     pub source: IpNet,
     pub proxy_port: u16,
     pub origin: Origin,
+    pub unparsed: Unparsed,
+    pub allow: Allow,
     pub to_target_bytes: u64,
     pub to_target_packets: u64,
 }
@@ -124,7 +132,7 @@ pub struct SteerMaps {
     dir: PathBuf,
 }
 
-fn map_err(name: &'static str) -> impl Fn(MapError) -> SteerError {
+pub(super) fn map_err(name: &'static str) -> impl Fn(MapError) -> SteerError {
     move |source| SteerError::Map { name, source }
 }
 
@@ -133,7 +141,7 @@ impl SteerMaps {
         SteerMaps { dir: pin_dir.to_owned() }
     }
 
-    fn open(&self, name: &'static str) -> Result<MapData, SteerError> {
+    pub(super) fn open(&self, name: &'static str) -> Result<MapData, SteerError> {
         let path = self.dir.join(name);
         if !path.exists() {
             return Err(SteerError::NoMaps(self.dir.clone()));
@@ -141,7 +149,7 @@ impl SteerMaps {
         MapData::from_pin(path).map_err(map_err(name))
     }
 
-    fn fwd_rules(&self) -> Result<HashMap<MapData, FwdKey, FwdRule>, SteerError> {
+    pub(super) fn fwd_rules(&self) -> Result<HashMap<MapData, FwdKey, FwdRule>, SteerError> {
         HashMap::try_from(Map::HashMap(self.open(MAP_FWD_RULES)?)).map_err(map_err(MAP_FWD_RULES))
     }
 
@@ -163,7 +171,7 @@ impl SteerMaps {
 
     /// Serialise rule changes (CLI, API, daemon). One host-wide lock file (not one per pin
     /// directory, which would pile up): changes are rare and short.
-    fn lock(&self) -> Result<Flock<File>, SteerError> {
+    pub(super) fn lock(&self) -> Result<Flock<File>, SteerError> {
         let base = if Path::new("/run/lock").is_dir() { PathBuf::from("/run/lock") } else { std::env::temp_dir() };
         let path = base.join("tunmeter-steer.lock");
         let f = File::options()
@@ -220,6 +228,8 @@ impl SteerMaps {
                     source: net_of(&k),
                     proxy_port: u16::from_be(r.proxy_port_be),
                     origin: Origin::of(r.flags),
+                    unparsed: if r.flags & REDIRECT_UNPARSED_PASS != 0 { Unparsed::Pass } else { Unparsed::Drop },
+                    allow: Allow::from_flags(r.flags),
                     to_target_bytes: t.to_target_bytes,
                     to_target_packets: t.to_target_packets,
                 }
@@ -275,7 +285,9 @@ impl SteerMaps {
 
     pub fn add_forward(&self, spec: &ForwardSpec, origin: Origin) -> Result<u32, SteerError> {
         let _lock = self.lock()?;
-        self.add_forward_locked(spec, origin, false)
+        let id = self.add_forward_locked(spec, origin, false)?;
+        self.sync_devices()?;
+        Ok(id)
     }
 
     fn add_forward_locked(&self, spec: &ForwardSpec, origin: Origin, replace: bool) -> Result<u32, SteerError> {
@@ -310,7 +322,7 @@ impl SteerMaps {
         match rules.remove(&fwd_key(proto, port)) {
             Ok(()) => {
                 info!(%proto, port, "forward rule deleted");
-                Ok(())
+                self.sync_devices()
             }
             Err(MapError::KeyNotFound) => Err(SteerError::NoForward { proto, port }),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
@@ -334,13 +346,14 @@ impl SteerMaps {
             Some(_) => return Err(SteerError::RedirectExists(spec.source)),
             None => self.new_id()?,
         };
-        let value =
-            RedirectRule { proxy_port_be: spec.proxy_port.to_be(), _pad: 0, rule_id: id, flags: origin.flags() };
+        let flags = origin.flags() | spec.policy_flags();
+        let value = RedirectRule { proxy_port_be: spec.proxy_port.to_be(), _pad: 0, rule_id: id, flags };
         if existing == Some(value) {
             return Ok(id);
         }
         trie.insert(&key, &value, 0).map_err(map_err(MAP_REDIRECT_SOURCES))?;
-        info!(id, source = %spec.source, proxy_port = spec.proxy_port, ?origin, "redirect rule set");
+        info!(id, source = %spec.source, proxy_port = spec.proxy_port, ?origin, unparsed = ?spec.unparsed,
+            allow = ?spec.allow.names(), "redirect rule set");
         Ok(id)
     }
 
@@ -380,6 +393,7 @@ impl SteerMaps {
             }
             self.add_forward_locked(f, Origin::Config, true)?;
         }
+        self.sync_devices()?;
         let wanted_red: Vec<Key<AddrKey>> = redirect.iter().map(|r| addr_key(&r.source)).collect();
         let mut trie = self.redirects()?;
         let stale: Vec<Key<AddrKey>> = trie

@@ -14,4 +14,4 @@ pub use dataplane::{
 };
 pub use events::EventKind;
 pub use identity::{CloseReason, ConnectionProtocol, SessionProtocol, SessionSource};
-pub use rules::{ForwardSpec, Proto, RedirectSpec, RuleError};
+pub use rules::{Allow, ForwardSpec, Proto, RedirectSpec, RuleError, Unparsed};

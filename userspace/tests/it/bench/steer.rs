@@ -117,8 +117,9 @@ fn steer_forward_times(t: &mut SteerTimes) {
     }));
     assert_eq!(s.forward_count(), STEER_RULES as usize);
 
-    // Repeat semantics: one rule, SEMANTICS_REPEAT repeats of a packet to its port.
-    let single_pkt = tcp_packet(STEER_CUST, STEER_PUB, STEER_CPORT, single, ACK | PSH).eth().build();
+    // Repeat semantics: one rule, SEMANTICS_REPEAT repeats of a packet to its port (a SYN: only
+    // a SYN may create a flow).
+    let single_pkt = tcp_packet(STEER_CUST, STEER_PUB, STEER_CPORT, single, SYN).eth().build();
     let before = s.event(SteerEvent::Forwarded).0;
     h.time(PROG_INGRESS, &single_pkt, SEMANTICS_REPEAT);
     t.single_rule_forwarded = s.event(SteerEvent::Forwarded).0 - before;
@@ -129,6 +130,12 @@ fn steer_forward_times(t: &mut SteerTimes) {
     let reply = tcp_packet(dev, STEER_CUST, q, STEER_CPORT, ACK | PSH).eth().build();
     let reply_miss = tcp_packet(STEER_PUB, STEER_CUST, 80, STEER_CPORT, ACK | PSH).eth().build();
 
+    // The ping-pong flow is established: its SYN through rule P, then (as the device's address
+    // and port Q) through rule Q, creates both flow entries.
+    let syn = tcp_packet(STEER_CUST, STEER_PUB, STEER_CPORT, p, SYN).eth().build();
+    let (_, syn_dev) = h.run_out(PROG_INGRESS, &syn);
+    let (_, syn_back) = h.run_out(PROG_INGRESS, &syn_dev);
+    assert_eq!(syn_back, syn, "the SYN ping-pongs through rules P and Q");
     // Correctness outside the timing: one repeat translates, the second restores the packet.
     let (ret, out) = h.run_out(PROG_INGRESS, &fwd);
     assert_eq!(ret, TC_ACT_UNSPEC);

@@ -117,7 +117,8 @@ pub(super) fn steer_throughput() {
                 steer_cli(
                     &srv,
                     pins.path(),
-                    &["add", "forward", "--proto", "tcp", "--public-port", &pport, "--device", &device],
+                    // The device is an Ethernet client, outside the VPN subnets: forced.
+                    &["add", "forward", "--proto", "tcp", "--public-port", &pport, "--device", &device, "--force"],
                 );
                 let (gbps, bytes) = iperf_to(&cust.ns, &public, FWD_PUBLIC_PORT, FWD_SECS);
                 let list = steer_json(&srv, pins.path());

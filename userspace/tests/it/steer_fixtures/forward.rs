@@ -28,15 +28,16 @@ fn forward_tcp_rewrites_destination_address_and_port_only() {
 fn forward_tcp_with_ip_options_and_ethernet_padding() {
     for_each_net(|n| {
         let (mut h, s) = l2_with_rules(n);
-        // IHL 6: the TCP header starts at 24.
+        // IHL 6: the TCP header starts at 24. The SYN (which starts the flow) has the options.
         let opts = [1, 1, 1, 0];
-        let ack = Packet::tcp().src(n.cust).sport(CPORT).ack().df().eth();
-        let (to_public, to_dev) = (ack.clone().dst(n.public).dport(TCP_PUB_PORT), ack.dst(n.dev).dport(TCP_DEV_PORT));
-        let inp = to_public.clone().options(opts).id(7).build();
-        let want = to_dev.clone().options(opts).id(7).build();
+        let seg = Packet::tcp().src(n.cust).sport(CPORT).df().eth();
+        let (to_public, to_dev) = (seg.clone().dst(n.public).dport(TCP_PUB_PORT), seg.dst(n.dev).dport(TCP_DEV_PORT));
+        let inp = to_public.clone().syn().options(opts).id(7).build();
+        let want = to_dev.clone().syn().options(opts).id(7).build();
         let (ret, out) = h.run_out(PROG_INGRESS, &inp);
         check_translated("forward TCP with IP options (IHL 6)", ret, &out, &want);
         // A 40-byte packet padded to the 60-byte Ethernet minimum: the padding is not TCP data.
+        let (to_public, to_dev) = (to_public.ack(), to_dev.ack());
         let inp2 = to_public.id(8).pad_to(60).build();
         let want2 = to_dev.id(8).pad_to(60).build();
         let (ret, out) = h.run_out(PROG_INGRESS, &inp2);
@@ -73,17 +74,24 @@ fn reply_tcp_is_translated_back_on_egress() {
         assert_eq!(s.rule(TCP_RULE), counters(to, 2, from, 2), "RULE_COUNTERS[{TCP_RULE}]");
         assert_eq!(s.events(), events(&[(SteerEvent::Forwarded, 2, to), (SteerEvent::ReplyTranslated, 2, from)]));
 
-        // A reply whose source is the device but whose flow is another one (other customer port)
-        // is not translated.
+        // A packet from the device's address and port whose flow is another one (other customer
+        // port) is not translated: it is dropped, it would leak the device's address.
         let other = Packet::tcp().src(n.dev).dst(n.cust).ports(TCP_DEV_PORT, CPORT + 1).ack().id(9).df().eth().build();
         let (ret, out) = h.run_out(PROG_EGRESS, &other);
-        check_unchanged("reply of an unknown flow", ret, TC_ACT_UNSPEC, &out, &other);
+        check_unchanged("reply of an unknown flow", ret, TC_ACT_SHOT, &out, &other);
         // Egress packets towards the device direction (device addr as destination) are never
         // translated by the reply path.
         let odd = Packet::tcp().src(n.cust).dst(n.dev).ports(CPORT, TCP_DEV_PORT).ack().id(9).eth().build();
         let (ret, out) = h.run_out(PROG_EGRESS, &odd);
         check_unchanged("egress packet to the device", ret, TC_ACT_UNSPEC, &out, &odd);
-        assert_eq!(s.events(), events(&[(SteerEvent::Forwarded, 2, to), (SteerEvent::ReplyTranslated, 2, from)]));
+        assert_eq!(
+            s.events(),
+            events(&[
+                (SteerEvent::Forwarded, 2, to),
+                (SteerEvent::ReplyTranslated, 2, from),
+                (SteerEvent::DeviceWithoutFlow, 1, l3_len(&other))
+            ])
+        );
     });
 }
 

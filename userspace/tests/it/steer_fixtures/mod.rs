@@ -13,6 +13,8 @@
 
 mod checksums;
 mod compare;
+mod evasion;
+mod flowless;
 mod forward;
 mod fragments;
 mod icmp;

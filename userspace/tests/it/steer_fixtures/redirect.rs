@@ -1,17 +1,18 @@
 //! Redirect rules on the L3 (tun) instance, each test in a fresh network namespace: no proxy
-//! (dropped), bypass, a real transparent listener, IPv6 extension headers, socket lookups.
+//! (dropped), bypass, a real transparent listener, socket lookups. What cannot be proxied
+//! (fragments, options, extension headers, other protocols) is in `evasion`.
 
 use super::*;
 
 /// The redirected VPN client of the redirect tests.
-const CLIENT: &str = "10.8.0.2";
+pub(super) const CLIENT: &str = "10.8.0.2";
 const REDIRECT_MARK: u32 = 0x746d_0001;
 
-const PROXY_PORT: u16 = 12345;
-const REDIRECT_RULE: u32 = 3;
-const REDIRECT_RULE_V6: u32 = 4;
+pub(super) const PROXY_PORT: u16 = 12345;
+pub(super) const REDIRECT_RULE: u32 = 3;
+pub(super) const REDIRECT_RULE_V6: u32 = 4;
 
-fn redirect_harness() -> (Harness, SteerTables) {
+pub(super) fn redirect_harness() -> (Harness, SteerTables) {
     let h = Harness::new(Layer::L3, 1024, SUBNETS);
     let s = SteerTables::new(h.pins.path());
     s.add_redirect("10.8.0.0/24", PROXY_PORT, REDIRECT_RULE);
@@ -54,18 +55,19 @@ fn redirect_without_a_proxy_socket_drops_bypasses_and_passes() {
             .iter()
             .map(Packet::build)
             .collect();
+        // The default policy (`unparsed = "drop"`): neither fragment, nor ICMP, goes around the proxy.
         let (ret, out) = h.run_out(PROG_INGRESS, &frag[0]);
-        check_unchanged("first fragment from a redirected client", ret, TC_ACT_UNSPEC, &out, &frag[0]);
+        check_unchanged("first fragment from a redirected client", ret, TC_ACT_SHOT, &out, &frag[0]);
         let (ret, out) = h.run_out(PROG_INGRESS, &frag[1]);
-        check_unchanged("later fragment from a redirected client", ret, TC_ACT_UNSPEC, &out, &frag[1]);
-        let not_redir = frag[0].len() + frag[1].len();
+        check_unchanged("later fragment from a redirected client", ret, TC_ACT_SHOT, &out, &frag[1]);
+        let fragments = frag[0].len() + frag[1].len();
+        let echo = Packet::icmp().src(CLIENT).dst("1.1.1.1").payload([0; 8]).id(6).build();
+        let (ret, out) = h.run_out(PROG_INGRESS, &echo);
+        check_unchanged("ICMP from a redirected client", ret, TC_ACT_SHOT, &out, &echo);
 
         let other = Packet::tcp().src("10.7.0.5").dst("1.1.1.1").ports(1, 443).syn().id(5).build();
-        let echo = Packet::icmp().src(CLIENT).dst("1.1.1.1").payload([0; 8]).id(6).build();
-        for (what, p) in [("source not in REDIRECT_SOURCES", &other), ("ICMP from a redirected client", &echo)] {
-            let (ret, out) = h.run_out(PROG_INGRESS, p);
-            check_unchanged(what, ret, TC_ACT_UNSPEC, &out, p);
-        }
+        let (ret, out) = h.run_out(PROG_INGRESS, &other);
+        check_unchanged("source not in REDIRECT_SOURCES", ret, TC_ACT_UNSPEC, &out, &other);
         // Egress (to the client) is never redirected.
         let down = Packet::tcp().src("1.1.1.1").dst(CLIENT).ports(443, CPORT).ack().id(7).build();
         let (ret, out) = h.run_out(PROG_EGRESS, &down);
@@ -76,7 +78,8 @@ fn redirect_without_a_proxy_socket_drops_bypasses_and_passes() {
             events(&[
                 (SteerEvent::ProxyMissing, 3, missing),
                 (SteerEvent::Bypassed, 2, bypassed),
-                (SteerEvent::NotRedirectable, 2, not_redir)
+                (SteerEvent::RedirectFragment, 2, fragments),
+                (SteerEvent::RedirectOtherProto, 1, echo.len()),
             ])
         );
     });
@@ -132,29 +135,6 @@ fn redirect_to_a_transparent_listener() {
         if redirected == 2 {
             assert_eq!(rc, counters(syn.len() + udp_q.len(), 2, 0, 0), "redirect rule counts what it steered");
         }
-    });
-}
-
-/// Contract (`SteerEvent::NotRedirectable`): "From a redirected client, not redirectable
-/// (fragment, IPv6 extension header): passed." A TCP segment behind a hop-by-hop or
-/// destination-options header is passed and must be counted as such.
-#[test]
-fn redirect_ipv6_extension_headers_are_counted_not_redirectable() {
-    if !require_root() {
-        return;
-    }
-    tunmeter_lab::in_new_netns(|| {
-        let (mut h, s) = redirect_harness();
-        let seg = Packet::bare_tcp().src("fd00:8::2").dst("2001:db8::1").ports(CPORT, 443);
-        let mut total = 0;
-        for (ext, name) in [(Ext::hop_by_hop(), "hop-by-hop"), (Ext::dest_opts(), "destination options")] {
-            // 8-byte extension header: next header TCP, length 0, PadN over the rest.
-            let p = seg.clone().ext(ext).build();
-            let (ret, out) = h.run_out(PROG_INGRESS, &p);
-            check_unchanged(&format!("IPv6 TCP behind a {name} header"), ret, TC_ACT_UNSPEC, &out, &p);
-            total += p.len();
-        }
-        assert_eq!(s.events(), events(&[(SteerEvent::NotRedirectable, 2, total)]), "STEER_STATS");
     });
 }
 

@@ -1,5 +1,5 @@
-//! What steering must pass untouched: packets without a rule or flow, and truncated or
-//! malformed packets to a forwarded port.
+//! What steering must pass untouched: packets without a rule or flow (other than those
+//! `flowless` drops), and truncated or malformed packets to a forwarded port.
 
 use super::*;
 
@@ -46,10 +46,10 @@ fn packets_without_a_rule_or_flow_pass_untouched() {
             check_unchanged(what, ret, TC_ACT_UNSPEC, &out, p);
         }
         let egr: Vec<(&str, Vec<u8>)> = vec![
-            ("reply without a flow", tcp_reply(n, SYN | ACK, b"", 7).0),
+            // From a rule's device port without a flow: dropped (`flowless::device_packets_...`).
             (
-                "UDP reply without a flow",
-                Packet::udp().src(n.dev).dst(n.cust).ports(UDP_DEV_PORT, CPORT).payload(b"r").id(8).eth().build(),
+                "from the device's address, a port of no rule",
+                Packet::tcp().src(n.dev).dst(n.cust).ports(TCP_DEV_PORT + 1, CPORT).ack().id(7).eth().build(),
             ),
             (
                 "ordinary egress traffic",

@@ -15,6 +15,8 @@
 //! This file: the lab's ports, the `tunmeter steer` CLI helpers and the no-NAT check;
 //! `forward_lab` builds the forwarding lab, `forward` and `redirect` hold the tests.
 
+mod checks;
+mod evasion;
 mod forward;
 mod forward_lab;
 mod redirect;

@@ -11,13 +11,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
 use tunmeter::steer::table::addr_key;
 use tunmeter_common::{
-    AddrKey, BypassValue, FlowKey, FlowNat, FragKey, FragNat, FwdKey, FwdRule, MAP_FWD_FLOWS, MAP_FWD_FRAGS,
-    MAP_FWD_RULES, MAP_REDIRECT_BYPASS, MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS, MAP_STEER_STATS, OutcomeCounter,
-    RedirectRule, RuleCounters, SteerEvent,
+    AddrKey, BypassValue, DeviceKey, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule,
+    MAP_FWD_DEVICE_PORTS, MAP_FWD_DEVICES, MAP_FWD_FLOWS, MAP_FWD_FRAGS, MAP_FWD_RULES, MAP_REDIRECT_BYPASS,
+    MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS, MAP_STEER_STATS, OutcomeCounter, RedirectRule, RuleCounters, SteerEvent,
 };
 
 use super::packet::ToIp;
@@ -90,8 +90,11 @@ impl SteerTables {
         self.add_forwards([(proto, public_port, public.map(v4), v4(device), port, id)]);
     }
 
+    /// Insert forward rules, and their devices into `FWD_DEVICES` as `SteerMaps` does.
     pub fn add_forwards(&self, rules: impl IntoIterator<Item = Forward>) {
         let mut m = self.fwd_rules();
+        let mut devices: HashMap<MapData, DeviceKey, FwdDevice> =
+            HashMap::try_from(self.open(MAP_FWD_DEVICES)).unwrap();
         for (proto, port, public, device, device_port, rule_id) in rules {
             let key = FwdKey { proto, _pad: 0, port_be: port.to_be() };
             let rule = FwdRule {
@@ -104,7 +107,31 @@ impl SteerTables {
                 _pad2: 0,
             };
             m.insert(&key, &rule, 0).unwrap();
+            let dev = DeviceKey { device_addr: rule.device_addr, device_port_be: rule.device_port_be, proto, _pad: 0 };
+            devices.insert(&dev, &FwdDevice { rule_id }, 0).unwrap();
+            let mut bits: Array<MapData, u64> = Array::try_from(self.open(MAP_FWD_DEVICE_PORTS)).unwrap();
+            let i = (device_port / 64) as u32;
+            let w = bits.get(&i, 0).unwrap();
+            bits.set(i, &(w | 1 << (device_port % 64)), 0).unwrap();
         }
+    }
+
+    /// `FWD_DEVICES` as (device address, device port, protocol), sorted.
+    pub fn devices(&self) -> Vec<(Ipv4Addr, u16, u8)> {
+        let m: HashMap<MapData, DeviceKey, FwdDevice> = HashMap::try_from(self.open(MAP_FWD_DEVICES)).unwrap();
+        let mut v: Vec<(Ipv4Addr, u16, u8)> = m
+            .keys()
+            .map(Result::unwrap)
+            .map(|k| (show_addr(k.device_addr), u16::from_be(k.device_port_be), k.proto))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The ports whose bit is set in `FWD_DEVICE_PORTS`.
+    pub fn device_ports(&self) -> Vec<u16> {
+        let bits: Array<MapData, u64> = Array::try_from(self.open(MAP_FWD_DEVICE_PORTS)).unwrap();
+        (0..=u16::MAX).filter(|p| bits.get(&(*p as u32 / 64), 0).unwrap() & (1 << (p % 64)) != 0).collect()
     }
 
     pub fn forward_count(&self) -> usize {
@@ -141,11 +168,17 @@ impl SteerTables {
         self.add_redirects([(source.parse().unwrap_or_else(|e| panic!("{source}: {e}")), proxy_port, rule_id)]);
     }
 
-    /// Insert redirect rules: (source, proxy port, rule id).
+    /// Insert redirect rules with the default policy: (source, proxy port, rule id).
     pub fn add_redirects(&self, rules: impl IntoIterator<Item = (IpNet, u16, u32)>) {
+        self.add_redirects_flagged(rules.into_iter().map(|(s, p, id)| (s, p, id, 0)));
+    }
+
+    /// Insert redirect rules: (source, proxy port, rule id, flags: `REDIRECT_UNPARSED_PASS`, the
+    /// `REDIRECT_ALLOW` bits).
+    pub fn add_redirects_flagged(&self, rules: impl IntoIterator<Item = (IpNet, u16, u32, u32)>) {
         let mut t = self.redirects();
-        for (source, proxy_port, rule_id) in rules {
-            let rule = RedirectRule { proxy_port_be: proxy_port.to_be(), _pad: 0, rule_id, flags: 0 };
+        for (source, proxy_port, rule_id, flags) in rules {
+            let rule = RedirectRule { proxy_port_be: proxy_port.to_be(), _pad: 0, rule_id, flags };
             t.insert(&addr_key(&source), &rule, 0).unwrap();
         }
     }
