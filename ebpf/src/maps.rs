@@ -9,8 +9,8 @@ use aya_ebpf::{
 use tunmeter_common::{
     AddrKey, BypassValue, ClientCounters, ClientKey, DEFAULT_MAX_CLIENTS, DeviceKey, FWD_DEVICE_PORT_WORDS,
     FWD_FLOW_ENTRIES, FWD_FRAG_ENTRIES, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule, IFACE_ENTRIES,
-    IfaceCounter, MAX_BYPASS, MAX_FWD_RULES, MAX_REDIRECT_SOURCES, MAX_RULES, MAX_SUBNETS, OutcomeCounter, RedirectRule,
-    RuleCounters, STATS_ENTRIES, SteerEvent, SubnetKey, SubnetValue,
+    IfaceCounter, MAX_BYPASS, MAX_FWD_RULES, MAX_REDIRECT_SOURCES, MAX_RULES, MAX_SUBNETS, OutcomeCounter,
+    RedirectRule, RuleCounters, STATS_ENTRIES, SteerEvent, SubnetKey, SubnetValue,
 };
 
 // ---- counting ----

@@ -16,8 +16,8 @@ use aya::{
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 use tunmeter_common::{
-    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, GLOBAL_WIRE_BYTES, IfaceCounter, MAP_CLIENTS, MAP_SUBNETS,
-    SUBNET_FLAG_CLIENTS, SubnetKey, SubnetValue,
+    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, GLOBAL_WIRE_BYTES, IfaceCounter, MAP_CLIENTS,
+    MAP_SUBNETS, SUBNET_FLAG_CLIENTS, SubnetKey, SubnetValue,
 };
 
 use crate::types::Layer;
