@@ -1,6 +1,6 @@
 //! What steering needs from the host besides the maps: the policy route that delivers
 //! redirected packets locally, the reserved-ports sysctl that keeps forwarded public ports out
-//! of the ephemeral range, and this host's addresses (never redirected).
+//! of the ephemeral range, this host's addresses (never redirected), and the host-wide steering lock file.
 
 use std::{
     collections::BTreeSet,
@@ -13,6 +13,7 @@ use netlink_packet_route::{
     route::{RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
 };
+use nix::fcntl::{Flock, FlockArg};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 use tracing::{debug, info};
 
@@ -228,6 +229,50 @@ pub fn local_addresses() -> Result<BTreeSet<IpNet>, HostError> {
     Ok(out)
 }
 
+/// Takes the host-wide steering lock at `path` (created 0600, never through a symlink), waiting
+/// at most `wait`. The file lives in a world-writable directory, so: a non-root caller refuses a
+/// file owned by anyone but itself or root (another user could have created it to hold the lock
+/// forever), a file of ours with a wider mode is tightened, and a lock held for longer than
+/// `wait` is an error that names the file's owner instead of a hang.
+pub(super) fn lock_private(path: &std::path::Path, wait: std::time::Duration) -> std::io::Result<Flock<std::fs::File>> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    let meta = f.metadata()?;
+    let me = nix::unistd::geteuid().as_raw();
+    if me != 0 && meta.uid() != me && meta.uid() != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("owned by uid {}, not this user ({me}) or root: remove it (rm {})", meta.uid(), path.display()),
+        ));
+    }
+    if meta.uid() == me && meta.mode() & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                f = back;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!("held by another process for {wait:?} (file owner uid {})", meta.uid()),
+                ));
+            }
+            Err((_, e)) => return Err(e.into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +285,31 @@ mod tests {
         assert_eq!(format_port_list(&BTreeSet::new()), "");
         assert_eq!(format_port_list(&[65534, 65535].into_iter().collect()), "65534-65535");
         assert!(parse_port_list("x,1-").is_empty());
+    }
+
+    #[test]
+    fn the_steering_lock_is_private_refuses_symlinks_and_does_not_hang() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tm-steer-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tunmeter-steer.lock");
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let wait = std::time::Duration::from_millis(200);
+
+        let held = lock_private(&path, wait).expect("fresh lock");
+        assert_eq!(mode(&path), 0o600, "created private");
+        let e = lock_private(&path, wait).expect_err("a held lock is an error after the wait, not a hang");
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        assert!(e.to_string().contains("held by another process"), "{e}");
+        drop(held);
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(lock_private(&path, wait).expect("our own 0644 file"));
+        assert_eq!(mode(&path), 0o600, "an old 0644 lock is tightened");
+
+        let link = dir.join("link.lock");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(lock_private(&link, wait).is_err(), "a symlink planted in /run/lock is not followed");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

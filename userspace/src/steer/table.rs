@@ -14,7 +14,7 @@ use aya::{
     util::nr_cpus,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde::Serialize;
 use tracing::{info, warn};
 use tunmeter_common::{
@@ -24,6 +24,9 @@ use tunmeter_common::{
 };
 
 use crate::types::{Allow, ForwardSpec, Proto, RedirectSpec, Unparsed};
+
+/// How long a rule change waits for another one (they take milliseconds) before it fails.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SteerError {
@@ -174,13 +177,7 @@ impl SteerMaps {
     pub(super) fn lock(&self) -> Result<Flock<File>, SteerError> {
         let base = if Path::new("/run/lock").is_dir() { PathBuf::from("/run/lock") } else { std::env::temp_dir() };
         let path = base.join("tunmeter-steer.lock");
-        let f = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| SteerError::Lock { path: path.clone(), source })?;
-        Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| SteerError::Lock { path, source: e.into() })
+        super::host::lock_private(&path, LOCK_WAIT).map_err(|source| SteerError::Lock { path, source })
     }
 
     fn rule_totals(&self, counters: &PerCpuArray<MapData, RuleCounters>, id: u32) -> RuleTotals {

@@ -35,7 +35,7 @@ fn daemon_adopts_root_pins_as_an_unprivileged_uid_with_the_unit_capabilities() {
     assert!(!log.contains(" ERROR "), "errors as uid {NOBODY}:\n{log}");
 }
 
-/// Gives /run/lock/tunmeter-steer.lock back to root (0644, as root-run daemons leave it).
+/// Gives /run/lock/tunmeter-steer.lock back to root (0600, as root-run daemons leave it).
 struct RestoreSteerLock;
 
 impl Drop for RestoreSteerLock {
@@ -43,7 +43,7 @@ impl Drop for RestoreSteerLock {
         use std::os::unix::fs::PermissionsExt as _;
         let p = Path::new("/run/lock/tunmeter-steer.lock");
         let _ = std::os::unix::fs::chown(p, Some(0), Some(0));
-        let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644));
+        let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
     }
 }
 
