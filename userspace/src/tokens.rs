@@ -130,47 +130,139 @@ pub async fn revoke(db: &Database, node: &str, id: &str) -> Result<bool, sqlx::E
     Ok(r.rows_affected() == 1)
 }
 
-/// Valid tokens by hash, refreshed from the database every few seconds and on an unknown token
-/// (at most once a second, so guessing cannot load the database).
+/// Valid tokens by hash, refreshed from the database every `REFRESH_EVERY` and on an unknown
+/// token. Whatever happens, the database is asked at most once per `MISS_REFRESH_MIN` (so
+/// neither guessing nor a database outage turns every request into a query), and a revoked
+/// token stops working within `REFRESH_EVERY` while the database answers, and within
+/// `MAX_STALE` while it does not (after that, every request gets 503).
 pub struct TokenCache {
     db: Database,
     node: String,
-    inner: RwLock<(HashMap<String, TokenInfo>, Option<Instant>)>,
+    inner: RwLock<Cached>,
+    /// One refresh at a time: concurrent requests wait for it instead of each querying.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
-const REFRESH_EVERY: Duration = Duration::from_secs(10);
+#[derive(Default)]
+struct Cached {
+    tokens: HashMap<String, TokenInfo>,
+    /// The latest successful refresh.
+    loaded: Option<Instant>,
+    /// The latest attempt, successful or not.
+    tried: Option<Instant>,
+}
+
+pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 const MISS_REFRESH_MIN: Duration = Duration::from_secs(1);
+/// How long cached tokens stay valid while the database cannot be read.
+pub const MAX_STALE: Duration = Duration::from_secs(60);
+
+/// Why a token could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("the token list could not be read for {stale_secs} s (database: {last})")]
+    Stale { stale_secs: u64, last: String },
+    #[error("{0}")]
+    Db(#[from] sqlx::Error),
+}
 
 impl TokenCache {
     pub fn new(db: Database, node: String) -> TokenCache {
-        TokenCache { db, node, inner: RwLock::new((HashMap::new(), None)) }
+        TokenCache { db, node, inner: RwLock::new(Cached::default()), refreshing: tokio::sync::Mutex::new(()) }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Cached> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn refresh(&self) -> Result<(), sqlx::Error> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner()).tried = Some(Instant::now());
         let tokens = all(&self.db, &self.node).await?;
         let map = tokens.into_iter().filter(|(_, i)| i.revoked_unix_ms.is_none()).collect();
-        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = (map, Some(Instant::now()));
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        g.tokens = map;
+        g.loaded = Some(Instant::now());
         Ok(())
     }
 
-    /// The token's info if it is valid. Errors only if the database is needed and down.
-    pub async fn check(&self, secret: &str) -> Result<Option<TokenInfo>, sqlx::Error> {
-        let h = hash(secret);
-        let (hit, age) = {
-            let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
-            (g.0.get(&h).cloned(), g.1.map(|t| t.elapsed()))
+    /// The token's info if it is valid. Errors only if the database is needed and cannot be read.
+    pub async fn check(&self, secret: &str) -> Result<Option<TokenInfo>, CheckError> {
+        self.check_hash(&hash(secret)).await
+    }
+
+    /// `check` by the token's SHA-256 (a live stream re-checks the token it opened with).
+    pub async fn check_hash(&self, h: &str) -> Result<Option<TokenInfo>, CheckError> {
+        let (hit, age, tried) = {
+            let g = self.read();
+            (g.tokens.get(h).cloned(), g.loaded.map(|t| t.elapsed()), g.tried.map(|t| t.elapsed()))
         };
         let stale = age.is_none_or(|a| a > REFRESH_EVERY);
-        let may_refresh_on_miss = age.is_none_or(|a| a > MISS_REFRESH_MIN);
-        if stale || (hit.is_none() && may_refresh_on_miss) {
-            match self.refresh().await {
-                Ok(()) => {}
-                // A known token keeps working while the database is down.
-                Err(_) if hit.is_some() => return Ok(hit),
-                Err(e) => return Err(e),
-            }
-            return Ok(self.inner.read().unwrap_or_else(|p| p.into_inner()).0.get(&h).cloned());
+        let may_try = tried.is_none_or(|t| t > MISS_REFRESH_MIN);
+        if (stale || hit.is_none()) && may_try {
+            let _one = self.refreshing.lock().await;
+            // Another request may have refreshed while this one waited.
+            let tried = self.read().tried.map(|t| t.elapsed());
+            let err = if tried.is_none_or(|t| t > MISS_REFRESH_MIN) { self.refresh().await.err() } else { None };
+            let g = self.read();
+            return match (g.loaded, err) {
+                (Some(l), _) if l.elapsed() <= MAX_STALE => Ok(g.tokens.get(h).cloned()),
+                (loaded, err) => Err(self.stale(loaded, err)),
+            };
         }
-        Ok(hit)
+        match age {
+            Some(a) if a <= MAX_STALE => Ok(hit),
+            _ => Err(self.stale(self.read().loaded, None)),
+        }
+    }
+
+    fn stale(&self, loaded: Option<Instant>, err: Option<sqlx::Error>) -> CheckError {
+        match (loaded, err) {
+            (None, Some(e)) => CheckError::Db(e),
+            (loaded, e) => CheckError::Stale {
+                stale_secs: loaded.map_or(0, |l| l.elapsed().as_secs()),
+                last: e.map_or_else(|| "unreachable".to_string(), |e| e.to_string()),
+            },
+        }
+    }
+
+    /// Pretend the last successful refresh was `ago` ago (tests of the staleness bound).
+    #[cfg(test)]
+    fn age_for_test(&self, ago: Duration) {
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let t = Instant::now().checked_sub(ago);
+        g.loaded = t;
+        g.tried = t;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn revocation_and_a_database_outage_are_bounded() {
+        let path = std::env::temp_dir().join(format!("tm-tokens-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let db = Database::open(&format!("sqlite://{}?mode=rwc", path.display())).await.unwrap();
+        let (_, keep) = create(&db, "n", Role::Read, "keep").await.unwrap();
+        let (gone, gone_secret) = create(&db, "n", Role::Admin, "gone").await.unwrap();
+        let cache = TokenCache::new(db.clone(), "n".into());
+        assert_eq!(cache.check(&gone_secret).await.unwrap().map(|i| i.role), Some(Role::Admin));
+        assert!(cache.check("tm_guess").await.unwrap().is_none());
+        // Revoked: refused at the next refresh.
+        assert!(revoke(&db, "n", &gone.id).await.unwrap());
+        cache.age_for_test(REFRESH_EVERY + Duration::from_secs(1));
+        assert!(cache.check(&gone_secret).await.unwrap().is_none(), "a revoked token still works");
+        // Database gone: cached tokens work up to MAX_STALE, then every request is refused.
+        db.pool.close().await;
+        cache.age_for_test(MAX_STALE - Duration::from_secs(5));
+        assert!(cache.check(&keep).await.unwrap().is_some(), "a cached token during a short outage");
+        cache.age_for_test(MAX_STALE + Duration::from_secs(1));
+        let e = cache.check(&keep).await.unwrap_err();
+        assert!(matches!(e, CheckError::Stale { .. }), "{e}");
+        // ... and within the second after a failed attempt, without asking the database again.
+        let e = cache.check(&keep).await.unwrap_err();
+        assert!(matches!(e, CheckError::Stale { .. }), "{e}");
+        let _ = std::fs::remove_file(&path);
     }
 }

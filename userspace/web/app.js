@@ -313,13 +313,27 @@
       text || { idle: '', connecting: 'connecting…', live: 'live', reconnecting: 'reconnecting…' }[s] || s;
   }
 
-  function connect() {
+  // The token never goes into a URL: a single-use ticket (valid 30 s) opens the stream.
+  async function connect() {
     clearTimeout(state.wsTimer);
+    if (!state.wsWanted || !state.token) return;
+    setConn(state.wsFailures ? 'reconnecting' : 'connecting');
+    let ticket;
+    try {
+      ticket = (await api('/api/v1/stream/ticket', { method: 'POST' })).ticket;
+    } catch (e) {
+      if (e.status === 401 && state.wsWanted) {
+        logout(`Signed out: ${e.describe()}`);
+        return;
+      }
+      state.wsFailures++;
+      scheduleReconnect();
+      return;
+    }
     if (!state.wsWanted || !state.token) return;
     const url = new URL('/api/v1/stream', location.href);
     url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    url.searchParams.set('access_token', state.token);
-    setConn(state.wsFailures ? 'reconnecting' : 'connecting');
+    url.searchParams.set('ticket', ticket);
     let ws;
     try {
       ws = new WebSocket(url);

@@ -53,7 +53,16 @@ const APT_PACKAGES: &[&str] = &[
     // `syscall-filter` on deploy/tunmeter.service, and a strace of the daemon against its filter
     "systemd",
     "strace",
+    // the API conformance test runs schemathesis (from PyPI, pinned: SCHEMATHESIS) in a venv
+    // under target/ made by Debian's python3
+    "python3",
+    "python3-venv",
 ];
+
+/// The API fuzzer of the conformance test (userspace/tests/it/api_conformance.rs), pinned.
+const SCHEMATHESIS: &str = "4.32.5";
+/// Its venv, relative to the root (the test runs `<venv>/bin/schemathesis`).
+const SCHEMATHESIS_VENV: &str = "target/schemathesis";
 
 /// System services of the proxy packages: the tests never use them (they start their own
 /// instances inside namespaces), so setup stops and disables them where they run. `tinyproxy`
@@ -78,6 +87,7 @@ pub fn setup() -> Result<()> {
     proxy_services();
     node_and_npm()?;
     e2e_node_modules()?;
+    schemathesis()?;
     rust_toolchains()?;
     bpf_linker(&llvm)?;
     bpffs()?;
@@ -293,6 +303,34 @@ fn e2e_node_modules() -> Result<()> {
     let after = output(cmd("node").args(["-e", CHECK]).current_dir(&dir))?;
     if !after.trim().is_empty() {
         bail!("`npm ci` in {} succeeded but node_modules still differs from the lock: {}", dir.display(), after.trim());
+    }
+    Ok(())
+}
+
+/// schemathesis at its pinned version in its venv: created with Debian's python3 (not whatever
+/// python3 comes first on PATH) and filled from PyPI unless it already has that version.
+fn schemathesis() -> Result<()> {
+    let venv = root().join(SCHEMATHESIS_VENV);
+    let bin = venv.join("bin/schemathesis");
+    let have = output(cmd(&bin).arg("--version")).unwrap_or_default();
+    if have.split_whitespace().last() == Some(SCHEMATHESIS) {
+        println!("ok: schemathesis {SCHEMATHESIS} in {SCHEMATHESIS_VENV}");
+        return Ok(());
+    }
+    println!("installing: schemathesis {SCHEMATHESIS} into {SCHEMATHESIS_VENV} (PyPI)");
+    let _ = std::fs::remove_dir_all(&venv);
+    run(cmd("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))
+        .context("creating the schemathesis venv (Debian's python3 and python3-venv)")?;
+    run(cmd(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("schemathesis=={SCHEMATHESIS}"),
+    ]))
+    .context("installing schemathesis from PyPI")?;
+    let after = output(cmd(&bin).arg("--version"))?;
+    if after.split_whitespace().last() != Some(SCHEMATHESIS) {
+        bail!("{} --version says {:?}, expected {SCHEMATHESIS}", bin.display(), after.trim());
     }
     Ok(())
 }

@@ -1,12 +1,13 @@
 //! Who is calling: the bearer token of a TCP request (or the local control socket, which acts
-//! as admin) checked as an axum extractor, with the role each route requires.
+//! as admin) checked as an axum extractor, with the role each route requires. Tokens come from
+//! the `Authorization` header only, never from a URL (the stream takes tickets: `ticket`).
 
 use std::sync::Arc;
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 
 use super::{App, error::ApiError};
-use crate::tokens::{Role, TokenInfo};
+use crate::tokens::{CheckError, Role, TokenInfo};
 
 /// Marks requests that came in on the local control socket (root-only by file mode): they act
 /// as admin without a token.
@@ -26,14 +27,25 @@ impl Caller {
     }
 }
 
-fn bearer(parts: &Parts) -> Option<String> {
-    if let Some(v) = parts.headers.get(axum::http::header::AUTHORIZATION) {
-        let v = v.to_str().ok()?;
-        let (scheme, token) = v.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string());
+/// The secret of `Authorization: Bearer ...`, if the header is there.
+pub fn bearer(parts: &Parts) -> Option<String> {
+    let v = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+}
+
+pub fn local_admin() -> TokenInfo {
+    TokenInfo {
+        id: "local".into(),
+        name: "local control socket".into(),
+        role: Role::Admin,
+        created_unix_ms: 0,
+        revoked_unix_ms: None,
     }
-    // Browsers cannot set headers on a WebSocket: the stream takes the token in the query.
-    parts.uri.query()?.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(str::to_string))
+}
+
+pub fn check_failed(e: CheckError) -> ApiError {
+    ApiError::unavailable(format!("cannot check the token: {e}"))
 }
 
 impl FromRequestParts<Arc<App>> for Caller {
@@ -41,13 +53,7 @@ impl FromRequestParts<Arc<App>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
         if parts.extensions.get::<LocalControl>().is_some() {
-            return Ok(Caller(TokenInfo {
-                id: "local".into(),
-                name: "local control socket".into(),
-                role: Role::Admin,
-                created_unix_ms: 0,
-                revoked_unix_ms: None,
-            }));
+            return Ok(Caller(local_admin()));
         }
         let Some(secret) = bearer(parts) else {
             return Err(ApiError::unauthorized("missing bearer token (Authorization: Bearer tm_...)"));
@@ -55,7 +61,7 @@ impl FromRequestParts<Arc<App>> for Caller {
         match app.tokens.check(&secret).await {
             Ok(Some(info)) => Ok(Caller(info)),
             Ok(None) => Err(ApiError::unauthorized("unknown or revoked token")),
-            Err(e) => Err(ApiError::unavailable(format!("cannot check the token, database unavailable: {e}"))),
+            Err(e) => Err(check_failed(e)),
         }
     }
 }

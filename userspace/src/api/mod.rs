@@ -6,11 +6,13 @@ pub mod auth;
 pub mod doc;
 pub mod error;
 pub mod hooks;
+pub mod limit;
 pub mod metrics;
 pub mod params;
 pub mod registry;
 pub mod routes;
 pub mod stream;
+pub mod ticket;
 pub mod views;
 pub mod webhooks;
 
@@ -43,6 +45,13 @@ pub struct ApiConfig {
     pub metrics_max_clients: usize,
     pub stream_interval: Duration,
     pub stall_timeout: Duration,
+    /// TCP connections served at once (`limit::Limited`).
+    pub max_connections: usize,
+    pub max_stream_subscribers: usize,
+    /// Group of the hook socket (mode 0660); None: 0600.
+    pub hook_group: Option<String>,
+    /// Path of the hook socket (only POST /api/v1/hooks/openvpn); None: none.
+    pub hook_socket: Option<std::path::PathBuf>,
 }
 
 /// What handlers share.
@@ -51,6 +60,8 @@ pub struct App {
     pub ledger: Arc<Ledger>,
     pub tokens: TokenCache,
     pub hub: stream::Hub,
+    /// Single-use stream tickets (`POST /api/v1/stream/ticket`).
+    pub tickets: ticket::Tickets,
     pub maps: Option<PinnedMaps>,
     /// The serialised client list of the latest poll.
     pub list_cache: std::sync::Mutex<Option<ListCache>>,
@@ -89,12 +100,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/clients/{ip}/resets", get(routes::resets))
         .route("/stats", get(routes::stats))
         .route("/stream", get(stream::stream))
+        .route("/stream/ticket", post(stream::ticket))
         .route("/openapi.json", get(doc::openapi))
         .route("/hooks/openvpn", post(hooks::openvpn))
         .merge(registry::routes())
         .merge(webhooks::routes());
     Router::new()
         .route("/healthz", get(routes::healthz))
+        .route("/livez", get(routes::livez))
         .route("/metrics", get(routes::metrics))
         .nest("/api/v1", v1)
         .merge(crate::web::routes())
@@ -107,10 +120,25 @@ pub fn router(app: Arc<App>) -> Router {
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source} (set api_listen, or stop what uses the port)")]
     Listen { addr: String, source: std::io::Error },
+    #[error("control socket: {0}")]
+    Control(#[source] control::server::BindError),
+    #[error("hook socket ([api] hook_socket): {0}")]
+    Hook(#[source] control::server::BindError),
 }
 
-/// Bind the TCP listener (if configured) and the control socket, then serve both (and the
-/// live-stream producer) as tasks of `tasks` until its token is cancelled.
+/// What the hook socket serves: the hook call alone, acting as admin (the socket's mode and
+/// group decide who may call it).
+fn hook_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/api/v1/hooks/openvpn", post(hooks::openvpn))
+        .fallback(routes::not_found)
+        .with_state(app)
+        .layer(Extension(auth::LocalControl))
+}
+
+/// Bind the TCP listener (if configured), the control socket and the hook socket (if
+/// configured), then serve them (and the live-stream producer) as tasks of `tasks` until its
+/// token is cancelled. A socket that cannot be bound with its mode is fatal.
 pub async fn serve(app: Arc<App>, state_dir: &Path, tasks: &mut Tasks) -> Result<(), ServeError> {
     let tcp = match app.cfg.listen {
         Some(addr) => Some(
@@ -120,17 +148,31 @@ pub async fn serve(app: Arc<App>, state_dir: &Path, tasks: &mut Tasks) -> Result
         ),
         None => None,
     };
-    let sock = control::socket_path(state_dir);
-    let unix = control::server::bind(&sock)
-        .map_err(|source| ServeError::Listen { addr: sock.display().to_string(), source })?;
+    let unix = control::server::bind(&control::socket_path(state_dir)).map_err(ServeError::Control)?;
+    let hook = match &app.cfg.hook_socket {
+        Some(p) => {
+            let mode = if app.cfg.hook_group.is_some() { 0o660 } else { 0o600 };
+            let l = control::server::bind_with(p, mode, app.cfg.hook_group.as_deref()).map_err(ServeError::Hook)?;
+            info!(path = %p.display(), group = app.cfg.hook_group.as_deref().unwrap_or("(root only)"), "hook socket bound");
+            Some(l)
+        }
+        None => None,
+    };
     let stop = tasks.token();
     tasks.spawn("stream producer", stream::produce(app.clone(), stop.clone()));
     let router = router(app.clone());
     let local = router.clone().layer(Extension(auth::LocalControl));
     let stopped = stop.clone();
     tasks.spawn("control socket", control::server::serve(unix, local, async move { stopped.cancelled().await }));
+    if let Some(h) = hook {
+        let stopped = stop.clone();
+        let r = hook_router(app.clone());
+        tasks.spawn("hook socket", control::server::serve(h, r, async move { stopped.cancelled().await }));
+    }
     if let Some(l) = tcp {
-        info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "API listening");
+        info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            max_connections = app.cfg.max_connections, "API listening");
+        let l = limit::Limited::new(l, app.cfg.max_connections);
         tasks.spawn("api", async move { axum::serve(l, router).with_graceful_shutdown(stop.cancelled_owned()).await });
     }
     Ok(())

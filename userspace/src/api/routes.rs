@@ -12,7 +12,14 @@ use axum::{
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::{App, auth::Caller, error::ApiError, error::ErrorBody, params::parse_client, views::*};
+use super::{
+    App,
+    auth::Caller,
+    error::ApiError,
+    error::ErrorBody,
+    params::{ClientIp, parse_client},
+    views::*,
+};
 use crate::{
     ledger::{LedgerError, state::ClientState, store, store::Granularity},
     time::unix_ms,
@@ -25,14 +32,70 @@ fn known_client(app: &App, s: &str) -> Result<(IpAddr, ClientState), ApiError> {
     Ok((ip, c))
 }
 
+/// A poll older than this many poll intervals (and at least `POLL_STALE_MIN_MS`) means the
+/// counters are not being read.
+const POLL_STALE_INTERVALS: u64 = 3;
+const POLL_STALE_MIN_MS: u64 = 5_000;
+
 #[utoipa::path(get, path = "/healthz", tag = "health",
-    responses((status = 200, description = "The daemon runs", body = Healthz)))]
-pub async fn healthz(State(app): State<Arc<App>>) -> Json<Healthz> {
-    Json(Healthz {
-        status: "ok",
+    responses((status = 200, description = "Serving: database up, pins present, polls succeeding", body = Healthz),
+        (status = 503, description = "Not serving; the body says which check failed", body = Healthz)))]
+pub async fn healthz(State(app): State<Arc<App>>) -> (axum::http::StatusCode, Json<Healthz>) {
+    let h = app.ledger.health();
+    let now = unix_ms();
+    let stale_ms = (app.ledger.cfg.poll_interval.as_millis() as u64 * POLL_STALE_INTERVALS).max(POLL_STALE_MIN_MS);
+    let mut problems = Vec::new();
+    if !h.database_up {
+        problems.push(format!("database down: {}", h.last_error.as_deref().unwrap_or("writes fail")));
+    }
+    let pins = match &app.maps {
+        None => "none",
+        Some(m) => match m.clients_epoch() {
+            Ok(_) => "ok",
+            Err(e) => {
+                problems.push(format!("pinned maps unreadable (removed?): {e}"));
+                "missing"
+            }
+        },
+    };
+    let poll_age = h.last_poll_ok_unix_ms.map(|t| now.saturating_sub(t));
+    let poll = match poll_age {
+        Some(a) if a <= stale_ms => "ok",
+        Some(a) => {
+            problems.push(format!("no successful poll for {a} ms"));
+            "stale"
+        }
+        None if h.poll_errors > 0 => {
+            problems.push("every poll has failed".into());
+            "failing"
+        }
+        None => "starting",
+    };
+    let interfaces = app.selfcheck.as_ref().map(|s| {
+        s.report().interfaces.iter().map(|i| HealthIface { name: i.interface.clone(), self_check: i.status }).collect()
+    });
+    let serving = problems.is_empty();
+    let body = Healthz {
+        status: if serving { "ok" } else { "unavailable" },
         node_id: app.ledger.cfg.node_id.clone(),
-        database: if app.ledger.health().database_up { "ok" } else { "down" },
-    })
+        database: if h.database_up { "ok" } else { "down" },
+        pins,
+        poll,
+        last_poll_ok_unix_ms: h.last_poll_ok_unix_ms,
+        last_flush_ok_unix_ms: h.last_flush_ok_unix_ms,
+        attached: interfaces.unwrap_or_default(),
+        problems,
+    };
+    let code = if serving { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body))
+}
+
+/// Liveness only: the process answers HTTP. Restarting a daemon because its database is down
+/// would not help, so systemd watchdogs and load balancers that restart use this one.
+#[utoipa::path(get, path = "/livez", tag = "health",
+    responses((status = 200, description = "The daemon answers", body = Livez)))]
+pub async fn livez(State(app): State<Arc<App>>) -> Json<Livez> {
+    Json(Livez { status: "alive", node_id: app.ledger.cfg.node_id.clone() })
 }
 
 #[utoipa::path(get, path = "/api/v1/me", tag = "auth", security(("bearer" = [])),
@@ -83,7 +146,7 @@ pub async fn list_clients(_c: Caller, State(app): State<Arc<App>>) -> impl IntoR
 }
 
 #[utoipa::path(get, path = "/api/v1/clients/{ip}", tag = "clients", security(("bearer" = [])),
-    params(("ip" = String, Path, description = "VPN address")),
+    params(("ip" = ClientIp, Path, description = "VPN address")),
     responses((status = 200, body = ClientView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_client(
     _c: Caller,
@@ -96,6 +159,7 @@ pub async fn get_client(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
     /// minute (default), hour or day
@@ -110,7 +174,7 @@ pub struct UsageQuery {
 const MAX_POINTS: u64 = 20_000;
 
 #[utoipa::path(get, path = "/api/v1/clients/{ip}/usage", tag = "clients", security(("bearer" = [])),
-    params(("ip" = String, Path, description = "VPN address"), UsageQuery),
+    params(("ip" = ClientIp, Path, description = "VPN address"), UsageQuery),
     responses((status = 200, body = Usage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn usage(
     _c: Caller,
@@ -148,7 +212,7 @@ pub async fn usage(
 }
 
 #[utoipa::path(post, path = "/api/v1/clients/{ip}/reset", tag = "clients", security(("bearer" = [])),
-    params(("ip" = String, Path, description = "VPN address")),
+    params(("ip" = ClientIp, Path, description = "VPN address")),
     responses((status = 200, body = ResetView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn reset(
@@ -165,7 +229,7 @@ pub async fn reset(
 }
 
 #[utoipa::path(get, path = "/api/v1/clients/{ip}/resets", tag = "clients", security(("bearer" = [])),
-    params(("ip" = String, Path, description = "VPN address")),
+    params(("ip" = ClientIp, Path, description = "VPN address")),
     responses((status = 200, body = ResetList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn resets(
     _c: Caller,
@@ -206,7 +270,8 @@ pub async fn stats(_c: Caller, State(app): State<Arc<App>>) -> Json<serde_json::
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "stats", security(("bearer" = [])),
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+    responses((status = 200, description = "OpenMetrics 1.0 text exposition",
+        content_type = "application/openmetrics-text")))]
 pub async fn metrics(_c: Caller, State(app): State<Arc<App>>) -> impl IntoResponse {
     let outcomes = app.kernel_outcomes().unwrap_or_default();
     let steer = app.maps.as_ref().and_then(|m| crate::steer::SteerMaps::new(&m.dir).list().ok());

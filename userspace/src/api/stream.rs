@@ -4,23 +4,30 @@
 //! One producer builds a frame every `stream_interval` (only while someone listens) and puts it
 //! in a `watch` channel, which holds just the newest frame: publishing never waits for anyone.
 //! Each subscriber sends the newest frame when it can; a slow one skips frames, and one whose
-//! send does not complete within `stall_timeout` is disconnected.
+//! send does not complete within `stall_timeout` is disconnected. An open stream re-checks its
+//! token every `RECHECK_EVERY` and closes when it is revoked (or cannot be checked).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     extract::{
         State, WebSocketUpgrade,
-        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code},
+        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code, rejection::WebSocketUpgradeRejection},
     },
     response::Response,
 };
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use super::{App, auth::Caller, views::is_online};
+use super::{
+    App,
+    auth::Caller,
+    error::{ApiError, ErrorBody},
+    ticket::{StreamCaller, TICKET_TTL},
+    views::is_online,
+};
 use crate::time::unix_ms;
 
 pub struct Hub {
@@ -94,19 +101,77 @@ pub async fn produce(app: Arc<App>, stop: CancellationToken) -> Result<(), std::
     }
 }
 
-#[utoipa::path(get, path = "/api/v1/stream", tag = "stream", security(("bearer" = [])),
-    params(("access_token" = Option<String>, Query, description = "The token, for clients that cannot set headers")),
-    responses((status = 101, description = "WebSocket: one JSON text frame per stream interval")))]
-pub async fn stream(_c: Caller, State(app): State<Arc<App>>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| serve(socket, app))
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct StreamTicket {
+    /// Open the stream with `?ticket=` within `expires_in_ms`; it works once.
+    pub ticket: String,
+    pub expires_in_ms: u64,
 }
 
-async fn serve(socket: WebSocket, app: Arc<App>) {
+#[utoipa::path(post, path = "/api/v1/stream/ticket", tag = "stream", security(("bearer" = [])),
+    responses((status = 201, description = "A single-use ticket for the stream (any role)", body = StreamTicket)))]
+pub async fn ticket(
+    caller: Caller,
+    State(app): State<Arc<App>>,
+    headers: axum::http::HeaderMap,
+) -> Result<(axum::http::StatusCode, axum::Json<StreamTicket>), ApiError> {
+    let secret = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .map(|(_, t)| crate::tokens::hash(t.trim()));
+    let ticket = app.tickets.issue(caller.0, secret)?;
+    let body = StreamTicket { ticket, expires_in_ms: TICKET_TTL.as_millis() as u64 };
+    Ok((axum::http::StatusCode::CREATED, axum::Json(body)))
+}
+
+/// Longest frame a subscriber may send (it has nothing to say: pings and close frames).
+const MAX_INBOUND_MESSAGE: usize = 4096;
+/// How often an open stream re-checks its token (a revoked token's stream closes then).
+pub const RECHECK_EVERY: Duration = Duration::from_secs(5);
+
+#[utoipa::path(get, path = "/api/v1/stream", tag = "stream", security(("bearer" = [])),
+    params(("ticket" = Option<String>, Query,
+        description = "A single-use ticket from POST /api/v1/stream/ticket, for clients that cannot set headers")),
+    responses((status = 101, description = "WebSocket: one JSON text frame per stream interval"),
+        (status = 400, description = "Not a WebSocket upgrade request", body = ErrorBody),
+        (status = 503, description = "Too many subscribers, or the token cannot be checked", body = ErrorBody)))]
+pub async fn stream(
+    caller: StreamCaller,
+    State(app): State<Arc<App>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let ws = ws.map_err(|e| ApiError::bad_request(format!("not a WebSocket upgrade: {}", e.body_text())))?;
+    if app.hub.subscribers() >= app.cfg.max_stream_subscribers {
+        return Err(ApiError::unavailable(format!(
+            "{} stream subscribers already ([api] max_stream_subscribers)",
+            app.cfg.max_stream_subscribers
+        )));
+    }
+    debug!(token = caller.info.name, "stream opened");
+    Ok(ws
+        .max_message_size(MAX_INBOUND_MESSAGE)
+        .max_frame_size(MAX_INBOUND_MESSAGE)
+        .on_upgrade(move |socket| serve(socket, app, caller.token_sha256)))
+}
+
+async fn close(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    stall: Duration,
+    code: u16,
+    reason: &'static str,
+) {
+    let bye = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+    let _ = tokio::time::timeout(stall, sink.send(Message::Close(Some(bye)))).await;
+}
+
+async fn serve(socket: WebSocket, app: Arc<App>, token_sha256: Option<String>) {
     let mut rx = app.hub.tx.subscribe();
     let stall = app.cfg.stall_timeout;
     let (mut sink, mut incoming) = socket.split();
     let first = Utf8Bytes::from(frame(&app));
     let mut next = Some(first);
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK_EVERY, RECHECK_EVERY);
     loop {
         if let Some(f) = next.take() {
             match tokio::time::timeout(stall, sink.send(Message::Text(f))).await {
@@ -132,10 +197,24 @@ async fn serve(socket: WebSocket, app: Arc<App>) {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
                 Some(Ok(_)) => {}
             },
+            _ = recheck.tick(), if token_sha256.is_some() => {
+                match app.tokens.check_hash(token_sha256.as_deref().unwrap_or_default()).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        info!("stream closed: its token was revoked");
+                        close(&mut sink, stall, close_code::POLICY, "token revoked").await;
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(%e, "stream closed: its token cannot be checked");
+                        close(&mut sink, stall, close_code::AGAIN, "token cannot be checked").await;
+                        break;
+                    }
+                }
+            }
             _ = app.shutdown.cancelled() => {
                 // 1001 "going away": the dashboard reconnects to the next daemon.
-                let bye = CloseFrame { code: close_code::AWAY, reason: Utf8Bytes::from_static("daemon stopping") };
-                let _ = tokio::time::timeout(stall, sink.send(Message::Close(Some(bye)))).await;
+                close(&mut sink, stall, close_code::AWAY, "daemon stopping").await;
                 break;
             }
         }

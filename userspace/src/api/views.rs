@@ -179,10 +179,36 @@ pub struct Me {
 
 #[derive(Serialize, ToSchema)]
 pub struct Healthz {
+    /// "ok" (200), or "unavailable" (503: see `problems`).
     pub status: &'static str,
     pub node_id: String,
     /// "ok", or "down" while writes fail (counting goes on; pending usage is written later).
     pub database: &'static str,
+    /// The pinned maps: "ok", "missing" (removed behind the daemon's back), or "none" (served
+    /// without maps).
+    pub pins: &'static str,
+    /// The kernel counters' reading: "ok", "stale" (no successful poll lately), "failing" or
+    /// "starting".
+    pub poll: &'static str,
+    pub last_poll_ok_unix_ms: Option<u64>,
+    pub last_flush_ok_unix_ms: Option<u64>,
+    /// The devices the programs are attached to, with their self-check status.
+    pub attached: Vec<HealthIface>,
+    /// Why the daemon is not serving (empty when it is).
+    pub problems: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct HealthIface {
+    pub name: String,
+    /// ok, drift, starting or unchecked (see /api/v1/stats).
+    pub self_check: &'static str,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Livez {
+    pub status: &'static str,
+    pub node_id: String,
 }
 
 /// The `reset` webhook event of a reset (its data is the API's reset object).

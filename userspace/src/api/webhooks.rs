@@ -89,11 +89,14 @@ pub async fn list_endpoints(_c: Caller, State(app): State<Arc<App>>) -> Result<J
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// At most this many events (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Only events of this subject (device id, or client IP).
+    #[param(min_length = 1, max_length = 256)]
     pub subject: Option<String>,
 }
 
@@ -117,13 +120,17 @@ pub async fn list_events(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveriesQuery {
     /// Only attempts of this event (its id, a UUID).
+    #[param(format = Uuid)]
     pub event: Option<String>,
     /// Only attempts at this endpoint (its name).
+    #[param(min_length = 1, max_length = 256)]
     pub endpoint: Option<String>,
     /// At most this many attempts (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 

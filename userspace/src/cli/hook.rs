@@ -21,6 +21,10 @@ pub enum HookCmd {
         /// State directory of the daemon (its control socket is STATE_DIR/control.sock).
         #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// The daemon's hook socket (`[api] hook_socket`), for an OpenVPN that does not run as
+        /// root; default: STATE_DIR/control.sock.
+        #[arg(long)]
+        socket: Option<PathBuf>,
         /// The temporary file OpenVPN passes to client-connect (ignored).
         #[arg(hide = true)]
         _file: Option<PathBuf>,
@@ -28,15 +32,15 @@ pub enum HookCmd {
 }
 
 pub fn hook(cmd: HookCmd) -> anyhow::Result<()> {
-    let HookCmd::Openvpn { state_dir, _file } = cmd;
-    openvpn(&state_dir)
+    let HookCmd::Openvpn { state_dir, socket, _file } = cmd;
+    openvpn(&socket.unwrap_or_else(|| control::socket_path(&state_dir)))
 }
 
 /// One line on stderr and exit 1 on any failure (fail closed).
-fn openvpn(state_dir: &Path) -> anyhow::Result<()> {
+fn openvpn(socket: &Path) -> anyhow::Result<()> {
     let call = call_from_env(&|k| std::env::var(k).ok()).map_err(|e| anyhow::anyhow!("hook openvpn: {e}"))?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
-    rt.block_on(send(state_dir, &call)).map_err(|e| {
+    rt.block_on(send(socket, &call)).map_err(|e| {
         anyhow::anyhow!(
             "hook openvpn: {} {} ({}): {e}",
             match call.kind {
@@ -58,14 +62,14 @@ fn error_text(status: u16, body: &str) -> String {
     format!("the daemon answered HTTP {status}: {msg}")
 }
 
-/// Send `call` to the daemon behind `state_dir`: attempt, on failure wait 1 s and attempt once
+/// Send `call` to the daemon's socket `socket`: attempt, on failure wait 1 s and attempt once
 /// more; each attempt times out after 5 s. Ok(()) only on a 2xx. Err carries a message for
 /// OpenVPN's log (stderr).
-pub async fn send(state_dir: &Path, call: &HookCall) -> Result<(), String> {
+pub async fn send(socket: &Path, call: &HookCall) -> Result<(), String> {
     let body = serde_json::to_vec(call).map_err(|e| format!("encoding the hook call: {e}"))?;
     let mut first_error = None;
     for attempt in 1..=2 {
-        let sent = control::request_json(state_dir, Method::POST, HOOK_PATH, body.clone(), ATTEMPT_TIMEOUT);
+        let sent = control::client::request_json_at(socket, Method::POST, HOOK_PATH, body.clone(), ATTEMPT_TIMEOUT);
         let err = match sent.await {
             Ok((status, _)) if (200..300).contains(&status) => return Ok(()),
             Ok((status, text)) => error_text(status, &text),

@@ -76,6 +76,8 @@ pub enum ConfigError {
     ReadSecret { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{name} must be between {min} and {max}, got {value}")]
     OutOfRange { name: &'static str, value: u64, min: u64, max: u64 },
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// The validated configuration the daemon runs with.

@@ -269,6 +269,8 @@ fn out_of_range_values_are_refused_naming_their_key() {
         ("[ledger]\nmax_pending_rows = 10", "[ledger] max_pending_rows"),
         ("[api]\nmetrics_max_clients = 5000000", "[api] metrics_max_clients"),
         ("[api]\noffline_after_secs = 0", "[api] offline_after_secs"),
+        ("[api]\nmax_connections = 0", "[api] max_connections"),
+        ("[api]\nmax_stream_subscribers = 100000", "[api] max_stream_subscribers"),
         ("[steer]\nredirect_mark = 0", "[steer] redirect_mark"),
     ] {
         let e = Config::from_toml(text, &o).unwrap_err();
@@ -279,6 +281,12 @@ fn out_of_range_values_are_refused_naming_their_key() {
     // In range: taken as written, never adjusted.
     let c = Config::from_toml("reconcile_interval_ms = 100\n[ledger]\nretention_day_days = 36500", &o).unwrap();
     assert_eq!((c.reconcile_interval_ms, c.ledger.retention_day_days), (100, 36_500));
+    for text in ["[api]\nhook_group = \"a b\"", "[api]\nhook_socket = \"relative.sock\""] {
+        let msg = Config::from_toml(text, &o).unwrap_err().to_string();
+        assert!(msg.starts_with("[api] hook_"), "{text}: {msg}");
+    }
+    let a = Config::from_toml("", &o).unwrap().api;
+    assert_eq!((a.max_connections, a.max_stream_subscribers, a.hook_socket), (1024, 64, None), "defaults");
     let l = Config::from_toml("", &o).unwrap().ledger;
     assert_eq!((l.drift_threshold_packets, l.drift_polls, l.max_pending_rows), (64, 3, 1_000_000), "defaults");
 }

@@ -40,6 +40,17 @@ pub async fn request_json(
     send(state_dir, method, path, Some(body), timeout).await
 }
 
+/// `request_json` on the socket at `sock` (the hook socket, or a control socket elsewhere).
+pub async fn request_json_at(
+    sock: &Path,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<(u16, String), ControlError> {
+    send_at(sock, method, path, Some(body), timeout).await
+}
+
 async fn send(
     state_dir: &Path,
     method: Method,
@@ -47,9 +58,18 @@ async fn send(
     json: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<(u16, String), ControlError> {
+    send_at(&super::socket_path(state_dir), method, path, json, timeout).await
+}
+
+async fn send_at(
+    sock: &Path,
+    method: Method,
+    path: &str,
+    json: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(u16, String), ControlError> {
     let fut = async {
-        let sock = super::socket_path(state_dir);
-        let stream = tokio::net::UnixStream::connect(&sock)
+        let stream = tokio::net::UnixStream::connect(sock)
             .await
             .map_err(|source| ControlError::Connect { path: sock.display().to_string(), source })?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

@@ -66,6 +66,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     front.shutdown(FRONT_GRACE).await;
     back.shutdown(LEDGER_GRACE).await;
     control::server::remove(&control::socket_path(&dp.cfg.state_dir));
+    if let Some(p) = &dp.cfg.api.hook_socket {
+        control::server::remove(p);
+    }
     served
 }
 
@@ -122,10 +125,15 @@ async fn serve(
             metrics_max_clients: cfg.api.metrics_max_clients,
             stream_interval: Duration::from_millis(cfg.api.stream_interval_ms),
             stall_timeout: Duration::from_secs(cfg.api.stream_stall_timeout_secs),
+            max_connections: cfg.api.max_connections,
+            max_stream_subscribers: cfg.api.max_stream_subscribers,
+            hook_group: cfg.api.hook_group.clone(),
+            hook_socket: cfg.api.hook_socket.clone(),
         },
         tokens: TokenCache::new(ledger.db.clone(), cfg.node_id.clone()),
         ledger: ledger.clone(),
         hub: Default::default(),
+        tickets: Default::default(),
         maps: Some(PinnedMaps::new(&cfg.pin_dir)),
         list_cache: Default::default(),
         webhooks: webhooks.clone(),

@@ -63,6 +63,10 @@ pub struct Health {
     pub last_poll_ms: f64,
     pub last_flush_ms: f64,
     pub last_flush_unix_ms: Option<u64>,
+    /// When the latest poll that read the kernel maps succeeded.
+    pub last_poll_ok_unix_ms: Option<u64>,
+    /// When the latest flush attempt succeeded (an empty one included).
+    pub last_flush_ok_unix_ms: Option<u64>,
     pub last_error: Option<String>,
     pub polls: u64,
     pub poll_errors: u64,
@@ -226,6 +230,7 @@ impl Ledger {
         self.set_health(|h| {
             h.polls += 1;
             h.last_poll_ms = took.as_secs_f64() * 1e3;
+            h.last_poll_ok_unix_ms = Some(unix_ms());
         });
         Ok(())
     }
@@ -235,7 +240,10 @@ impl Ledger {
         let _writing = self.write_gate.lock().await;
         let batch = self.state().take_flush(None);
         if batch.is_empty() {
-            self.set_health(|h| h.flush_cycles += 1);
+            self.set_health(|h| {
+                h.flush_cycles += 1;
+                h.last_flush_ok_unix_ms = Some(unix_ms());
+            });
             return Ok(0);
         }
         let rows = batch.buckets.len();
@@ -251,6 +259,7 @@ impl Ledger {
                     h.flush_cycles += 1;
                     h.last_flush_ms = took * 1e3;
                     h.last_flush_unix_ms = Some(unix_ms());
+                    h.last_flush_ok_unix_ms = h.last_flush_unix_ms;
                     h.last_error = None;
                 });
                 if was_down {

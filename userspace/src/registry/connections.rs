@@ -55,11 +55,21 @@ impl Connection {
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewConnection {
+    /// The device's id (a UUID).
+    #[schema(format = Uuid)]
     pub device_id: String,
     pub protocol: ConnectionProtocol,
+    /// http, socks5: the public port forwarded to the device.
+    #[schema(minimum = 1)]
     pub public_port: Option<u16>,
+    /// http, socks5: the device's port.
+    #[schema(minimum = 1)]
     pub device_port: Option<u16>,
+    /// openvpn: the OpenVPN user whose traffic goes to the device's proxy.
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,64}$")]
     pub username: Option<String>,
+    /// openvpn: the device's proxy port.
+    #[schema(minimum = 1)]
     pub proxy_port: Option<u16>,
 }
 

@@ -21,7 +21,7 @@ use tunmeter_lab::{Lab, LabConfig, in_netns, traffic};
 const PORT: u16 = 9107;
 
 /// One HTTP request from inside `ns`; returns status, content type and body.
-fn http(ns: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String, String) {
+pub(crate) fn http(ns: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String, String) {
     let shown = path.to_string();
     let (method, path, token) = (method.to_string(), path.to_string(), token.map(str::to_string));
     in_netns(ns, move || {
@@ -42,11 +42,11 @@ fn http(ns: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String
     .unwrap_or_else(|e| panic!("{shown}: {e:#}"))
 }
 
-fn json(body: &str) -> Value {
+pub(crate) fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
-fn token(state: &str, node: &str, role: &str) -> String {
+pub(crate) fn token(state: &str, node: &str, role: &str) -> String {
     let out = std::process::Command::new(support::daemon::BIN)
         .args(["token", "create", "--role", role, "--name", role, "--state-dir", state, "--node-id", node])
         .output()
@@ -195,27 +195,33 @@ fn api_auth_errors_metrics_and_a_stream_with_a_stalled_subscriber() {
         assert!(m.contains(name), "{name} missing from /metrics");
     }
 
+    // The stream opens with a single-use ticket (a token in the URL is refused everywhere).
+    let ticket = || {
+        let (s, _, b) = http(&ns, "POST", "/api/v1/stream/ticket", Some(&read));
+        assert_eq!(s, 201, "{b}");
+        json(&b)["ticket"].as_str().unwrap().to_string()
+    };
     // The stream: one subscriber stops reading (its buffers fill with ~0.5 MB frames), another
     // keeps receiving every frame on time, and the stalled one is disconnected.
-    let stalled_token = read.clone();
+    let stalled_token = ticket();
     let stalled: TcpStream = in_netns(&ns, move || {
         let mut s = TcpStream::connect(("127.0.0.1", PORT))?;
         write!(
             s,
-            "GET /api/v1/stream?access_token={stalled_token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+            "GET /api/v1/stream?ticket={stalled_token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )?;
         Ok(s)
     })
     .unwrap();
-    let good_token = read.clone();
+    let good_token = ticket();
     let good = std::thread::spawn({
         let ns = ns.clone();
         move || {
             in_netns(&ns, move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async {
-                    let url = format!("ws://127.0.0.1:{PORT}/api/v1/stream?access_token={good_token}");
+                    let url = format!("ws://127.0.0.1:{PORT}/api/v1/stream?ticket={good_token}");
                     let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
                     let (mut frames, mut max_gap, mut last, mut rows) = (0u32, Duration::ZERO, Instant::now(), 0);
                     let t0 = Instant::now();

@@ -9,6 +9,7 @@ mod api;
 mod batch;
 mod bench;
 mod client_fill;
+mod conformance;
 mod dashboard;
 mod deploy;
 mod fixtures;

@@ -13,7 +13,13 @@ use utoipa::ToSchema;
 
 use super::{changed, node, steer};
 use crate::{
-    api::{App, auth::Caller, error::ApiError, error::ErrorBody, params::body},
+    api::{
+        App,
+        auth::Caller,
+        error::ApiError,
+        error::ErrorBody,
+        params::{ResourceId, body},
+    },
     registry::{
         RegistryError,
         connections::{self, Connection, NewConnection},
@@ -92,7 +98,7 @@ pub async fn list_connections(_c: Caller, State(app): State<Arc<App>>) -> Result
 }
 
 #[utoipa::path(get, path = "/api/v1/connections/{id}", tag = "connections", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Connection id (UUID)")),
+    params(("id" = ResourceId, Path, description = "Connection id (UUID)")),
     responses((status = 200, body = ConnectionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_connection(
     _c: Caller,
@@ -131,7 +137,7 @@ pub async fn create_connection(
 }
 
 #[utoipa::path(delete, path = "/api/v1/connections/{id}", tag = "connections", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Connection id (UUID)")),
+    params(("id" = ResourceId, Path, description = "Connection id (UUID)")),
     responses((status = 204, description = "Deleted, with its forward rule"), (status = 400, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete_connection(

@@ -18,7 +18,7 @@ use crate::{
         auth::Caller,
         error::ApiError,
         error::ErrorBody,
-        params::{body, parse_client},
+        params::{ClientIp, ResourceId, body, parse_client},
     },
     registry::{
         RegistryError, connections,
@@ -91,7 +91,7 @@ pub async fn list_devices(_c: Caller, State(app): State<Arc<App>>) -> Result<Jso
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Device id (UUID)")),
+    params(("id" = ResourceId, Path, description = "Device id (UUID)")),
     responses((status = 200, body = DeviceView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_device(
     _c: Caller,
@@ -108,8 +108,10 @@ pub async fn get_device(
 #[serde(deny_unknown_fields)]
 pub struct NewDeviceBody {
     /// 1 to 64 printable characters, unique on this node.
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
     /// The device's VPN address, unique on this node.
+    #[schema(value_type = ClientIp)]
     pub vpn_ip: String,
 }
 
@@ -132,7 +134,7 @@ pub async fn create_device(
 }
 
 #[utoipa::path(delete, path = "/api/v1/devices/{id}", tag = "devices", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Device id (UUID)")),
+    params(("id" = ResourceId, Path, description = "Device id (UUID)")),
     responses((status = 204, description = "Deleted"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "The device has connections", body = ErrorBody)))]
 pub async fn delete_device(

@@ -23,7 +23,7 @@ use crate::{
         auth::Caller,
         error::ApiError,
         error::ErrorBody,
-        params::{body, parse_client},
+        params::{ClientIp, ResourceId, body, parse_client},
     },
     bpf::loader::{LoadError, PinnedMaps},
     ledger::state::Totals,
@@ -59,13 +59,16 @@ fn session_view(app: &App, mut s: Session) -> SessionView {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SessionsQuery {
     /// Only this client (VPN address).
+    #[param(value_type = Option<ClientIp>)]
     pub client: Option<String>,
     /// true: only active sessions; false: only closed ones.
     pub active: Option<bool>,
     /// At most this many (default 100, at most 10000).
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<u32>,
 }
 
@@ -91,7 +94,7 @@ pub async fn list_sessions(
 }
 
 #[utoipa::path(get, path = "/api/v1/sessions/{id}", tag = "sessions", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Session id (UUID)")),
+    params(("id" = ResourceId, Path, description = "Session id (UUID)")),
     responses((status = 200, body = SessionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_session(
     _c: Caller,
@@ -107,6 +110,7 @@ pub async fn get_session(
 #[serde(deny_unknown_fields)]
 pub struct NewSessionBody {
     /// VPN address of the client.
+    #[schema(value_type = ClientIp)]
     pub client_ip: String,
     pub username: Option<String>,
     pub common_name: Option<String>,
@@ -210,7 +214,7 @@ pub async fn open_session(
 }
 
 #[utoipa::path(post, path = "/api/v1/sessions/{id}/close", tag = "sessions", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Session id (UUID)")),
+    params(("id" = ResourceId, Path, description = "Session id (UUID)")),
     responses((status = 200, body = SessionView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "Already closed", body = ErrorBody)))]
 pub async fn close_session(

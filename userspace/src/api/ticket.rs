@@ -1,0 +1,137 @@
+//! Stream tickets: the dashboard trades its bearer token for a random, single-use ticket
+//! valid `TICKET_TTL` (`POST /api/v1/stream/ticket`) and opens the WebSocket with `?ticket=`,
+//! so that no token is ever in a URL. The ticket carries its token, which the stream re-checks.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    extract::{FromRequestParts, Query},
+    http::request::Parts,
+};
+use serde::Deserialize;
+
+use super::{
+    App,
+    auth::{LocalControl, bearer, check_failed, local_admin},
+    error::ApiError,
+};
+use crate::tokens::{TokenInfo, hash};
+
+pub const TICKET_TTL: Duration = Duration::from_secs(30);
+/// Outstanding tickets at most (expired ones are purged first; then 503).
+pub const MAX_TICKETS: usize = 10_000;
+
+struct Pending {
+    info: TokenInfo,
+    token_sha256: Option<String>,
+    expires: Instant,
+}
+
+#[derive(Default)]
+pub struct Tickets {
+    inner: Mutex<HashMap<String, Pending>>,
+}
+
+impl Tickets {
+    /// A new ticket for `info` (issued to the token with hash `token_sha256`; None: the local
+    /// control socket).
+    pub fn issue(&self, info: TokenInfo, token_sha256: Option<String>) -> Result<String, ApiError> {
+        let mut b = [0u8; 32];
+        getrandom::fill(&mut b).expect("the kernel's random source");
+        let ticket = format!("tmt_{}", hex::encode(b));
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() >= MAX_TICKETS {
+            let now = Instant::now();
+            g.retain(|_, p| p.expires > now);
+            if g.len() >= MAX_TICKETS {
+                return Err(ApiError::unavailable(format!("{MAX_TICKETS} stream tickets outstanding; retry later")));
+            }
+        }
+        g.insert(hash(&ticket), Pending { info, token_sha256, expires: Instant::now() + TICKET_TTL });
+        Ok(ticket)
+    }
+
+    /// Take a ticket (it works once).
+    fn redeem(&self, ticket: &str) -> Option<(TokenInfo, Option<String>)> {
+        let p = self.inner.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash(ticket))?;
+        (p.expires > Instant::now()).then_some((p.info, p.token_sha256))
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    ticket: Option<String>,
+}
+
+/// Who opened a stream, and the hash of the token to re-check while it is open (None: the
+/// local control socket, which has no token).
+pub struct StreamCaller {
+    pub info: TokenInfo,
+    pub token_sha256: Option<String>,
+}
+
+impl FromRequestParts<Arc<App>> for StreamCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+        if parts.extensions.get::<LocalControl>().is_some() {
+            return Ok(StreamCaller { info: local_admin(), token_sha256: None });
+        }
+        if let Some(secret) = bearer(parts) {
+            let h = hash(&secret);
+            return match app.tokens.check_hash(&h).await {
+                Ok(Some(info)) => Ok(StreamCaller { info, token_sha256: Some(h) }),
+                Ok(None) => Err(ApiError::unauthorized("unknown or revoked token")),
+                Err(e) => Err(check_failed(e)),
+            };
+        }
+        let q = Query::<StreamQuery>::try_from_uri(&parts.uri).map(|q| q.0.ticket).unwrap_or(None);
+        let Some(t) = q else {
+            return Err(ApiError::unauthorized(
+                "missing credentials: Authorization: Bearer tm_..., or ?ticket= from POST /api/v1/stream/ticket",
+            ));
+        };
+        let (info, token_sha256) =
+            app.tickets.redeem(&t).ok_or_else(|| ApiError::unauthorized("unknown, used or expired stream ticket"))?;
+        Ok(StreamCaller { info, token_sha256 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokens::Role;
+
+    fn info() -> TokenInfo {
+        TokenInfo { id: "t".into(), name: "t".into(), role: Role::Read, created_unix_ms: 0, revoked_unix_ms: None }
+    }
+
+    #[test]
+    fn a_ticket_works_once_and_only_its_own_text() {
+        let t = Tickets::default();
+        let ticket = t.issue(info(), Some("h".into())).unwrap();
+        assert!(ticket.starts_with("tmt_") && ticket.len() == 68, "{ticket}");
+        assert!(t.redeem("tmt_00").is_none());
+        let (i, h) = t.redeem(&ticket).expect("first use");
+        assert_eq!((i.id.as_str(), h.as_deref()), ("t", Some("h")));
+        assert!(t.redeem(&ticket).is_none(), "second use");
+    }
+
+    #[test]
+    fn an_expired_ticket_is_refused_and_the_store_is_bounded() {
+        let t = Tickets::default();
+        let ticket = t.issue(info(), None).unwrap();
+        t.inner.lock().unwrap().values_mut().for_each(|p| p.expires = Instant::now() - Duration::from_secs(1));
+        assert!(t.redeem(&ticket).is_none());
+        for _ in 0..MAX_TICKETS {
+            t.issue(info(), None).unwrap();
+        }
+        assert_eq!(t.issue(info(), None).unwrap_err().status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        t.inner.lock().unwrap().values_mut().for_each(|p| p.expires = Instant::now() - Duration::from_secs(1));
+        t.issue(info(), None).expect("expired tickets make room");
+    }
+}
