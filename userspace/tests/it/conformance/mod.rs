@@ -46,6 +46,8 @@ fn fuzz(ns: &str, token: &str, role: &str) {
         .args(["--checks", "all", "--phases", "coverage,fuzzing,stateful", "--max-examples", MAX_EXAMPLES])
         .args(["--seed", &seed, "--no-color"])
         .env("SCHEMATHESIS_TELEMETRY", "false")
+        // Its cache of crashes goes in the working directory: not the checkout.
+        .current_dir(std::env::temp_dir())
         .output()
         .expect("run schemathesis (cargo xtask setup installs it)");
     let report = String::from_utf8_lossy(&out.stdout);
