@@ -148,8 +148,11 @@ struct Cached {
     tokens: HashMap<String, TokenInfo>,
     /// The latest successful refresh.
     loaded: Option<Instant>,
-    /// The latest attempt, successful or not.
+    /// When the latest attempt ended, successful or not.
     tried: Option<Instant>,
+    /// Attempts ended so far: a request that waited for a refresh sees it changed and does not
+    /// query again.
+    attempts: u64,
 }
 
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
@@ -176,12 +179,13 @@ impl TokenCache {
     }
 
     async fn refresh(&self) -> Result<(), sqlx::Error> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner()).tried = Some(Instant::now());
-        let tokens = all(&self.db, &self.node).await?;
-        let map = tokens.into_iter().filter(|(_, i)| i.revoked_unix_ms.is_none()).collect();
+        let read = all(&self.db, &self.node).await;
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        g.tokens = map;
-        g.loaded = Some(Instant::now());
+        g.tried = Some(Instant::now());
+        g.attempts += 1;
+        let tokens = read?;
+        g.tokens = tokens.into_iter().filter(|(_, i)| i.revoked_unix_ms.is_none()).collect();
+        g.loaded = g.tried;
         Ok(())
     }
 
@@ -191,27 +195,35 @@ impl TokenCache {
     }
 
     /// `check` by the token's SHA-256 (a live stream re-checks the token it opened with).
+    ///
+    /// A hit in a list read within `REFRESH_EVERY` answers at once. Otherwise (an older list,
+    /// or a token not in it) the list is read again, by one request at a time, and not within
+    /// `MISS_REFRESH_MIN` of the end of the last attempt; requests that waited for that read
+    /// use its result. The answer comes from a list at most `MAX_STALE` old, or is an error.
     pub async fn check_hash(&self, h: &str) -> Result<Option<TokenInfo>, CheckError> {
-        let (hit, age, tried) = {
+        let (hit, fresh, recently_tried, attempts) = {
             let g = self.read();
-            (g.tokens.get(h).cloned(), g.loaded.map(|t| t.elapsed()), g.tried.map(|t| t.elapsed()))
+            (
+                g.tokens.get(h).cloned(),
+                g.loaded.is_some_and(|l| l.elapsed() <= REFRESH_EVERY),
+                g.tried.is_some_and(|t| t.elapsed() <= MISS_REFRESH_MIN),
+                g.attempts,
+            )
         };
-        let stale = age.is_none_or(|a| a > REFRESH_EVERY);
-        let may_try = tried.is_none_or(|t| t > MISS_REFRESH_MIN);
-        if (stale || hit.is_none()) && may_try {
-            let _one = self.refreshing.lock().await;
-            // Another request may have refreshed while this one waited.
-            let tried = self.read().tried.map(|t| t.elapsed());
-            let err = if tried.is_none_or(|t| t > MISS_REFRESH_MIN) { self.refresh().await.err() } else { None };
-            let g = self.read();
-            return match (g.loaded, err) {
-                (Some(l), _) if l.elapsed() <= MAX_STALE => Ok(g.tokens.get(h).cloned()),
-                (loaded, err) => Err(self.stale(loaded, err)),
-            };
+        if fresh && hit.is_some() {
+            return Ok(hit);
         }
-        match age {
-            Some(a) if a <= MAX_STALE => Ok(hit),
-            _ => Err(self.stale(self.read().loaded, None)),
+        let mut err = None;
+        if !recently_tried {
+            let _one = self.refreshing.lock().await;
+            if self.read().attempts == attempts {
+                err = self.refresh().await.err();
+            }
+        }
+        let g = self.read();
+        match g.loaded {
+            Some(l) if l.elapsed() <= MAX_STALE => Ok(g.tokens.get(h).cloned()),
+            loaded => Err(self.stale(loaded, err)),
         }
     }
 
@@ -246,7 +258,19 @@ mod tests {
         let db = Database::open(&format!("sqlite://{}?mode=rwc", path.display())).await.unwrap();
         let (_, keep) = create(&db, "n", Role::Read, "keep").await.unwrap();
         let (gone, gone_secret) = create(&db, "n", Role::Admin, "gone").await.unwrap();
-        let cache = TokenCache::new(db.clone(), "n".into());
+        let cache = std::sync::Arc::new(TokenCache::new(db.clone(), "n".into()));
+        // Requests at start-up, all at once: one reads the list, the others wait for it (none
+        // is refused because another's read was under way).
+        let many: Vec<_> = (0..8)
+            .map(|_| {
+                let (c, k) = (cache.clone(), keep.clone());
+                tokio::spawn(async move { c.check(&k).await.map(|i| i.is_some()) })
+            })
+            .collect();
+        for m in many {
+            assert!(m.await.unwrap().unwrap(), "a concurrent first check");
+        }
+        assert_eq!(cache.read().attempts, 1, "one read for all of them");
         assert_eq!(cache.check(&gone_secret).await.unwrap().map(|i| i.role), Some(Role::Admin));
         assert!(cache.check("tm_guess").await.unwrap().is_none());
         // Revoked: refused at the next refresh.

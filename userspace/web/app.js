@@ -46,6 +46,7 @@
     token: null,
     me: null,
     ws: null,
+    wsGen: 0,
     wsWanted: false,
     wsTimer: 0,
     wsBackoff: 500,
@@ -282,6 +283,7 @@
 
   function logout(message) {
     state.wsWanted = false;
+    state.wsGen++;
     clearTimeout(state.wsTimer);
     clearInterval(state.watchdog);
     if (state.ws) {
@@ -317,12 +319,20 @@
   async function connect() {
     clearTimeout(state.wsTimer);
     if (!state.wsWanted || !state.token) return;
+    // Only the newest call may open a socket: a login, logout or reconnect meanwhile wins.
+    const gen = ++state.wsGen;
+    if (state.ws) {
+      const old = state.ws;
+      state.ws = null;
+      old.close();
+    }
     setConn(state.wsFailures ? 'reconnecting' : 'connecting');
     let ticket;
     try {
       ticket = (await api('/api/v1/stream/ticket', { method: 'POST' })).ticket;
     } catch (e) {
-      if (e.status === 401 && state.wsWanted) {
+      if (gen !== state.wsGen || !state.wsWanted) return;
+      if (e.status === 401) {
         logout(`Signed out: ${e.describe()}`);
         return;
       }
@@ -330,7 +340,7 @@
       scheduleReconnect();
       return;
     }
-    if (!state.wsWanted || !state.token) return;
+    if (gen !== state.wsGen || !state.wsWanted || !state.token) return;
     const url = new URL('/api/v1/stream', location.href);
     url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
     url.searchParams.set('ticket', ticket);

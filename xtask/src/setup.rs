@@ -59,7 +59,7 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
 ];
 
-/// The API fuzzer of the conformance test (userspace/tests/it/api_conformance.rs), pinned.
+/// The API fuzzer of the conformance test (userspace/tests/it/conformance/mod.rs), pinned.
 const SCHEMATHESIS: &str = "4.32.5";
 /// Its venv, relative to the root (the test runs `<venv>/bin/schemathesis`).
 const SCHEMATHESIS_VENV: &str = "target/schemathesis";

@@ -28,8 +28,8 @@ impl Caller {
 }
 
 /// The secret of `Authorization: Bearer ...`, if the header is there.
-pub fn bearer(parts: &Parts) -> Option<String> {
-    let v = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+    let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
 }
@@ -55,7 +55,7 @@ impl FromRequestParts<Arc<App>> for Caller {
         if parts.extensions.get::<LocalControl>().is_some() {
             return Ok(Caller(local_admin()));
         }
-        let Some(secret) = bearer(parts) else {
+        let Some(secret) = bearer(&parts.headers) else {
             return Err(ApiError::unauthorized("missing bearer token (Authorization: Bearer tm_...)"));
         };
         match app.tokens.check(&secret).await {

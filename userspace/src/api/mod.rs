@@ -126,6 +126,10 @@ pub enum ServeError {
     Hook(#[source] control::server::BindError),
 }
 
+/// A TCP connection that moves no byte for this long (or twice the stream interval, if longer)
+/// is closed.
+const IDLE_TIMEOUT_MIN: Duration = Duration::from_secs(30);
+
 /// What the hook socket serves: the hook call alone, acting as admin (the socket's mode and
 /// group decide who may call it).
 fn hook_router(app: Arc<App>) -> Router {
@@ -172,7 +176,9 @@ pub async fn serve(app: Arc<App>, state_dir: &Path, tasks: &mut Tasks) -> Result
     if let Some(l) = tcp {
         info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             max_connections = app.cfg.max_connections, "API listening");
-        let l = limit::Limited::new(l, app.cfg.max_connections);
+        // Idle: longer than the slowest stream interval (a stream writes a frame each one).
+        let idle = (app.cfg.stream_interval * 2).max(IDLE_TIMEOUT_MIN);
+        let l = limit::Limited::new(l, app.cfg.max_connections, idle);
         tasks.spawn("api", async move { axum::serve(l, router).with_graceful_shutdown(stop.cancelled_owned()).await });
     }
     Ok(())

@@ -46,14 +46,15 @@ pub async fn healthz(State(app): State<Arc<App>>) -> (axum::http::StatusCode, Js
     let stale_ms = (app.ledger.cfg.poll_interval.as_millis() as u64 * POLL_STALE_INTERVALS).max(POLL_STALE_MIN_MS);
     let mut problems = Vec::new();
     if !h.database_up {
-        problems.push(format!("database down: {}", h.last_error.as_deref().unwrap_or("writes fail")));
+        // No error text here: /healthz needs no token (the details are in /api/v1/stats).
+        problems.push("database down: ledger writes fail".to_string());
     }
     let pins = match &app.maps {
         None => "none",
         Some(m) => match m.clients_epoch() {
             Ok(_) => "ok",
-            Err(e) => {
-                problems.push(format!("pinned maps unreadable (removed?): {e}"));
+            Err(_) => {
+                problems.push("pinned maps unreadable (removed?)".to_string());
                 "missing"
             }
         },

@@ -7,7 +7,13 @@
 //! send does not complete within `stall_timeout` is disconnected. An open stream re-checks its
 //! token every `RECHECK_EVERY` and closes when it is revoked (or cannot be checked).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     extract::{
@@ -23,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     App,
-    auth::Caller,
+    auth::{Caller, LocalControl, bearer},
     error::{ApiError, ErrorBody},
     ticket::{StreamCaller, TICKET_TTL},
     views::is_online,
@@ -32,17 +38,34 @@ use crate::time::unix_ms;
 
 pub struct Hub {
     tx: watch::Sender<Utf8Bytes>,
+    /// Streams open or opening (`slot`).
+    open: Arc<AtomicUsize>,
 }
 
 impl Default for Hub {
     fn default() -> Self {
-        Hub { tx: watch::Sender::new(Utf8Bytes::from_static("")) }
+        Hub { tx: watch::Sender::new(Utf8Bytes::from_static("")), open: Default::default() }
+    }
+}
+
+/// A stream's place among `max_stream_subscribers`; given back when dropped.
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Hub {
     pub fn subscribers(&self) -> usize {
         self.tx.receiver_count()
+    }
+
+    /// A slot if fewer than `max` streams are open or opening.
+    pub fn slot(&self, max: usize) -> Option<Slot> {
+        self.open.try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Slot(self.open.clone()))
     }
 }
 
@@ -113,14 +136,16 @@ pub struct StreamTicket {
 pub async fn ticket(
     caller: Caller,
     State(app): State<Arc<App>>,
+    local: Option<axum::Extension<LocalControl>>,
     headers: axum::http::HeaderMap,
 ) -> Result<(axum::http::StatusCode, axum::Json<StreamTicket>), ApiError> {
-    let secret = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .map(|(_, t)| crate::tokens::hash(t.trim()));
-    let ticket = app.tickets.issue(caller.0, secret)?;
+    // The token the caller authenticated with (the control socket has none), hashed exactly as
+    // the token cache keys it, so that the stream re-checks that token.
+    let token_sha256 = match local {
+        Some(_) => None,
+        None => bearer(&headers).map(|t| crate::tokens::hash(&t)),
+    };
+    let ticket = app.tickets.issue(caller.0, token_sha256)?;
     let body = StreamTicket { ticket, expires_in_ms: TICKET_TTL.as_millis() as u64 };
     Ok((axum::http::StatusCode::CREATED, axum::Json(body)))
 }

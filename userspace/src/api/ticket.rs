@@ -24,6 +24,8 @@ use crate::tokens::{TokenInfo, hash};
 pub const TICKET_TTL: Duration = Duration::from_secs(30);
 /// Outstanding tickets at most (expired ones are purged first; then 503).
 pub const MAX_TICKETS: usize = 10_000;
+/// Outstanding tickets of one token at most (then 503), so one token cannot take them all.
+pub const MAX_TICKETS_PER_TOKEN: usize = 32;
 
 struct Pending {
     info: TokenInfo,
@@ -32,8 +34,34 @@ struct Pending {
 }
 
 #[derive(Default)]
+struct Store {
+    /// By the ticket's SHA-256.
+    pending: HashMap<String, Pending>,
+    /// Outstanding tickets per token id.
+    per_token: HashMap<String, usize>,
+}
+
+impl Store {
+    fn purge(&mut self, now: Instant) {
+        self.pending.retain(|_, p| p.expires > now);
+        self.per_token.clear();
+        for p in self.pending.values() {
+            *self.per_token.entry(p.info.id.clone()).or_default() += 1;
+        }
+    }
+
+    fn take(&mut self, key: &str) -> Option<Pending> {
+        let p = self.pending.remove(key)?;
+        if let Some(n) = self.per_token.get_mut(&p.info.id) {
+            *n = n.saturating_sub(1);
+        }
+        Some(p)
+    }
+}
+
+#[derive(Default)]
 pub struct Tickets {
-    inner: Mutex<HashMap<String, Pending>>,
+    inner: Mutex<Store>,
 }
 
 impl Tickets {
@@ -44,20 +72,27 @@ impl Tickets {
         getrandom::fill(&mut b).expect("the kernel's random source");
         let ticket = format!("tmt_{}", hex::encode(b));
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.len() >= MAX_TICKETS {
-            let now = Instant::now();
-            g.retain(|_, p| p.expires > now);
-            if g.len() >= MAX_TICKETS {
-                return Err(ApiError::unavailable(format!("{MAX_TICKETS} stream tickets outstanding; retry later")));
-            }
+        let mine = |g: &Store| g.per_token.get(&info.id).copied().unwrap_or(0);
+        if g.pending.len() >= MAX_TICKETS || mine(&g) >= MAX_TICKETS_PER_TOKEN {
+            g.purge(Instant::now());
         }
-        g.insert(hash(&ticket), Pending { info, token_sha256, expires: Instant::now() + TICKET_TTL });
+        if g.pending.len() >= MAX_TICKETS {
+            return Err(ApiError::unavailable(format!("{MAX_TICKETS} stream tickets outstanding; retry later")));
+        }
+        if mine(&g) >= MAX_TICKETS_PER_TOKEN {
+            return Err(ApiError::unavailable(format!(
+                "this token has {MAX_TICKETS_PER_TOKEN} unused stream tickets; use one, or retry in {} s",
+                TICKET_TTL.as_secs()
+            )));
+        }
+        *g.per_token.entry(info.id.clone()).or_default() += 1;
+        g.pending.insert(hash(&ticket), Pending { info, token_sha256, expires: Instant::now() + TICKET_TTL });
         Ok(ticket)
     }
 
     /// Take a ticket (it works once).
     fn redeem(&self, ticket: &str) -> Option<(TokenInfo, Option<String>)> {
-        let p = self.inner.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash(ticket))?;
+        let p = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take(&hash(ticket))?;
         (p.expires > Instant::now()).then_some((p.info, p.token_sha256))
     }
 }
@@ -81,7 +116,7 @@ impl FromRequestParts<Arc<App>> for StreamCaller {
         if parts.extensions.get::<LocalControl>().is_some() {
             return Ok(StreamCaller { info: local_admin(), token_sha256: None });
         }
-        if let Some(secret) = bearer(parts) {
+        if let Some(secret) = bearer(&parts.headers) {
             let h = hash(&secret);
             return match app.tokens.check_hash(&h).await {
                 Ok(Some(info)) => Ok(StreamCaller { info, token_sha256: Some(h) }),
@@ -97,6 +132,14 @@ impl FromRequestParts<Arc<App>> for StreamCaller {
         };
         let (info, token_sha256) =
             app.tickets.redeem(&t).ok_or_else(|| ApiError::unauthorized("unknown, used or expired stream ticket"))?;
+        // The token may have been revoked since the ticket was issued.
+        if let Some(h) = &token_sha256 {
+            match app.tokens.check_hash(h).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(ApiError::unauthorized("the ticket's token was revoked")),
+                Err(e) => return Err(check_failed(e)),
+            }
+        }
         Ok(StreamCaller { info, token_sha256 })
     }
 }
@@ -107,7 +150,16 @@ mod tests {
     use crate::tokens::Role;
 
     fn info() -> TokenInfo {
-        TokenInfo { id: "t".into(), name: "t".into(), role: Role::Read, created_unix_ms: 0, revoked_unix_ms: None }
+        token("t")
+    }
+
+    fn token(id: &str) -> TokenInfo {
+        TokenInfo { id: id.into(), name: "t".into(), role: Role::Read, created_unix_ms: 0, revoked_unix_ms: None }
+    }
+
+    fn expire_all(t: &Tickets) {
+        let past = Instant::now() - Duration::from_secs(1);
+        t.inner.lock().unwrap().pending.values_mut().for_each(|p| p.expires = past);
     }
 
     #[test]
@@ -125,13 +177,19 @@ mod tests {
     fn an_expired_ticket_is_refused_and_the_store_is_bounded() {
         let t = Tickets::default();
         let ticket = t.issue(info(), None).unwrap();
-        t.inner.lock().unwrap().values_mut().for_each(|p| p.expires = Instant::now() - Duration::from_secs(1));
+        expire_all(&t);
         assert!(t.redeem(&ticket).is_none());
-        for _ in 0..MAX_TICKETS {
-            t.issue(info(), None).unwrap();
+        // One token: at most MAX_TICKETS_PER_TOKEN outstanding; using one makes room.
+        let mine: Vec<_> = (0..MAX_TICKETS_PER_TOKEN).map(|_| t.issue(info(), None).unwrap()).collect();
+        assert!(t.issue(info(), None).is_err(), "one token took more than its share");
+        assert!(t.redeem(&mine[0]).is_some());
+        t.issue(info(), None).expect("a used ticket makes room");
+        expire_all(&t);
+        for i in 0..MAX_TICKETS {
+            t.issue(token(&format!("t{}", i % 1000)), None).unwrap();
         }
-        assert_eq!(t.issue(info(), None).unwrap_err().status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
-        t.inner.lock().unwrap().values_mut().for_each(|p| p.expires = Instant::now() - Duration::from_secs(1));
-        t.issue(info(), None).expect("expired tickets make room");
+        assert_eq!(t.issue(token("other"), None).unwrap_err().status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        expire_all(&t);
+        t.issue(token("other"), None).expect("expired tickets make room");
     }
 }

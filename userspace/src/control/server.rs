@@ -1,7 +1,7 @@
 //! Binding the local sockets and serving a router on them until a shutdown future completes:
-//! the control socket (root-only: 0600, bound under umask 077 so that it is never open to
-//! others, not even between bind and chmod) and the hook socket (0660 to a configured group, or
-//! 0600). A socket whose mode or group cannot be set is an error, never a silent 0644.
+//! the control socket (0600) and the hook socket (0660 to a configured group, or 0600), each
+//! made in a private directory and renamed into place. A socket whose mode or group cannot be
+//! set is an error, never a silent 0644.
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -20,41 +20,49 @@ pub enum BindError {
     NoGroup(String),
 }
 
-/// Restores the process umask when dropped.
-struct Umask(nix::sys::stat::Mode);
-
-impl Umask {
-    fn private() -> Umask {
-        Umask(nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077)))
-    }
-}
-
-impl Drop for Umask {
-    fn drop(&mut self) {
-        nix::sys::stat::umask(self.0);
-    }
-}
-
-/// Bind `path` (replacing a stale socket of an earlier run) with `mode`, owned by `group` if
-/// given (the hook socket's group; needs CAP_CHOWN or membership of the group).
+/// Bind `path` with `mode`, owned by `group` if given (the hook socket's group; needs CAP_CHOWN
+/// or membership of the group), replacing a stale socket of an earlier run.
+///
+/// The socket is bound, given its group and mode inside a fresh 0700 directory beside `path`,
+/// then renamed into place. So nobody can connect before its mode is set, nobody can swap it
+/// for a symlink to make chown or chmod hit another file (the directory of the hook socket may
+/// be writable by the hook's group), and a symlink or stale socket at `path` is replaced, never
+/// followed. The process umask is not touched (other threads create files meanwhile).
 pub fn bind_with(path: &Path, mode: u32, group: Option<&str>) -> Result<tokio::net::UnixListener, BindError> {
+    use std::os::unix::fs::DirBuilderExt as _;
     let gid = match group {
         Some(g) => {
             Some(nix::unistd::Group::from_name(g).ok().flatten().ok_or_else(|| BindError::NoGroup(g.to_string()))?.gid)
         }
         None => None,
     };
-    let _ = std::fs::remove_file(path);
-    let listener = {
-        let _umask = Umask::private();
-        tokio::net::UnixListener::bind(path).map_err(|source| BindError::Bind { path: path.into(), source })?
-    };
-    let mode_err = |source| BindError::Mode { path: path.into(), source };
-    if let Some(gid) = gid {
-        nix::unistd::chown(path, None, Some(gid)).map_err(|e| mode_err(std::io::Error::from(e)))?;
+    let bind_err = |source| BindError::Bind { path: path.into(), source };
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "sock".into());
+    let private = parent.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut dir = std::fs::DirBuilder::new();
+    dir.mode(0o700);
+    if let Err(e) = dir.create(&private) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(bind_err(e));
+        }
+        // Left by a run that died here (or planted): removed without following links.
+        let _ = std::fs::remove_dir_all(&private);
+        dir.create(&private).map_err(bind_err)?;
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(mode_err)?;
-    Ok(listener)
+    let staged = private.join("s");
+    let placed = (|| {
+        let listener = tokio::net::UnixListener::bind(&staged).map_err(bind_err)?;
+        let mode_err = |source| BindError::Mode { path: path.into(), source };
+        if let Some(gid) = gid {
+            nix::unistd::chown(&staged, None, Some(gid)).map_err(|e| mode_err(std::io::Error::from(e)))?;
+        }
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode)).map_err(mode_err)?;
+        std::fs::rename(&staged, path).map_err(bind_err)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    placed
 }
 
 /// The control socket: owner only.
@@ -83,13 +91,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn sockets_get_their_mode_and_group_and_a_missing_group_is_an_error() {
-        let read_umask = || {
-            let m = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-            nix::sys::stat::umask(m);
-            m.bits()
-        };
-        let orig = read_umask();
+    async fn sockets_get_their_mode_and_group_replace_links_and_a_missing_group_is_an_error() {
         let dir = std::env::temp_dir().join(format!("tm-sock-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let control = dir.join("control.sock");
@@ -106,7 +108,17 @@ mod tests {
         assert_eq!((m.mode() & 0o777, m.gid()), (0o660, 0));
         let e = bind_with(&dir.join("x.sock"), 0o660, Some("tm-no-such-group")).unwrap_err();
         assert!(matches!(e, BindError::NoGroup(_)), "{e}");
-        assert_eq!(read_umask(), orig, "the umask is restored");
+        // A symlink planted at the path is replaced, not followed: its target keeps its mode.
+        let target = dir.join("target");
+        std::fs::write(&target, b"x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let planted = dir.join("planted.sock");
+        std::os::unix::fs::symlink(&target, &planted).unwrap();
+        let _p = bind_with(&planted, 0o660, Some(&root_group)).unwrap();
+        assert!(std::fs::symlink_metadata(&planted).unwrap().file_type().is_socket(), "the link was replaced");
+        assert_eq!(std::fs::metadata(&target).unwrap().mode() & 0o777, 0o644, "the link's target untouched");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+        assert!(!left.iter().any(|n| n.to_string_lossy().ends_with(".tmp")), "staging directory left: {left:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,7 +6,8 @@
 //!    Then the cost of reading the whole client map (200,000 entries), entry by entry and
 //!    batched.
 //! 2. TCP throughput across a veth pair with the programs attached vs no program (iperf3),
-//!    alternating runs, ratio of medians.
+//!    alternating runs, ratio of medians; what each attached program cost per packet in those
+//!    runs (the kernel's BPF run-time statistics, `bpfstats`).
 //! 3. The real daemon with 0 (idle), 10,000 and 100,000 clients, every one active at every
 //!    poll: its CPU share of one core and RSS, the ledger's poll and flush times, and the
 //!    latency of `GET /api/v1/clients` at 10,000 clients.
@@ -15,7 +16,8 @@
 //!    sources): a forwarded packet, a reply translated back, a redirected packet, each against
 //!    the same program on a packet without a rule and against the empty program.
 //! 5. Forwarded TCP throughput (iperf3 through the lab's server): a tunmeter forward rule vs the
-//!    same forwarding by iptables DNAT, alternating runs, ratio of medians.
+//!    same forwarding by iptables DNAT, alternating runs, ratio of medians; the programs' cost
+//!    per packet in both kinds of run (BPF run-time statistics).
 //!
 //! 6. Identity: the wall time of `tunmeter hook openvpn` (what OpenVPN waits for at each
 //!    connect) against the real daemon, `status 3` parsing at 1,000 and 10,000 clients, and
@@ -27,8 +29,9 @@
 //!
 //! This file: the entry point (`bench`), the shared timing helpers and the empty program; one
 //! file per section (`counting`, `veth`, `daemon` with its lab in `daemon_lab`, `steer`,
-//! `steer_fwd`, `identity`).
+//! `steer_fwd`, `identity`, `bpfstats`).
 
+mod bpfstats;
 mod counting;
 mod daemon;
 mod daemon_lab;

@@ -108,6 +108,8 @@ pub(super) fn steer_throughput() {
     let pport = FWD_PUBLIC_PORT.to_string();
 
     let (mut tm, mut nat) = (Vec::new(), Vec::new());
+    let (mut tm_stats, mut nat_stats) = (super::bpfstats::Tally::default(), super::bpfstats::Tally::default());
+    let stats = super::bpfstats::StatsOn::new();
     let (mut tm_bytes, mut tm_counted_to, mut tm_counted_from, mut dnat_conns) = (0u64, 0u64, 0u64, 0u64);
     for pair in 0..FWD_PAIRS {
         // Alternate which goes first.
@@ -120,7 +122,9 @@ pub(super) fn steer_throughput() {
                     // The device is an Ethernet client, outside the VPN subnets: forced.
                     &["add", "forward", "--proto", "tcp", "--public-port", &pport, "--device", &device, "--force"],
                 );
+                let before = super::bpfstats::counters();
                 let (gbps, bytes) = iperf_to(&cust.ns, &public, FWD_PUBLIC_PORT, FWD_SECS);
+                tm_stats.window(&srv, &before);
                 let list = steer_json(&srv, pins.path());
                 let rule = list["forward"]
                     .as_array()
@@ -145,7 +149,9 @@ pub(super) fn steer_throughput() {
                 };
                 let before = forwarded(&steer_json(&srv, pins.path()));
                 let rule = DnatRule::add(&srv, "tcp", FWD_PUBLIC_PORT, &device);
+                let runs_before = super::bpfstats::counters();
                 let (gbps, _) = iperf_to(&cust.ns, &public, FWD_PUBLIC_PORT, FWD_SECS);
+                nat_stats.window(&srv, &runs_before);
                 let conns = rule.packets();
                 assert!(conns >= 2, "the DNAT rule translated iperf3's connections ({conns} packets)");
                 drop(rule);
@@ -159,6 +165,7 @@ pub(super) fn steer_throughput() {
             }
         }
     }
+    drop(stats);
     daemon.stop();
     let _ = support::daemon::output(&srv, &["detach", "--pin-dir", &pin, "--state-dir", &st]);
 
@@ -194,6 +201,24 @@ pub(super) fn steer_throughput() {
         tm_counted_from as f64 / 1e6
     );
     println!();
+    println!(
+        "The programs' own cost per packet under this traffic (kernel BPF run-time statistics, summed over the \
+         runs of each kind). Every packet crosses the server's eth0 twice: in and out on the way to the device, \
+         in and out on the way back. With the forward rule, eth0 ingress runs the forward (customer to public \
+         port: rule and flow hit, rewrite) and the device's replies (no rule), eth0 egress the translated packet \
+         (counting) and the reply's translation back (flow hit, rewrite). With DNAT, the same programs see the \
+         same packets and only count (rule and flow misses)."
+    );
+    println!();
+    println!("With the tunmeter forward rule:");
+    println!();
+    let label = |_: &str, hook: &str| {
+        if hook.contains("ingress") { "forward in + replies in" } else { "forwarded out + replies translated out" }
+    };
+    tm_stats.print(label);
+    println!("With iptables DNAT (tunmeter counting only):");
+    println!();
+    nat_stats.print(|_, hook| if hook.contains("ingress") { "both directions in" } else { "both directions out" });
 }
 
 /// An iptables DNAT rule in a namespace's `nat` table (`PREROUTING`), for comparison with a

@@ -106,7 +106,11 @@ fn the_api_conforms_to_its_openapi_and_keeps_its_security_promises() {
     let args = ["--tun", "tun0", "--egress", "eth0", "--subnet", "10.8.0.0/24", "--subnet", "10.9.0.0/24"];
     let hook_sock = format!("/tmp/tmtest-hook-{}.sock", std::process::id());
     let cfg = format!("{state}/tunmeter.toml");
-    std::fs::write(&cfg, format!("[api]\nhook_socket = \"{hook_sock}\"\nhook_group = \"root\"\n")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("[api]\nhook_socket = \"{hook_sock}\"\nhook_group = \"root\"\nmax_stream_subscribers = 2\n"),
+    )
+    .unwrap();
     let mut all = vec!["--config", &cfg];
     all.extend(args);
     all.extend(["--pin-dir", &pin, "--state-dir", &state, "--node-id", "tmcf", "--poll-interval-ms", "250"]);
@@ -168,6 +172,30 @@ fn the_api_conforms_to_its_openapi_and_keeps_its_security_promises() {
     assert_eq!(s, 401, "a used ticket");
     let (s, _, _) = http(&ns, "GET", &format!("/api/v1/clients?ticket={}", ticket(&ns, &read)), None);
     assert_eq!(s, 401, "a ticket off the stream");
+
+    // At most max_stream_subscribers (2 here) streams: the third upgrade gets 503.
+    let tickets: Vec<String> = (0..3).map(|_| ticket(&ns, &read)).collect();
+    let statuses = in_netns(&ns, move || {
+        use std::io::{BufRead as _, Write as _};
+        let mut open = Vec::new();
+        let mut statuses = Vec::new();
+        for t in &tickets {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", PORT))?;
+            write!(
+                s,
+                "GET /api/v1/stream?ticket={t} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )?;
+            let mut line = String::new();
+            std::io::BufReader::new(s.try_clone()?).read_line(&mut line)?;
+            statuses.push(line.split_whitespace().nth(1).unwrap_or("?").to_string());
+            open.push(s);
+        }
+        Ok(statuses)
+    })
+    .unwrap();
+    assert_eq!(statuses, ["101", "101", "503"], "stream subscriber cap");
+    std::thread::sleep(Duration::from_millis(300));
 
     // An open stream closes (1008) when its token is revoked: within the token cache's refresh
     // (10 s) plus the stream's re-check period (5 s).

@@ -1,0 +1,73 @@
+//! What the attached programs cost under real traffic: the kernel's BPF run-time statistics
+//! (run_time_ns / run_cnt per program), switched on with BPF_ENABLE_STATS (the switch behind
+//! `kernel.bpf_stats_enabled`; the kernel turns it off again when the fd closes, even if the
+//! bench dies) only around the iperf3 runs, and tallied per device and hook.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::*;
+
+/// Statistics on while held.
+pub(super) struct StatsOn {
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl StatsOn {
+    pub(super) fn new() -> StatsOn {
+        let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS (root, kernel >= 5.8)");
+        StatsOn { _fd: fd }
+    }
+}
+
+/// (run time ns, runs) of every loaded program, by id.
+pub(super) fn counters() -> HashMap<u32, (u64, u64)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| (p.id(), (p.run_time().as_nanos() as u64, p.run_count())))
+        .collect()
+}
+
+/// (device, hook, program name) of each TC attachment in `ns`, by program id.
+fn attachments(ns: &str) -> HashMap<u32, (String, String, String)> {
+    let out = sh(&["nsenter", &format!("--net=/run/netns/{ns}"), "bpftool", "-j", "net", "show"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let mut m = HashMap::new();
+    for group in v.as_array().into_iter().flatten() {
+        for a in group["tc"].as_array().into_iter().flatten() {
+            let (Some(id), Some(dev)) = (a["prog_id"].as_u64(), a["devname"].as_str()) else { continue };
+            let kind = a["kind"].as_str().unwrap_or("?").to_string();
+            let name = a["name"].as_str().unwrap_or("?").to_string();
+            m.insert(id as u32, (dev.to_string(), kind, name));
+        }
+    }
+    m
+}
+
+/// Runs and run time per (device, hook, program) over measurement windows.
+#[derive(Default)]
+pub(super) struct Tally(BTreeMap<(String, String, String), (u64, u64)>);
+
+impl Tally {
+    /// Add what the programs attached in `ns` ran between `before` and now.
+    pub(super) fn window(&mut self, ns: &str, before: &HashMap<u32, (u64, u64)>) {
+        let after = counters();
+        for (id, key) in attachments(ns) {
+            let (Some(a), b) = (after.get(&id), before.get(&id).copied().unwrap_or_default()) else { continue };
+            let e = self.0.entry(key).or_default();
+            e.0 += a.0.saturating_sub(b.0);
+            e.1 += a.1.saturating_sub(b.1);
+        }
+    }
+
+    /// A Markdown table: device, hook, program, runs, ns/run, with `what` saying which packets
+    /// each (device, hook) saw.
+    pub(super) fn print(&self, what: impl Fn(&str, &str) -> &'static str) {
+        println!("| device | hook | program | packets there | runs | ns/run |");
+        println!("|---|---|---|---|---:|---:|");
+        for ((dev, hook, name), (ns, runs)) in &self.0 {
+            let per = if *runs == 0 { "-".to_string() } else { format!("{:.0}", *ns as f64 / *runs as f64) };
+            println!("| {dev} | {hook} | {name} | {} | {runs} | {per} |", what(dev, hook));
+        }
+        println!();
+    }
+}
