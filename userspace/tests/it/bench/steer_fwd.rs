@@ -124,7 +124,7 @@ pub(super) fn steer_throughput() {
                 );
                 let before = super::bpfstats::counters();
                 let (gbps, bytes) = iperf_to(&cust.ns, &public, FWD_PUBLIC_PORT, FWD_SECS);
-                tm_stats.window(&srv, &before);
+                tm_stats.window(&srv, &["eth0", "tun0"], &before);
                 let list = steer_json(&srv, pins.path());
                 let rule = list["forward"]
                     .as_array()
@@ -151,7 +151,7 @@ pub(super) fn steer_throughput() {
                 let rule = DnatRule::add(&srv, "tcp", FWD_PUBLIC_PORT, &device);
                 let runs_before = super::bpfstats::counters();
                 let (gbps, _) = iperf_to(&cust.ns, &public, FWD_PUBLIC_PORT, FWD_SECS);
-                nat_stats.window(&srv, &runs_before);
+                nat_stats.window(&srv, &["eth0", "tun0"], &runs_before);
                 let conns = rule.packets();
                 assert!(conns >= 2, "the DNAT rule translated iperf3's connections ({conns} packets)");
                 drop(rule);
