@@ -1,5 +1,5 @@
 //! `tunmeter hook openvpn`, the real binary: exit codes and timing against a real HTTP server
-//! on a real unix socket (`<state_dir>/control.sock`), standing in for the daemon.
+//! on a real unix socket (`<state_dir>/control.sock`, or `--socket`), standing in for the daemon.
 
 use std::{
     path::PathBuf,
@@ -167,6 +167,25 @@ async fn accepted_on_200_with_the_call_as_json() {
             bytes_sent: None,
         }
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_names_the_hook_socket_instead_of_the_state_dir() {
+    let d = FakeDaemon::start("sock", vec![Answer::Status(200)]).await;
+    let sock = d.dir.join("control.sock");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_tunmeter"))
+            .args(["hook", "openvpn", "--state-dir", "/nonexistent/tunmeter", "--socket"])
+            .arg(&sock)
+            .env_clear()
+            .envs(connect_env())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(d.requests().len(), 1, "the call went to --socket");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
