@@ -14,7 +14,7 @@ use utoipa::{
 
 use super::{
     auth::Caller,
-    hooks,
+    clients, hooks,
     params::{ClientIp, ResourceId},
     registry, routes, stream, webhooks,
 };
@@ -23,7 +23,7 @@ use super::{
 #[openapi(
     info(title = "tunmeter", description = "Per-VPN-client usage ledger, resets and live rates"),
     paths(
-        routes::healthz, routes::livez, routes::me, routes::list_clients, routes::get_client, routes::usage,
+        routes::healthz, routes::livez, routes::me, clients::list_clients, routes::get_client, routes::usage,
         routes::reset, routes::resets, routes::stats, routes::metrics, stream::stream, stream::ticket,
         hooks::openvpn
     ),

@@ -3,6 +3,7 @@
 //! state directory (root-only by file mode; acts as admin), which the CLI uses.
 
 pub mod auth;
+pub mod clients;
 pub mod doc;
 pub mod error;
 pub mod hooks;
@@ -93,7 +94,7 @@ impl App {
 pub fn router(app: Arc<App>) -> Router {
     let v1 = Router::new()
         .route("/me", get(routes::me))
-        .route("/clients", get(routes::list_clients))
+        .route("/clients", get(clients::list_clients))
         .route("/clients/{ip}", get(routes::get_client))
         .route("/clients/{ip}/usage", get(routes::usage))
         .route("/clients/{ip}/reset", post(routes::reset))

@@ -105,47 +105,6 @@ pub async fn me(caller: Caller) -> Json<Me> {
     Json(Me { role: caller.0.role, token_id: caller.0.id, name: caller.0.name })
 }
 
-#[utoipa::path(get, path = "/api/v1/clients", tag = "clients", security(("bearer" = [])),
-    responses((status = 200, body = ClientList), (status = 401, body = ErrorBody)))]
-pub async fn list_clients(_c: Caller, State(app): State<Arc<App>>) -> impl IntoResponse {
-    // The list changes once per poll: it is serialised once per poll (at most once a second)
-    // and shared by every request until then.
-    let polls = app.ledger.health().polls;
-    let cached = {
-        let c = app.list_cache.lock().unwrap_or_else(|p| p.into_inner());
-        c.as_ref()
-            .filter(|c| c.polls == polls && c.at.elapsed() < std::time::Duration::from_secs(1))
-            .map(|c| c.body.clone())
-    };
-    let body = match cached {
-        Some(b) => b,
-        None => {
-            let now = unix_ms();
-            let off = app.cfg.offline_after_ms;
-            let mut clients = app
-                .ledger
-                .with_clients(|m| m.iter().map(|(ip, c)| (*ip, c.clone())).collect::<Vec<_>>())
-                .into_iter()
-                .map(|(ip, c)| {
-                    (ip, ClientView::new(ip, &c, now, off, app.identity.as_ref().and_then(|i| i.lookup(ip))))
-                })
-                .collect::<Vec<_>>();
-            clients.sort_unstable_by_key(|(ip, _)| *ip);
-            let list = ClientList {
-                node_id: app.ledger.cfg.node_id.clone(),
-                taken_unix_ms: now,
-                interval_ms: app.ledger.cfg.poll_interval.as_millis() as u64,
-                clients: clients.into_iter().map(|(_, v)| v).collect(),
-            };
-            let body = axum::body::Bytes::from(serde_json::to_vec(&list).expect("plain data serialises"));
-            *app.list_cache.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(super::ListCache { polls, at: std::time::Instant::now(), body: body.clone() });
-            body
-        }
-    };
-    ([(header::CONTENT_TYPE, "application/json")], body)
-}
-
 #[utoipa::path(get, path = "/api/v1/clients/{ip}", tag = "clients", security(("bearer" = [])),
     params(("ip" = ClientIp, Path, description = "VPN address")),
     responses((status = 200, body = ClientView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]

@@ -90,6 +90,9 @@ pub struct ClientList {
     pub taken_unix_ms: u64,
     pub interval_ms: u64,
     pub clients: Vec<ClientView>,
+    /// Set on a page (`limit`/`after`) that is not the last: pass it as `after` for the next.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]

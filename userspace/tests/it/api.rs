@@ -195,6 +195,38 @@ fn api_auth_errors_metrics_and_a_stream_with_a_stalled_subscriber() {
         assert!(m.contains(name), "{name} missing from /metrics");
     }
 
+    // Pages: walking `limit`/`after` yields the whole list once, in address order.
+    let (_, _, b) = http(&ns, "GET", "/api/v1/clients", Some(&read));
+    let whole: Vec<String> =
+        json(&b)["clients"].as_array().unwrap().iter().map(|c| c["ip"].as_str().unwrap().to_string()).collect();
+    let (mut walked, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let path = match &after {
+            Some(a) => format!("/api/v1/clients?limit=1000&after={a}"),
+            None => "/api/v1/clients?limit=1000".to_string(),
+        };
+        let (s, _, b) = http(&ns, "GET", &path, Some(&read));
+        assert_eq!(s, 200, "{path}: {b}");
+        let v = json(&b);
+        let page = v["clients"].as_array().unwrap();
+        assert!(page.len() <= 1000);
+        walked.extend(page.iter().map(|c| c["ip"].as_str().unwrap().to_string()));
+        pages += 1;
+        match v["next_after"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+        assert!(pages < 100, "pages never end");
+    }
+    assert!(whole.len() >= 5000 && pages >= 5, "{} clients in {pages} pages", whole.len());
+    let mut sorted_whole: Vec<std::net::IpAddr> = whole.iter().map(|s| s.parse().unwrap()).collect();
+    sorted_whole.sort();
+    let walked: Vec<std::net::IpAddr> = walked.iter().map(|s| s.parse().unwrap()).collect();
+    assert_eq!(walked, sorted_whole, "the pages are the whole list, in order, once (clients may change between)");
+    for bad in ["/api/v1/clients?limit=0", "/api/v1/clients?limit=10001", "/api/v1/clients?after=banana"] {
+        assert_eq!(http(&ns, "GET", bad, Some(&read)).0, 400, "{bad}");
+    }
+
     // The stream opens with a single-use ticket (a token in the URL is refused everywhere).
     let ticket = || {
         let (s, _, b) = http(&ns, "POST", "/api/v1/stream/ticket", Some(&read));

@@ -63,6 +63,51 @@ struct DaemonCost {
     bump_ms: f64,
     /// `GET /api/v1/clients` while every client is active, then after the activity stopped.
     api: Option<(ApiLatency, ApiLatency)>,
+    /// The whole list walked in pages while every client is active (100,000 clients).
+    pages: Option<PageWalk>,
+}
+
+/// Pages of PAGE clients, walked with `after` until the last.
+struct PageWalk {
+    pages: usize,
+    clients: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    total_ms: f64,
+}
+
+const PAGE: usize = 1000;
+
+fn page_walk(lab: &DaemonLab) -> PageWalk {
+    lab.api(|api| {
+        let (mut ms, mut clients, mut after) = (Vec::new(), 0, None::<String>);
+        let t_all = std::time::Instant::now();
+        loop {
+            let path = match &after {
+                Some(a) => format!("/api/v1/clients?limit={PAGE}&after={a}"),
+                None => format!("/api/v1/clients?limit={PAGE}"),
+            };
+            let t0 = std::time::Instant::now();
+            let v = api.get_json(&path);
+            ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            clients += v["clients"].as_array().unwrap().len();
+            match v["next_after"].as_str() {
+                Some(n) => after = Some(n.to_string()),
+                None => break,
+            }
+        }
+        let total_ms = t_all.elapsed().as_secs_f64() * 1000.0;
+        ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        PageWalk {
+            pages: ms.len(),
+            clients,
+            p50_ms: percentile(&ms, 50.0),
+            p99_ms: percentile(&ms, 99.0),
+            max_ms: *ms.last().unwrap(),
+            total_ms,
+        }
+    })
 }
 
 struct ApiLatency {
@@ -162,6 +207,7 @@ fn daemon_run(n: u32, measure_api: bool) -> DaemonCost {
     });
 
     let api = measure_api.then(|| api_latency(&lab));
+    let pages = (n >= 100_000).then(|| page_walk(&lab));
     let bump_ms = traffic.map_or(0.0, |t| t.stop().as_secs_f64() * 1000.0);
     let api = api.map(|busy| {
         // Quiet: no client moves, so polls change nothing and flushes have nothing to write
@@ -179,6 +225,9 @@ fn daemon_run(n: u32, measure_api: bool) -> DaemonCost {
     if let Some((busy, quiet)) = &api {
         assert_eq!((busy.clients, quiet.clients), (n as usize, n as usize), "GET /api/v1/clients lists every client");
     }
+    if let Some(p) = &pages {
+        assert_eq!(p.clients, n as usize, "the pages hold every client");
+    }
     let polls = last["polls"].as_u64().unwrap() - samples[0]["polls"].as_u64().unwrap();
     let poll_ms = samples.iter().filter_map(|s| s["last_poll_ms"].as_f64()).collect();
     let max_pending = samples.iter().filter_map(|s| s["pending_rows"].as_u64()).max().unwrap_or(0);
@@ -195,6 +244,7 @@ fn daemon_run(n: u32, measure_api: bool) -> DaemonCost {
         max_pending,
         bump_ms,
         api,
+        pages,
     }
 }
 
@@ -293,6 +343,21 @@ pub(super) fn daemon_cost() {
                 verdict(a.p99_ms < API_P99_TARGET_MS)
             );
         }
+        println!();
+    }
+    for r in &runs {
+        let Some(p) = &r.pages else { continue };
+        println!(
+            "## API: the client list in pages of {PAGE} (`?limit={PAGE}&after=`), {} clients, every one active, \
+             walked once from the first page to the last (read token, keep-alive, timed to the last body byte)",
+            r.clients
+        );
+        println!("| clients | pages | page p50 | page p99 | page max | whole walk |");
+        println!("|---:|---:|---:|---:|---:|---:|");
+        println!(
+            "| {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} ms |",
+            p.clients, p.pages, p.p50_ms, p.p99_ms, p.max_ms, p.total_ms
+        );
         println!();
     }
 }

@@ -158,6 +158,46 @@ fn the_api_conforms_to_its_openapi_and_keeps_its_security_promises() {
         assert_eq!(s, 404, "nothing else is");
         let (s, _) = ask(hyper::Method::POST, "/api/v1/clients/10.8.0.2/reset");
         assert_eq!(s, 404, "no reset through the hook socket");
+
+        // The list and a page carry identities (a view's identity lookup reads the ledger:
+        // the list must not hold the ledger's lock meanwhile, or the request hangs).
+        let control = PathBuf::from(format!("{state}/control.sock"));
+        let body = br#"{"client_ip": "10.8.0.2", "username": "carol"}"#.to_vec();
+        let (s, b) = rt
+            .block_on(tunmeter::control::client::request_json_at(
+                &control,
+                hyper::Method::POST,
+                "/api/v1/sessions",
+                body,
+                Duration::from_secs(5),
+            ))
+            .unwrap();
+        assert_eq!(s, 201, "{b}");
+        // The identity service reloads soon after the change, and the whole list is cached for
+        // up to a poll: asked again for up to 10 s (each request bounded at 5 s).
+        for path in ["/api/v1/clients", "/api/v1/clients?limit=1"] {
+            let t0 = Instant::now();
+            loop {
+                let (s, b) = rt
+                    .block_on(tunmeter::control::client::request_json_at(
+                        &control,
+                        hyper::Method::GET,
+                        path,
+                        Vec::new(),
+                        Duration::from_secs(5),
+                    ))
+                    .unwrap_or_else(|e| panic!("{path}: {e}"));
+                assert_eq!(s, 200, "{path}: {b}");
+                let v = json(&b);
+                let c = v["clients"].as_array().unwrap().iter().find(|c| c["ip"] == "10.8.0.2").cloned();
+                let c = c.expect("10.8.0.2 listed");
+                if c["identity"]["username"] == "carol" {
+                    break;
+                }
+                assert!(t0.elapsed() < Duration::from_secs(10), "{path}: no identity: {c}");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
     }
 
     // Tokens only in the Authorization header; tickets work once, only on the stream.
