@@ -127,10 +127,25 @@ fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
 
 /// Create `path` with mode 0600, or take an existing file down to 0600 (it holds usernames,
 /// real addresses and token hashes).
+///
+/// An existing file is changed by path (chmod), never opened: SQLite holds POSIX locks on the
+/// database, -wal and -shm files, and closing any descriptor of one of them in this process
+/// would drop every lock the process holds on it. Another process (a `sqlite3` shell, a second
+/// daemon or CLI) could then take the -shm as its first user and truncate it under this
+/// process's mapping (SIGBUS).
 fn private_file(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    let f = std::fs::File::options().create(true).append(true).mode(0o600).open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+    if path.exists() {
+        return std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    match std::fs::File::options().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(f) => f.set_permissions(std::fs::Permissions::from_mode(0o600)),
+        // Created meanwhile by someone else: chmod it.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Store a u64 counter in a BIGINT (saturating: 2^63 bytes is 8 EiB).

@@ -345,3 +345,46 @@ async fn bad_database_urls_are_clear_errors() {
         assert!(!e.contains("secret"), "password shown: {e}");
     }
 }
+
+/// Opening the database a second time in this process (a restart, `token create` beside a
+/// daemon) must not drop the POSIX locks SQLite holds on -shm: another process (here sqlite3
+/// shells, one after another) would then take it as its first user and truncate it under our
+/// mapping while we read it (SIGBUS, the whole process dies).
+#[test]
+fn a_second_open_keeps_the_shared_memory_locks() {
+    let db = support::sqlite::SqliteFile::new("shm-locks");
+    rt().block_on(async {
+        let first = Database::open(&db.url).await.unwrap();
+        sqlx::query("CREATE TABLE IF NOT EXISTS t (x INTEGER)").execute(&first.pool).await.unwrap();
+        let _second = Database::open(&db.url).await.unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (pool, stop) = (first.pool.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    sqlx::query("INSERT INTO t VALUES (1)").execute(&pool).await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        let path = db.path.clone();
+        tokio::task::spawn_blocking(move || {
+            for _ in 0..100 {
+                let out = std::process::Command::new("sqlite3")
+                    .arg(&path)
+                    .arg("PRAGMA busy_timeout=5000; SELECT count(*) FROM t;")
+                    .output()
+                    .expect("sqlite3 CLI (cargo xtask setup installs it)");
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            }
+        })
+        .await
+        .unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let n = reader.await.unwrap();
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM t").fetch_one(&first.pool).await.unwrap();
+        assert_eq!(count as u64, n, "every insert of this process is there");
+    });
+}
