@@ -223,11 +223,11 @@ impl TokenCache {
         let g = self.read();
         match g.loaded {
             Some(l) if l.elapsed() <= MAX_STALE => Ok(g.tokens.get(h).cloned()),
-            loaded => Err(self.stale(loaded, err)),
+            loaded => Err(Self::stale(loaded, err)),
         }
     }
 
-    fn stale(&self, loaded: Option<Instant>, err: Option<sqlx::Error>) -> CheckError {
+    fn stale(loaded: Option<Instant>, err: Option<sqlx::Error>) -> CheckError {
         match (loaded, err) {
             (None, Some(e)) => CheckError::Db(e),
             (loaded, e) => CheckError::Stale {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::{extract::FromRequestParts, http::request::Parts};
 
 use super::{App, error::ApiError};
-use crate::tokens::{CheckError, Role, TokenInfo};
+use crate::tokens::{Role, TokenInfo};
 
 /// Marks requests that came in on the local control socket (root-only by file mode): they act
 /// as admin without a token.
@@ -44,8 +44,13 @@ pub fn local_admin() -> TokenInfo {
     }
 }
 
-pub fn check_failed(e: CheckError) -> ApiError {
-    ApiError::unavailable(format!("cannot check the token: {e}"))
+/// The valid token with this SHA-256: 401 if unknown or revoked, 503 if it cannot be checked.
+pub async fn by_hash(app: &App, token_sha256: &str) -> Result<TokenInfo, ApiError> {
+    match app.tokens.check_hash(token_sha256).await {
+        Ok(Some(info)) => Ok(info),
+        Ok(None) => Err(ApiError::unauthorized("unknown or revoked token")),
+        Err(e) => Err(ApiError::unavailable(format!("cannot check the token: {e}"))),
+    }
 }
 
 impl FromRequestParts<Arc<App>> for Caller {
@@ -58,10 +63,6 @@ impl FromRequestParts<Arc<App>> for Caller {
         let Some(secret) = bearer(&parts.headers) else {
             return Err(ApiError::unauthorized("missing bearer token (Authorization: Bearer tm_...)"));
         };
-        match app.tokens.check(&secret).await {
-            Ok(Some(info)) => Ok(Caller(info)),
-            Ok(None) => Err(ApiError::unauthorized("unknown or revoked token")),
-            Err(e) => Err(check_failed(e)),
-        }
+        by_hash(app, &crate::tokens::hash(&secret)).await.map(Caller)
     }
 }

@@ -167,17 +167,22 @@ pub async fn stream(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let ws = ws.map_err(|e| ApiError::bad_request(format!("not a WebSocket upgrade: {}", e.body_text())))?;
-    if app.hub.subscribers() >= app.cfg.max_stream_subscribers {
-        return Err(ApiError::unavailable(format!(
+    // A slot is taken before the upgrade and held until the stream ends, so that upgrades
+    // under way count too.
+    let slot = app.hub.slot(app.cfg.max_stream_subscribers).ok_or_else(|| {
+        ApiError::unavailable(format!(
             "{} stream subscribers already ([api] max_stream_subscribers)",
             app.cfg.max_stream_subscribers
-        )));
-    }
+        ))
+    })?;
     debug!(token = caller.info.name, "stream opened");
-    Ok(ws
-        .max_message_size(MAX_INBOUND_MESSAGE)
-        .max_frame_size(MAX_INBOUND_MESSAGE)
-        .on_upgrade(move |socket| serve(socket, app, caller.token_sha256)))
+    Ok(ws.max_message_size(MAX_INBOUND_MESSAGE).max_frame_size(MAX_INBOUND_MESSAGE).on_upgrade(
+        move |socket| async move {
+            // Held by the stream's task until it ends.
+            let _slot = slot;
+            serve(socket, app, caller.token_sha256).await
+        },
+    ))
 }
 
 async fn close(
@@ -243,5 +248,21 @@ async fn serve(socket: WebSocket, app: Arc<App>, token_sha256: Option<String>) {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_count_streams_before_they_open_and_come_back_when_dropped() {
+        let hub = Hub::default();
+        let (a, b) = (hub.slot(2).expect("first"), hub.slot(2).expect("second"));
+        assert!(hub.slot(2).is_none(), "a third past the cap");
+        drop(a);
+        let c = hub.slot(2).expect("a freed slot");
+        drop((b, c));
+        assert_eq!(hub.open.load(Ordering::Acquire), 0);
     }
 }

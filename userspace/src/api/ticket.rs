@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::{
     App,
-    auth::{LocalControl, bearer, check_failed, local_admin},
+    auth::{LocalControl, bearer, by_hash, local_admin},
     error::ApiError,
 };
 use crate::tokens::{TokenInfo, hash};
@@ -118,11 +118,7 @@ impl FromRequestParts<Arc<App>> for StreamCaller {
         }
         if let Some(secret) = bearer(&parts.headers) {
             let h = hash(&secret);
-            return match app.tokens.check_hash(&h).await {
-                Ok(Some(info)) => Ok(StreamCaller { info, token_sha256: Some(h) }),
-                Ok(None) => Err(ApiError::unauthorized("unknown or revoked token")),
-                Err(e) => Err(check_failed(e)),
-            };
+            return Ok(StreamCaller { info: by_hash(app, &h).await?, token_sha256: Some(h) });
         }
         let q = Query::<StreamQuery>::try_from_uri(&parts.uri).map(|q| q.0.ticket).unwrap_or(None);
         let Some(t) = q else {
@@ -134,11 +130,7 @@ impl FromRequestParts<Arc<App>> for StreamCaller {
             app.tickets.redeem(&t).ok_or_else(|| ApiError::unauthorized("unknown, used or expired stream ticket"))?;
         // The token may have been revoked since the ticket was issued.
         if let Some(h) = &token_sha256 {
-            match app.tokens.check_hash(h).await {
-                Ok(Some(_)) => {}
-                Ok(None) => return Err(ApiError::unauthorized("the ticket's token was revoked")),
-                Err(e) => return Err(check_failed(e)),
-            }
+            by_hash(app, h).await?;
         }
         Ok(StreamCaller { info, token_sha256 })
     }

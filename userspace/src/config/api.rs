@@ -20,7 +20,7 @@ pub struct ApiSettings {
     pub max_connections: usize,
     /// Live-stream subscribers at once (more get 503).
     pub max_stream_subscribers: usize,
-    /// Group that may use the hook socket (`tunmeter-hook.sock`, mode 0660), so that OpenVPN
+    /// Group that may use the hook socket (`hook_socket`, mode 0660), so that OpenVPN
     /// need not run as root; None: the hook socket is root-only (0600).
     pub hook_group: Option<String>,
     /// Where the hook socket is bound (its directory must let the group in; the state directory,

@@ -26,7 +26,7 @@ pub async fn request(
     path: &str,
     timeout_secs: u64,
 ) -> Result<(u16, String), ControlError> {
-    send(state_dir, method, path, None, Duration::from_secs(timeout_secs)).await
+    send_at(&super::socket_path(state_dir), method, path, None, Duration::from_secs(timeout_secs)).await
 }
 
 /// One request with a JSON body; returns the status code and the body.
@@ -37,7 +37,7 @@ pub async fn request_json(
     body: Vec<u8>,
     timeout: Duration,
 ) -> Result<(u16, String), ControlError> {
-    send(state_dir, method, path, Some(body), timeout).await
+    send_at(&super::socket_path(state_dir), method, path, Some(body), timeout).await
 }
 
 /// `request_json` on the socket at `sock` (the hook socket, or a control socket elsewhere).
@@ -49,16 +49,6 @@ pub async fn request_json_at(
     timeout: Duration,
 ) -> Result<(u16, String), ControlError> {
     send_at(sock, method, path, Some(body), timeout).await
-}
-
-async fn send(
-    state_dir: &Path,
-    method: Method,
-    path: &str,
-    json: Option<Vec<u8>>,
-    timeout: Duration,
-) -> Result<(u16, String), ControlError> {
-    send_at(&super::socket_path(state_dir), method, path, json, timeout).await
 }
 
 async fn send_at(
