@@ -89,25 +89,33 @@ pub fn sum_cpus<'a>(values: impl IntoIterator<Item = &'a ClientCounters>) -> Cli
 /// map order. Reads in batches (BPF_MAP_LOOKUP_BATCH) and falls back to one lookup per entry
 /// on kernels without it.
 pub fn read_sums(maps: &PinnedMaps) -> Result<Vec<(ClientKey, ClientCounters)>, LoadError> {
+    let mut sums = Vec::new();
+    for_each_sum(maps, |k, c| sums.push((*k, *c)))?;
+    Ok(sums)
+}
+
+/// `f(key, sum)` for every entry of the client map (as `read_sums`, without collecting).
+pub fn for_each_sum(maps: &PinnedMaps, mut f: impl FnMut(&ClientKey, &ClientCounters)) -> Result<(), LoadError> {
     let map = maps.clients()?;
     let ncpus = aya::util::nr_cpus().map_err(|(_, e)| LoadError::Cpus(e.to_string()))?.get() as usize;
     let chunk = batch::default_chunk::<ClientKey, ClientCounters>(ncpus);
-    let mut sums = Vec::new();
+    let mut seen = 0usize;
     let batched = batch::for_each_percpu(map.map(), chunk, |key, values: &[ClientCounters]| {
-        sums.push((key, sum_cpus(values)));
+        seen += 1;
+        f(&key, &sum_cpus(values));
     });
     match batched {
-        Ok(_) => return Ok(sums),
-        Err(BatchError::Unsupported(e)) => debug!(error = %e, "no batch lookups; reading entry by entry"),
+        Ok(_) => return Ok(()),
+        // Nothing was passed on yet when the first call is refused.
+        Err(BatchError::Unsupported(e)) if seen == 0 => debug!(error = %e, "no batch lookups; reading entry by entry"),
         Err(e) => return Err(LoadError::Map { name: MAP_CLIENTS, source: e.into() }),
     }
-    sums.clear();
     for entry in map.iter() {
         // An entry removed between key and value reads is simply skipped.
         let Ok((key, values)) = entry else { continue };
-        sums.push((key, sum_cpus(values.iter())));
+        f(&key, &sum_cpus(values.iter()));
     }
-    Ok(sums)
+    Ok(())
 }
 
 /// Read every client. `clock` converts last-seen stamps; without it they are left out.

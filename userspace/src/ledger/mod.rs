@@ -2,18 +2,20 @@
 //! poller and the single writer, and the state both share.
 //!
 //! - `state`: the ledger in memory (cursors, totals, periods, pending usage).
-//! - `store`: the SQL (one transaction per batch; history; resets).
+//! - `store`: the SQL (batched upserts; history; resets).
+//! - `writer`: the flush (pending usage written a group of clients per transaction).
 //! - `source`: where readings come from (the pinned kernel map).
 //!
 //! Two tasks run: the poller reads the kernel map every `poll_interval` and folds it into the
 //! state (it never waits for the database), and the single writer takes everything pending every
-//! `flush_interval` and writes it in one transaction. While the database is down, pending usage
+//! `flush_interval` and writes it, a group of clients per transaction. While the database is down, pending usage
 //! accumulates (one row per active client and minute) and is written when it returns. Resets go
 //! through the writer too, so they are ordered with the usage around them.
 
 pub mod source;
 pub mod state;
 pub mod store;
+mod writer;
 
 use std::{
     convert::Infallible,
@@ -104,7 +106,7 @@ pub struct Ledger {
     pub db: Database,
     source: Arc<dyn Source>,
     timings: Timings,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     health: Mutex<Health>,
     /// Held across a kernel read and its application, so two readings are never applied out
     /// of order (a stale reading after a fresh one would look like a re-created entry).
@@ -121,6 +123,12 @@ pub struct Ledger {
 
 /// Builds the webhook event of a reset.
 pub type ResetEvent = fn(&ResetRecord) -> crate::webhook::Event;
+
+/// Readings applied per taking of the state lock during a poll.
+const APPLY_CHUNK: usize = 4096;
+
+/// Where a reset's event goes, and the event.
+type ResetNotice = (Arc<crate::webhook::Webhooks>, crate::webhook::Event);
 
 impl Ledger {
     /// Announce every reset from now on with a `reset` webhook event, written in the same
@@ -141,11 +149,11 @@ impl Ledger {
             db,
             source,
             timings: Timings::default(),
-            state: Mutex::new({
+            state: Arc::new(Mutex::new({
                 let mut s = State::restore(epoch, clients);
                 s.set_max_pending(max_pending);
                 s
-            }),
+            })),
             health: Mutex::new(Health { database_up: true, ..Health::default() }),
             read_gate: tokio::sync::Mutex::new(None),
             write_gate: tokio::sync::Mutex::new(()),
@@ -194,22 +202,46 @@ impl Ledger {
     pub async fn poll_once(&self) -> Result<(), crate::bpf::loader::LoadError> {
         let mut last = self.read_gate.lock().await;
         let started = Instant::now();
-        let src = self.source.clone();
+        let (src, state) = (self.source.clone(), self.state.clone());
+        let elapsed = last.map(|t| t.elapsed().as_secs_f64());
+        let now_ms = unix_ms();
+        // The readings are applied as they come, APPLY_CHUNK at a time under the state lock, so
+        // a poll holds no copy of the whole map and the lock is never held across a read.
         let read = tokio::task::spawn_blocking(move || {
-            Ok::<_, crate::bpf::loader::LoadError>((src.epoch()?, src.read_all()?))
+            let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+            let epoch = src.epoch()?;
+            let mut out = state::PollOutcome::default();
+            lock().begin_poll(&epoch, &mut out);
+            let (mut buf, mut n) = (Vec::with_capacity(APPLY_CHUNK), 0);
+            let apply = |buf: &mut Vec<state::Reading>, out: &mut state::PollOutcome| {
+                let mut st = lock();
+                for r in buf.drain(..) {
+                    if st.apply_one(&r, now_ms, elapsed, out) {
+                        out.changed += 1;
+                    }
+                }
+            };
+            src.read_all(&mut |r| {
+                buf.push(r);
+                n += 1;
+                if buf.len() == APPLY_CHUNK {
+                    apply(&mut buf, &mut out);
+                }
+            })?;
+            apply(&mut buf, &mut out);
+            lock().end_poll(n, now_ms, &mut out);
+            Ok::<_, crate::bpf::loader::LoadError>((epoch, out))
         })
         .await
         .expect("poll task panicked");
-        let (epoch, readings) = match read {
+        let (epoch, out) = match read {
             Ok(r) => r,
             Err(e) => {
                 self.set_health(|h| h.poll_errors += 1);
                 return Err(e);
             }
         };
-        let elapsed = last.map(|t| t.elapsed().as_secs_f64());
-        *last = Some(Instant::now());
-        let out = self.state().apply_poll(&epoch, &readings, unix_ms(), elapsed);
+        *last = Some(started);
         if out.new_epoch {
             warn!(epoch, "the kernel counter map is new (reboot or re-created pins): counting its entries from zero");
         }
@@ -233,54 +265,6 @@ impl Ledger {
             h.last_poll_ok_unix_ms = Some(unix_ms());
         });
         Ok(())
-    }
-
-    /// Write everything pending in one transaction. On failure it stays pending.
-    pub async fn flush(&self) -> Result<usize, sqlx::Error> {
-        let _writing = self.write_gate.lock().await;
-        let batch = self.state().take_flush(None);
-        if batch.is_empty() {
-            self.set_health(|h| {
-                h.flush_cycles += 1;
-                h.last_flush_ok_unix_ms = Some(unix_ms());
-            });
-            return Ok(0);
-        }
-        let rows = batch.buckets.len();
-        let started = Instant::now();
-        match store::write_batch(&self.db, &self.cfg.node_id, &batch, unix_ms(), None).await {
-            Ok(()) => {
-                let took = started.elapsed().as_secs_f64();
-                self.timings.flush_seconds.observe(took);
-                let was_down = !self.health().database_up;
-                self.set_health(|h| {
-                    h.database_up = true;
-                    h.flushes += 1;
-                    h.flush_cycles += 1;
-                    h.last_flush_ms = took * 1e3;
-                    h.last_flush_unix_ms = Some(unix_ms());
-                    h.last_flush_ok_unix_ms = h.last_flush_unix_ms;
-                    h.last_error = None;
-                });
-                if was_down {
-                    info!(rows, "database is back: pending usage written");
-                }
-                Ok(rows)
-            }
-            Err(e) => {
-                self.state().restore_failed(batch);
-                let was_up = self.health().database_up;
-                self.set_health(|h| {
-                    h.database_up = false;
-                    h.flush_errors += 1;
-                    h.last_error = Some(e.to_string());
-                });
-                if was_up {
-                    error!(db = %self.db.shown_url, %e, "writing the ledger failed; usage stays pending and is retried");
-                }
-                Err(e)
-            }
-        }
     }
 
     /// Make sure `ip` has a durable row in the ledger (OpenVPN admits a client before its first
@@ -331,7 +315,7 @@ impl Ledger {
         .await
         .expect("read task panicked");
         let now = unix_ms();
-        let batch = {
+        let rec = {
             let mut st = self.state();
             match fresh {
                 Ok((epoch, Some(r))) if epoch == st.epoch => {
@@ -340,16 +324,13 @@ impl Ledger {
                 Ok(_) => {}
                 Err(e) => warn!(%ip, %e, "fresh read for reset failed; the reset takes effect at the last poll"),
             }
-            let rec = st.prepare_reset(ip, now).ok_or(LedgerError::UnknownClient(ip))?;
-            st.take_flush(Some(rec))
+            st.prepare_reset(ip, now).ok_or(LedgerError::UnknownClient(ip))?
         };
         drop(gate);
-        let rec = batch.reset.clone().expect("reset batch");
-        let event = self.reset_events.get().map(|(hooks, make)| (hooks.clone(), make(&rec)));
-        match store::write_batch(&self.db, &self.cfg.node_id, &batch, now, event.as_ref().map(|(h, e)| (&**h, e))).await
-        {
-            Ok(()) => {
-                if let Some((hooks, _)) = &event {
+        let notice = self.reset_events.get().map(|(hooks, make)| (hooks.clone(), make(&rec)));
+        match self.write_pending(Some((&rec, notice.as_ref()))).await {
+            Ok(_) => {
+                if let Some((hooks, _)) = &notice {
                     hooks.wake();
                 }
                 self.state().commit_reset(&rec);
@@ -358,7 +339,6 @@ impl Ledger {
                 Ok(rec)
             }
             Err(e) => {
-                self.state().restore_failed(batch);
                 self.set_health(|h| {
                     h.database_up = false;
                     h.last_error = Some(e.to_string());

@@ -16,8 +16,8 @@ use crate::bpf::{
 pub trait Source: Send + Sync + 'static {
     /// Identity of the counter map: changes when the kernel map is new (its counts restart).
     fn epoch(&self) -> Result<String, LoadError>;
-    /// Every client entry.
-    fn read_all(&self) -> Result<Vec<Reading>, LoadError>;
+    /// Every client entry, each passed to `f` as it is read.
+    fn read_all(&self, f: &mut dyn FnMut(Reading)) -> Result<(), LoadError>;
     /// One client's entry, now.
     fn read_one(&self, ip: IpAddr) -> Result<Option<Reading>, LoadError>;
     /// Create `ip`'s (zeroed) entry now that it is admitted, so downloads to it count as its
@@ -74,13 +74,13 @@ impl Source for KernelSource {
         Ok(format!("{}/{}", self.boot_id, self.maps.clients_epoch()?))
     }
 
-    fn read_all(&self) -> Result<Vec<Reading>, LoadError> {
+    fn read_all(&self, f: &mut dyn FnMut(Reading)) -> Result<(), LoadError> {
         let cal = self.calibration();
-        Ok(counters::read_sums(&self.maps)?
-            .iter()
-            .filter(|(k, _)| !k.is_reserved())
-            .map(|(k, c)| reading(key_ip(k), c, cal.as_ref()))
-            .collect())
+        counters::for_each_sum(&self.maps, |k, c| {
+            if !k.is_reserved() {
+                f(reading(key_ip(k), c, cal.as_ref()));
+            }
+        })
     }
 
     fn read_one(&self, ip: IpAddr) -> Result<Option<Reading>, LoadError> {

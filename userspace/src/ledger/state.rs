@@ -10,11 +10,17 @@
 
 use std::net::IpAddr;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use serde::{Deserialize, Serialize};
 
+mod clients;
+mod flush;
 mod fold;
+
+pub use clients::ClientMap;
+
+pub use flush::{FlushStart, Taken, sort_for_writing};
 
 pub const MINUTE_MS: u64 = 60_000;
 
@@ -66,7 +72,7 @@ pub struct Reading {
 }
 
 /// What the ledger knows of one client.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClientState {
     pub first_seen_ms: u64,
     pub last_seen_ms: Option<u64>,
@@ -80,23 +86,20 @@ pub struct ClientState {
     /// Bytes per second over the last poll interval.
     pub up_rate: f64,
     pub down_rate: f64,
-    /// Number of the last poll that had an entry for this client.
-    pub(crate) poll_gen: u64,
+    /// Number of the last poll that had an entry for this client (wrapping).
+    pub(crate) poll_gen: u32,
+    /// The client's unwritten usage of its latest minute (empty: zero totals). Older unwritten
+    /// minutes are in `State::older`.
+    pub(crate) open: Open,
+    /// Listed in `State::dirty`: its row is to be written.
+    pub(crate) listed: bool,
+    /// The flush (`State::flush_gen`, wrapping) that last took this row.
+    pub(crate) taken: u32,
 }
 
 impl ClientState {
     fn new(now_ms: u64) -> ClientState {
-        ClientState {
-            first_seen_ms: now_ms,
-            last_seen_ms: None,
-            period_started_ms: now_ms,
-            cursor: Totals::default(),
-            total: Totals::default(),
-            base: Totals::default(),
-            up_rate: 0.0,
-            down_rate: 0.0,
-            poll_gen: 0,
-        }
+        ClientState { first_seen_ms: now_ms, period_started_ms: now_ms, ..ClientState::default() }
     }
 
     /// Usage since the last reset.
@@ -121,6 +124,20 @@ impl Bucket {
     }
 }
 
+/// One minute of a client's unwritten usage, kept in its state so that a poll touches one
+/// hash entry per client.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Open {
+    pub start_ms: u64,
+    pub bucket: Bucket,
+}
+
+impl Open {
+    pub fn is_empty(&self) -> bool {
+        self.bucket.totals.is_zero()
+    }
+}
+
 /// A reset, decided at one instant: `closed` is the period it ends.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ResetRecord {
@@ -132,24 +149,6 @@ pub struct ResetRecord {
     /// The client's total at the reset: its new base.
     #[serde(skip)]
     pub new_base: Totals,
-}
-
-/// Everything one transaction writes.
-#[derive(Debug, Default)]
-pub struct FlushBatch {
-    /// Set when the kernel epoch changed since the last write.
-    pub epoch: Option<String>,
-    /// (minute start, client) -> usage.
-    pub buckets: Vec<((u64, IpAddr), Bucket)>,
-    /// Current rows of the clients touched since the last write.
-    pub clients: Vec<(IpAddr, ClientState)>,
-    pub reset: Option<ResetRecord>,
-}
-
-impl FlushBatch {
-    pub fn is_empty(&self) -> bool {
-        self.epoch.is_none() && self.buckets.is_empty() && self.clients.is_empty() && self.reset.is_none()
-    }
 }
 
 /// What one poll changed.
@@ -167,23 +166,57 @@ pub struct PollOutcome {
     pub folded: usize,
 }
 
-/// Clients by address. (Fx hashing: the keys are the operator's own VPN addresses, and a poll
-/// of 100,000 clients spends much of its time hashing them.)
-pub type ClientMap = FxHashMap<IpAddr, ClientState>;
+/// A client's older unwritten minutes: nearly always one (the minute that ended before a flush
+/// took it), kept inline.
+type OlderRows = smallvec::SmallVec<[(u64, Bucket); 1]>;
+
+/// One minute of one client's usage, as written: ((minute start, client), usage).
+pub type MinuteRow = ((u64, IpAddr), Bucket);
 
 #[derive(Debug, Default)]
 pub struct State {
     /// Kernel epoch the cursors refer to ("" before the first poll of a new ledger).
     pub epoch: String,
     pub clients: ClientMap,
-    pending: FxHashMap<(u64, IpAddr), Bucket>,
-    dirty: FxHashSet<IpAddr>,
+    /// Unwritten usage of minutes before each client's open one: a minute that ended before a
+    /// flush took it, usage a failed write put back, rows folded during an outage. By client,
+    /// so that a flush takes a client's row and all of its usage together.
+    older: FxHashMap<IpAddr, OlderRows>,
+    /// Rows in `older`.
+    older_rows: usize,
+    /// Clients whose row is to be written, each once (`ClientState::listed`).
+    dirty: Vec<IpAddr>,
+    /// Clients whose open minute holds usage.
+    open_rows: usize,
     epoch_dirty: bool,
-    polls: u64,
+    polls: u32,
+    /// Number of the latest flush (wrapping), and whether it is still writing.
+    flush_gen: u32,
+    in_flush: bool,
     /// Pending rows past which the oldest are folded into coarser ones (0: no bound).
     max_pending: usize,
     /// Pending rows merged into coarser ones so far.
     folded_rows: u64,
+}
+
+/// Add one minute of `ip`'s usage to `older`.
+fn add_older(older: &mut FxHashMap<IpAddr, OlderRows>, rows: &mut usize, ip: IpAddr, o: Open) {
+    let v = older.entry(ip).or_default();
+    match v.iter_mut().find(|(start, _)| *start == o.start_ms) {
+        Some((_, b)) => b.merge(&o.bucket),
+        None => {
+            v.push((o.start_ms, o.bucket));
+            *rows += 1;
+        }
+    }
+}
+
+/// List `ip` for the next write unless it is already.
+fn list(c: &mut ClientState, ip: IpAddr, dirty: &mut Vec<IpAddr>) {
+    if !c.listed {
+        c.listed = true;
+        dirty.push(ip);
+    }
 }
 
 impl State {
@@ -193,7 +226,35 @@ impl State {
 
     /// Rows of usage waiting to be written (the flush queue's depth).
     pub fn pending_rows(&self) -> usize {
-        self.pending.len()
+        self.open_rows + self.older_rows
+    }
+
+    /// Start a poll of the whole kernel map: a new epoch resets every cursor. Then
+    /// `apply_one` each reading and `end_poll`.
+    pub fn begin_poll(&mut self, epoch: &str, out: &mut PollOutcome) {
+        if epoch != self.epoch {
+            out.new_epoch = !self.epoch.is_empty();
+            let dirty = &mut self.dirty;
+            for (ip, c) in self.clients.iter_mut() {
+                c.cursor = Totals::default();
+                list(c, *ip, dirty);
+            }
+            self.epoch = epoch.to_string();
+            self.epoch_dirty = true;
+        }
+        self.polls = self.polls.wrapping_add(1);
+    }
+
+    /// End a poll that applied `readings` entries: clients without one moved nothing.
+    pub fn end_poll(&mut self, readings: usize, now_ms: u64, out: &mut PollOutcome) {
+        let gen_ = self.polls;
+        if readings != self.clients.len() {
+            for c in self.clients.values_mut().filter(|c| c.poll_gen != gen_) {
+                c.up_rate = 0.0;
+                c.down_rate = 0.0;
+            }
+        }
+        out.folded = self.fold_pending(now_ms);
     }
 
     /// Take in one reading of the whole kernel map. `elapsed_s` is the time since the previous
@@ -206,30 +267,13 @@ impl State {
         elapsed_s: Option<f64>,
     ) -> PollOutcome {
         let mut out = PollOutcome::default();
-        if epoch != self.epoch {
-            out.new_epoch = !self.epoch.is_empty();
-            for c in self.clients.values_mut() {
-                c.cursor = Totals::default();
-            }
-            self.dirty.extend(self.clients.keys().copied());
-            self.epoch = epoch.to_string();
-            self.epoch_dirty = true;
-        }
-        self.polls += 1;
-        let gen_ = self.polls;
+        self.begin_poll(epoch, &mut out);
         for r in readings {
             if self.apply_one(r, now_ms, elapsed_s, &mut out) {
                 out.changed += 1;
             }
         }
-        // Clients without an entry this time moved nothing.
-        if readings.len() != self.clients.len() {
-            for c in self.clients.values_mut().filter(|c| c.poll_gen != gen_) {
-                c.up_rate = 0.0;
-                c.down_rate = 0.0;
-            }
-        }
-        out.folded = self.fold_pending(now_ms);
+        self.end_poll(readings.len(), now_ms, &mut out);
         out
     }
 
@@ -237,11 +281,7 @@ impl State {
     /// added usage.
     pub fn apply_one(&mut self, r: &Reading, now_ms: u64, elapsed_s: Option<f64>, out: &mut PollOutcome) -> bool {
         let gen_ = self.polls;
-        let mut is_new = false;
-        let c = self.clients.entry(r.ip).or_insert_with(|| {
-            is_new = true;
-            ClientState::new(now_ms)
-        });
+        let (c, is_new) = self.clients.get_or_insert_with(r.ip, || ClientState::new(now_ms));
         c.poll_gen = gen_;
         let delta = if r.totals.ge(&c.cursor) {
             r.totals.minus(&c.cursor)
@@ -261,17 +301,27 @@ impl State {
         if delta.is_zero() {
             if is_new {
                 // A new entry with nothing counted yet still gets a row.
-                self.dirty.insert(r.ip);
+                list(c, r.ip, &mut self.dirty);
             }
             return false;
         }
         c.total.add(&delta);
-        let b = self.pending.entry((now_ms - now_ms % MINUTE_MS, r.ip)).or_default();
         // A reading outside the poll cadence (a reset's fresh read) has no interval of its own:
         // it adds usage but no peak.
         let (pu, pd) = if elapsed_s.is_some() { (c.up_rate, c.down_rate) } else { (0.0, 0.0) };
-        b.merge(&Bucket { totals: delta, peak_up_rate: pu, peak_down_rate: pd });
-        self.dirty.insert(r.ip);
+        let usage = Bucket { totals: delta, peak_up_rate: pu, peak_down_rate: pd };
+        let minute = now_ms - now_ms % MINUTE_MS;
+        if c.open.is_empty() {
+            c.open = Open { start_ms: minute, bucket: usage };
+            self.open_rows += 1;
+        } else if c.open.start_ms == minute {
+            c.open.bucket.merge(&usage);
+        } else {
+            // The open minute ended before a flush took it.
+            let ended = std::mem::replace(&mut c.open, Open { start_ms: minute, bucket: usage });
+            add_older(&mut self.older, &mut self.older_rows, r.ip, ended);
+        }
+        list(c, r.ip, &mut self.dirty);
         true
     }
 
@@ -300,195 +350,14 @@ impl State {
     /// start at zero, so the first reading of its kernel entry is all new usage). Returns its
     /// total and whether its row still has to be written.
     pub fn admit(&mut self, ip: IpAddr, now_ms: u64) -> (Totals, bool) {
-        if let std::collections::hash_map::Entry::Vacant(e) = self.clients.entry(ip) {
-            e.insert(ClientState::new(now_ms));
-            self.dirty.insert(ip);
+        let (c, is_new) = self.clients.get_or_insert_with(ip, || ClientState::new(now_ms));
+        if is_new {
+            list(c, ip, &mut self.dirty);
         }
-        (self.clients[&ip].total, self.dirty.contains(&ip))
-    }
-
-    /// Take what must be written: pending usage and the current rows of touched clients.
-    pub fn take_flush(&mut self, reset: Option<ResetRecord>) -> FlushBatch {
-        let mut clients: Vec<(IpAddr, ClientState)> =
-            self.dirty.drain().filter_map(|ip| self.clients.get(&ip).map(|c| (ip, c.clone()))).collect();
-        if let Some(r) = &reset {
-            // The reset's client row is written as it will be after the reset.
-            let pos = clients.iter().position(|(ip, _)| *ip == r.ip);
-            let row = match pos {
-                Some(p) => &mut clients[p].1,
-                None => {
-                    clients.push((r.ip, self.clients[&r.ip].clone()));
-                    &mut clients.last_mut().expect("just pushed").1
-                }
-            };
-            row.base = r.new_base;
-            row.period_started_ms = r.at_ms;
-        }
-        FlushBatch {
-            epoch: std::mem::take(&mut self.epoch_dirty).then(|| self.epoch.clone()),
-            buckets: self.pending.drain().collect(),
-            clients,
-            reset,
-        }
-    }
-
-    /// Put back what a failed write held: its usage is merged into pending (and written with
-    /// the next batch), its clients are marked for re-reading.
-    pub fn restore_failed(&mut self, b: FlushBatch) {
-        if b.epoch.is_some() {
-            self.epoch_dirty = true;
-        }
-        for (k, bucket) in b.buckets {
-            self.pending.entry(k).or_default().merge(&bucket);
-        }
-        self.dirty.extend(b.clients.into_iter().map(|(ip, _)| ip));
+        let total = c.total;
+        (total, self.unwritten(ip))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn t(up: u64, down: u64) -> Totals {
-        Totals { up_bytes: up, up_packets: up / 100, down_bytes: down, down_packets: down / 100 }
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    fn r(a: &str, tot: Totals) -> Reading {
-        Reading { ip: ip(a), totals: tot, last_seen_ms: Some(1) }
-    }
-
-    fn pending_sum(b: &FlushBatch, who: IpAddr) -> Totals {
-        let mut s = Totals::default();
-        for ((_, i), bucket) in &b.buckets {
-            if *i == who {
-                s.add(&bucket.totals);
-            }
-        }
-        s
-    }
-
-    #[test]
-    fn polls_add_increments_and_rates() {
-        let mut s = State::default();
-        s.apply_poll("e1", &[r("10.8.0.2", t(1000, 500))], 60_000, None);
-        let o = s.apply_poll("e1", &[r("10.8.0.2", t(3000, 500)), r("fd00:8::2", t(100, 0))], 61_000, Some(2.0));
-        assert_eq!(o.changed, 2);
-        let c = &s.clients[&ip("10.8.0.2")];
-        assert_eq!(c.total, t(3000, 500));
-        assert_eq!(c.up_rate, 1000.0);
-        assert_eq!(c.down_rate, 0.0);
-        let b = s.take_flush(None);
-        assert_eq!(b.epoch.as_deref(), Some("e1"));
-        assert_eq!(pending_sum(&b, ip("10.8.0.2")), t(3000, 500));
-        // The peak of the minute is the highest poll-interval rate.
-        let bucket = b.buckets.iter().find(|((_, i), _)| *i == ip("10.8.0.2")).unwrap().1;
-        assert_eq!(bucket.peak_up_rate, 1000.0);
-        assert!(s.take_flush(None).is_empty());
-    }
-
-    #[test]
-    fn a_new_epoch_counts_the_new_map_from_zero() {
-        let mut s = State::default();
-        s.apply_poll("boot1/7", &[r("10.8.0.2", t(900_000, 900_000))], 0, None);
-        let o = s.apply_poll("boot2/7", &[r("10.8.0.2", t(300, 200))], 1000, Some(1.0));
-        assert!(o.new_epoch);
-        assert!(o.recreated.is_empty());
-        assert_eq!(s.clients[&ip("10.8.0.2")].total, t(900_300, 900_200));
-    }
-
-    #[test]
-    fn a_recreated_entry_is_reported_and_counted_from_zero() {
-        let mut s = State::default();
-        s.apply_poll("e", &[r("10.8.0.2", t(900, 900))], 0, None);
-        let o = s.apply_poll("e", &[r("10.8.0.2", t(100, 0))], 1000, Some(1.0));
-        assert_eq!(o.recreated, vec![ip("10.8.0.2")]);
-        assert_eq!(s.clients[&ip("10.8.0.2")].total, t(1000, 900));
-    }
-
-    #[test]
-    fn a_failed_write_loses_nothing() {
-        let mut s = State::default();
-        s.apply_poll("e", &[r("10.8.0.2", t(1000, 0))], 0, None);
-        let failed = s.take_flush(None);
-        s.apply_poll("e", &[r("10.8.0.2", t(1500, 0))], 500, Some(0.5));
-        s.restore_failed(failed);
-        let b = s.take_flush(None);
-        assert_eq!(b.epoch.as_deref(), Some("e"));
-        assert_eq!(pending_sum(&b, ip("10.8.0.2")), t(1500, 0));
-        // The client row written is the current one: its cursor matches the usage above.
-        assert_eq!(b.clients[0].1.cursor, t(1500, 0));
-    }
-
-    #[test]
-    fn reset_closes_the_period_and_is_visible_only_after_commit() {
-        let mut s = State::default();
-        s.apply_poll("e", &[r("10.8.0.2", t(1000, 400))], 0, None);
-        let rec = s.prepare_reset(ip("10.8.0.2"), 5000).unwrap();
-        assert_eq!(rec.closed, t(1000, 400));
-        let b = s.take_flush(Some(rec.clone()));
-        assert_eq!(b.clients[0].1.base, t(1000, 400));
-        assert_eq!(s.clients[&ip("10.8.0.2")].period(), t(1000, 400));
-        s.commit_reset(&rec);
-        assert!(s.clients[&ip("10.8.0.2")].period().is_zero());
-        s.apply_poll("e", &[r("10.8.0.2", t(1300, 400))], 6000, Some(1.0));
-        assert_eq!(s.clients[&ip("10.8.0.2")].period(), t(300, 0));
-        assert!(s.prepare_reset(ip("10.9.9.9"), 0).is_none());
-    }
-
-    #[test]
-    fn usage_polled_while_a_reset_is_written_belongs_to_the_new_period() {
-        let mut s = State::default();
-        s.apply_poll("e", &[r("10.8.0.2", t(1000, 0))], 0, None);
-        let rec = s.prepare_reset(ip("10.8.0.2"), 10).unwrap();
-        let batch = s.take_flush(Some(rec.clone()));
-        // A poll lands while the reset's transaction is in flight.
-        s.apply_poll("e", &[r("10.8.0.2", t(1700, 0))], 20, Some(1.0));
-        s.commit_reset(&rec);
-        assert_eq!(rec.closed, t(1000, 0));
-        assert_eq!(s.clients[&ip("10.8.0.2")].period(), t(700, 0));
-        // The next batch carries that usage and the reset's base, so the stored period agrees.
-        let next = s.take_flush(None);
-        assert_eq!(pending_sum(&next, ip("10.8.0.2")), t(700, 0));
-        assert_eq!(next.clients[0].1.base, t(1000, 0));
-        drop(batch);
-    }
-
-    #[test]
-    fn an_admitted_client_counts_its_first_reading_in_full() {
-        let mut s = State::default();
-        s.apply_poll("e", &[r("10.8.0.3", t(10, 10))], 0, None);
-        assert_eq!(s.admit(ip("10.8.0.2"), 5), (Totals::default(), true));
-        let b = s.take_flush(None);
-        assert!(b.clients.iter().any(|(i, c)| *i == ip("10.8.0.2") && c.cursor.is_zero()));
-        // Known and written: nothing more to write.
-        assert_eq!(s.admit(ip("10.8.0.2"), 6), (Totals::default(), false));
-        s.apply_poll("e", &[r("10.8.0.3", t(10, 10)), r("10.8.0.2", t(700, 300))], 1000, Some(1.0));
-        assert_eq!(s.clients[&ip("10.8.0.2")].total, t(700, 300));
-        assert_eq!(s.clients[&ip("10.8.0.2")].first_seen_ms, 5);
-    }
-
-    #[test]
-    fn restarts_from_a_stored_cursor_neither_lose_nor_double() {
-        // Readings of one growing counter; every 7th poll the state is rebuilt from what was
-        // written (cursor + total), as after a restart; the total must equal the last reading.
-        let series: Vec<u64> = (0..50).map(|i| i * i * 37).collect();
-        let mut s = State::default();
-        let mut written: Option<ClientState> = None;
-        for (n, v) in series.iter().enumerate() {
-            if n % 7 == 0
-                && let Some(c) = &written
-            {
-                s = State::restore("e".into(), [(ip("10.8.0.9"), c.clone())]);
-            }
-            s.apply_poll("e", &[r("10.8.0.9", t(*v, *v / 2))], n as u64 * 1000, Some(1.0));
-            if n % 3 == 0 {
-                written = s.take_flush(None).clients.into_iter().next().map(|(_, c)| c).or(written);
-            }
-        }
-        assert_eq!(s.clients[&ip("10.8.0.9")].total.up_bytes, *series.last().unwrap());
-    }
-}
+mod tests;

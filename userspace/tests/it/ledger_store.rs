@@ -66,15 +66,12 @@ impl Source for Shared {
     fn epoch(&self) -> Result<String, LoadError> {
         Ok(self.0.epoch.lock().unwrap().clone())
     }
-    fn read_all(&self) -> Result<Vec<Reading>, LoadError> {
-        Ok(self
-            .0
-            .counters
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(ip, t)| Reading { ip: *ip, totals: *t, last_seen_ms: Some(tunmeter::time::unix_ms()) })
-            .collect())
+    fn read_all(&self, f: &mut dyn FnMut(Reading)) -> Result<(), LoadError> {
+        let now = tunmeter::time::unix_ms();
+        for (ip, t) in self.0.counters.lock().unwrap().iter() {
+            f(Reading { ip: *ip, totals: *t, last_seen_ms: Some(now) });
+        }
+        Ok(())
     }
     fn read_one(&self, ip: IpAddr) -> Result<Option<Reading>, LoadError> {
         Ok(self.0.counters.lock().unwrap().get(&ip).map(|t| Reading { ip, totals: *t, last_seen_ms: None }))

@@ -25,27 +25,44 @@ impl State {
     /// only where inside the hour (day) the usage happened is lost. Peaks stay the highest of
     /// any poll interval. Returns the rows folded away.
     pub fn fold_pending(&mut self, now_ms: u64) -> usize {
-        if self.max_pending == 0 || self.pending.len() <= self.max_pending {
+        if self.max_pending == 0 || self.pending_rows() <= self.max_pending {
             return 0;
         }
-        let before = self.pending.len();
+        let before = self.pending_rows();
         let current = now_ms - now_ms % MINUTE_MS;
-        let oldest = self.pending.keys().map(|(start, _)| *start).min().unwrap_or(current);
+        // Open minutes that have ended join the older ones, where they can be merged.
+        for (ip, c) in self.clients.iter_mut() {
+            if !c.open.is_empty() && c.open.start_ms < current {
+                let ended = std::mem::take(&mut c.open);
+                self.open_rows -= 1;
+                super::add_older(&mut self.older, &mut self.older_rows, *ip, ended);
+            }
+        }
+        let oldest = self.older.values().flatten().map(|(start, _)| *start).min().unwrap_or(current);
         for level in [HOUR_MS, DAY_MS, 0] {
             let to = |start: u64| match level {
                 0 => oldest - oldest % DAY_MS,
                 len => start - start % len,
             };
-            let old: Vec<_> = self.pending.iter().filter(|((start, _), _)| *start < current).map(|(k, _)| *k).collect();
-            for k in old {
-                let b = self.pending.remove(&k).expect("key just listed");
-                self.pending.entry((to(k.0), k.1)).or_default().merge(&b);
+            let mut rows = 0;
+            for v in self.older.values_mut() {
+                let mut merged = super::OlderRows::new();
+                for (start, b) in v.drain(..) {
+                    let start = if start < current { to(start) } else { start };
+                    match merged.iter_mut().find(|(s, _)| *s == start) {
+                        Some((_, m)) => m.merge(&b),
+                        None => merged.push((start, b)),
+                    }
+                }
+                rows += merged.len();
+                *v = merged;
             }
-            if self.pending.len() <= self.max_pending {
+            self.older_rows = rows;
+            if self.pending_rows() <= self.max_pending {
                 break;
             }
         }
-        let folded = before - self.pending.len();
+        let folded = before - self.pending_rows();
         self.folded_rows += folded as u64;
         folded
     }
@@ -55,8 +72,18 @@ impl State {
 mod tests {
     use std::net::IpAddr;
 
-    use super::super::{Bucket, Totals};
+    use super::super::{Bucket, Open, Totals};
     use super::*;
+
+    impl State {
+        fn insert_older(&mut self, start_ms: u64, ip: IpAddr, bucket: Bucket) {
+            super::super::add_older(&mut self.older, &mut self.older_rows, ip, Open { start_ms, bucket });
+        }
+
+        fn older_rows(&self) -> Vec<(u64, IpAddr, Bucket)> {
+            self.older.iter().flat_map(|(ip, v)| v.iter().map(|(start, b)| (*start, *ip, *b))).collect()
+        }
+    }
 
     fn bucket(bytes: u64, peak: f64) -> Bucket {
         Bucket {
@@ -67,7 +94,7 @@ mod tests {
     }
 
     fn sums(s: &State) -> (u64, u64, f64) {
-        s.pending.values().fold((0, 0, 0.0), |(b, p, peak), v| {
+        s.older_rows().iter().map(|(_, _, b)| *b).fold((0, 0, 0.0), |(b, p, peak), v| {
             (b + v.totals.up_bytes + v.totals.down_bytes, p + v.totals.up_packets, f64::max(peak, v.peak_up_rate))
         })
     }
@@ -84,32 +111,32 @@ mod tests {
         while t <= now {
             for ip in &ips {
                 n += 1;
-                s.pending.insert((t, *ip), bucket(n, n as f64));
+                s.insert_older(t, *ip, bucket(n, n as f64));
             }
             t += 10 * MINUTE_MS;
         }
         let before = sums(&s);
-        let rows = s.pending.len();
+        let rows = s.pending_rows();
         s.set_max_pending(rows);
         assert_eq!(s.fold_pending(now), 0, "at the bound: nothing to fold");
 
         // One hour row per client and hour: within 5,000 after the first level.
         s.set_max_pending(5_000);
         let folded = s.fold_pending(now);
-        assert!(s.pending.len() <= 5_000, "{}", s.pending.len());
-        assert!(s.pending.keys().all(|(start, _)| start % HOUR_MS == 0), "hour starts");
+        assert!(s.pending_rows() <= 5_000, "{}", s.pending_rows());
+        assert!(s.older_rows().iter().all(|(start, _, _)| start % HOUR_MS == 0), "hour starts");
         assert_eq!(sums(&s), before, "bytes, packets and the peak are kept");
-        assert_eq!((folded, s.folded_rows()), (rows - s.pending.len(), folded as u64));
+        assert_eq!((folded, s.folded_rows()), (rows - s.pending_rows(), folded as u64));
 
         // Then days; then one row per client at the oldest day.
         s.set_max_pending(200);
         s.fold_pending(now);
-        assert!(s.pending.keys().all(|(start, _)| start % DAY_MS == 0), "day starts");
+        assert!(s.older_rows().iter().all(|(start, _, _)| start % DAY_MS == 0), "day starts");
         assert_eq!(sums(&s), before);
         s.set_max_pending(40);
         s.fold_pending(now);
-        assert_eq!(s.pending.len(), 40, "one row per client");
-        assert!(s.pending.keys().all(|(start, _)| *start == day0));
+        assert_eq!(s.pending_rows(), 40, "one row per client");
+        assert!(s.older_rows().iter().all(|(start, _, _)| *start == day0));
         assert_eq!(sums(&s), before);
         assert_eq!(s.folded_rows(), (rows - 40) as u64);
     }
@@ -121,11 +148,12 @@ mod tests {
         let mut s = State::default();
         let ip = IpAddr::from([10, 8, 0, 2]);
         for m in 0..=90 {
-            s.pending.insert((20_000 * DAY_MS + m * MINUTE_MS, ip), bucket(1, 0.0));
+            s.insert_older(20_000 * DAY_MS + m * MINUTE_MS, ip, bucket(1, 0.0));
         }
         s.set_max_pending(10);
         s.fold_pending(now);
-        assert!(s.pending.contains_key(&(current, ip)));
-        assert_eq!(s.pending[&(current, ip)].totals.up_bytes, 1);
+        let kept: Vec<_> = s.older_rows().into_iter().filter(|(start, _, _)| *start == current).collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].2.totals.up_bytes, 1);
     }
 }

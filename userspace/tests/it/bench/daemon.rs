@@ -20,8 +20,10 @@ const API_P99_TARGET_MS: f64 = 20.0;
 /// polls and the first flush (every row new) happen here (see `warmup`).
 const WARMUP: Duration = Duration::from_secs(10);
 
-/// The measured window: several flushes at the default flush interval.
-const WINDOW: Duration = Duration::from_secs(30);
+/// The measured window: several flushes at the default flush interval, and a whole minute, so
+/// that one minute boundary (where every client's minute of usage ends and waits for the next
+/// flush beside the new one) is always inside it.
+const WINDOW: Duration = Duration::from_secs(61);
 
 /// The daemon's default poll and flush intervals, as `tunmeter run` without a config file has
 /// them.
@@ -249,8 +251,12 @@ fn daemon_run(n: u32, measure_api: bool) -> DaemonCost {
 }
 
 pub(super) fn daemon_cost() {
-    let runs: Vec<DaemonCost> =
-        [(0, false), (10_000, true), (100_000, false)].into_iter().map(|(n, api)| daemon_run(n, api)).collect();
+    // TM_BENCH_CLIENTS=100000 (a comma list) runs only those counts (a partial run).
+    let counts: Vec<u32> = std::env::var("TM_BENCH_CLIENTS")
+        .ok()
+        .map(|v| v.split(',').map(|n| n.trim().parse().expect("TM_BENCH_CLIENTS: client counts")).collect())
+        .unwrap_or_else(|| vec![0, 10_000, 100_000]);
+    let runs: Vec<DaemonCost> = counts.into_iter().map(|n| daemon_run(n, n == 10_000)).collect();
     let (poll, flush) = default_intervals();
     println!(
         "## The daemon: poll + ledger cost (real `tunmeter run`, SQLite ledger, defaults: poll every {} ms, flush \

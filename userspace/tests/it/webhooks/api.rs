@@ -10,8 +10,8 @@ impl Source for NoCounters {
     fn epoch(&self) -> Result<String, LoadError> {
         Ok("webhook-test".into())
     }
-    fn read_all(&self) -> Result<Vec<Reading>, LoadError> {
-        Ok(Vec::new())
+    fn read_all(&self, _: &mut dyn FnMut(Reading)) -> Result<(), LoadError> {
+        Ok(())
     }
     fn read_one(&self, _: IpAddr) -> Result<Option<Reading>, LoadError> {
         Ok(None)

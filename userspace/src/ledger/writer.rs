@@ -1,0 +1,146 @@
+//! The ledger's writes: a flush takes what is pending from the state a chunk at a time and
+//! writes it in the database's key order, one transaction per group of clients, so each
+//! client's row and its usage commit together and memory stays bounded.
+
+use std::{net::IpAddr, time::Instant};
+
+use tracing::{error, info};
+
+use super::{Ledger, ResetNotice, state, store};
+use crate::time::unix_ms;
+use state::{ResetRecord, Taken};
+
+/// Clients per transaction of a flush (see `Ledger::write_pending`).
+const CLIENTS_PER_TRANSACTION: usize = 10 * store::ROWS_PER_STATEMENT;
+
+impl Ledger {
+    /// Write everything pending (see `write_pending`). On failure what was not written stays
+    /// pending.
+    pub async fn flush(&self) -> Result<usize, sqlx::Error> {
+        let _writing = self.write_gate.lock().await;
+        let started = Instant::now();
+        match self.write_pending(None).await {
+            Ok(None) => {
+                self.set_health(|h| {
+                    h.flush_cycles += 1;
+                    h.last_flush_ok_unix_ms = Some(unix_ms());
+                });
+                Ok(0)
+            }
+            Ok(Some(rows)) => {
+                let took = started.elapsed().as_secs_f64();
+                self.timings.flush_seconds.observe(took);
+                let was_down = !self.health().database_up;
+                self.set_health(|h| {
+                    h.database_up = true;
+                    h.flushes += 1;
+                    h.flush_cycles += 1;
+                    h.last_flush_ms = took * 1e3;
+                    h.last_flush_unix_ms = Some(unix_ms());
+                    h.last_flush_ok_unix_ms = h.last_flush_unix_ms;
+                    h.last_error = None;
+                });
+                if was_down {
+                    info!(rows, "database is back: pending usage written");
+                }
+                Ok(rows)
+            }
+            Err(e) => {
+                let was_up = self.health().database_up;
+                self.set_health(|h| {
+                    h.database_up = false;
+                    h.flush_errors += 1;
+                    h.last_error = Some(e.to_string());
+                });
+                if was_up {
+                    error!(db = %self.db.shown_url, %e, "writing the ledger failed; usage stays pending and is retried");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Write everything pending, taken from the state a chunk at a time (`state::flush`), in
+    /// the database's key order; with a reset, also its record, its client's row as it is after
+    /// the reset, and its webhook event. One transaction per `CLIENTS_PER_TRANSACTION` clients:
+    /// each client's row and its usage commit together, so exactness holds per client, while
+    /// memory and the time the database is held stay bounded. A flush that carries a new
+    /// kernel epoch is one transaction (the epoch gives every stored cursor its meaning). The
+    /// caller holds the write gate. On failure the failed transaction's usage goes back into
+    /// pending and its clients and the ones after are listed again. `None`: nothing to write.
+    pub(super) async fn write_pending(
+        &self,
+        reset: Option<(&ResetRecord, Option<&ResetNotice>)>,
+    ) -> Result<Option<usize>, sqlx::Error> {
+        let start = self.state().begin_flush();
+        if start.epoch.is_none() && start.clients.is_empty() && reset.is_none() {
+            self.state().commit_flush();
+            return Ok(None);
+        }
+        let mut clients = start.clients;
+        state::sort_for_writing(&mut clients);
+        let group = if start.epoch.is_some() { clients.len().max(1) } else { CLIENTS_PER_TRANSACTION };
+        let groups = clients.len().div_ceil(group).max(1);
+        let (mut written, mut usage) = (0, Vec::new());
+        for g in 0..groups {
+            let from = g * group;
+            let ips = &clients[from..clients.len().min(from + group)];
+            let epoch = if g == 0 { start.epoch.as_deref() } else { None };
+            usage.clear();
+            let reset = if g + 1 == groups { reset } else { None };
+            if let Err(e) = self.write_group(epoch, ips, &mut usage, reset).await {
+                let taken = Taken {
+                    usage: std::mem::take(&mut usage),
+                    clients: clients[from..].to_vec(),
+                    epoch: epoch.is_some(),
+                };
+                self.state().restore_flush(taken);
+                return Err(e);
+            }
+            written += usage.len();
+        }
+        self.state().commit_flush();
+        Ok(Some(written))
+    }
+
+    /// One transaction of a flush: the rows and usage of `ips` (taken now, in chunks), and the
+    /// reset if there is one. `usage` collects what was taken.
+    async fn write_group(
+        &self,
+        epoch: Option<&str>,
+        ips: &[IpAddr],
+        usage: &mut Vec<state::MinuteRow>,
+        reset: Option<(&ResetRecord, Option<&ResetNotice>)>,
+    ) -> Result<(), sqlx::Error> {
+        let now = unix_ms();
+        let mut w = store::BatchWriter::begin(&self.db, &self.cfg.node_id).await?;
+        if let Some(e) = epoch {
+            w.epoch(e, now).await?;
+        }
+        // Each chunk: the clients' rows, then their usage (a minute refers to its client's row).
+        let mut rows = Vec::with_capacity(store::ROWS_PER_STATEMENT);
+        for chunk in ips.chunks(store::ROWS_PER_STATEMENT) {
+            rows.clear();
+            let from = usage.len();
+            self.state().take(chunk, &mut rows, usage);
+            w.clients(&rows).await?;
+            w.usage(&usage[from..]).await?;
+        }
+        if let Some((rec, notice)) = reset {
+            rows.clear();
+            let from = usage.len();
+            self.state().take(&[rec.ip], &mut rows, usage);
+            for (_, row) in &mut rows {
+                row.base = rec.new_base;
+                row.period_started_ms = rec.at_ms;
+            }
+            w.clients(&rows).await?;
+            w.usage(&usage[from..]).await?;
+            w.reset(rec).await?;
+            if let Some((hooks, ev)) = notice {
+                hooks.enqueue_in(w.conn(), ev, now).await?;
+            }
+        }
+        w.commit().await
+    }
+}
