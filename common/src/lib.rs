@@ -3,6 +3,7 @@
 //! explicit padding and a compile-time size check; addresses stay in network byte order.
 #![no_std]
 
+pub mod design;
 pub mod headers;
 pub mod iface;
 pub mod maps;

@@ -63,6 +63,12 @@ impl Tally {
         }
     }
 
+    /// Run time per run over everything tallied, if anything ran.
+    pub(super) fn ns_per_run(&self) -> Option<f64> {
+        let (ns, runs) = self.0.values().fold((0u64, 0u64), |(a, b), (ns, runs)| (a + ns, b + runs));
+        (runs > 0).then(|| ns as f64 / runs as f64)
+    }
+
     /// A Markdown table: device, hook, program, runs, ns/run, with `what` saying which packets
     /// each (device, hook) saw; hooks that ran nothing are left out. The figures include what
     /// the statistics themselves cost (two clock reads a run) and the cache misses of real

@@ -23,18 +23,28 @@
 //!    connect) against the real daemon, `status 3` parsing at 1,000 and 10,000 clients, and
 //!    webhook delivery from the durable outbox (one subject vs 100 subjects).
 //!
-//! `TM_BENCH_QUICK=1` skips 2, 3 and 5. `TM_BENCH_ONLY=` a comma-separated list of `counting`
-//! (1), `veth` (2), `daemon` (3), `steer` (4 and 5), `identity` (6) runs only those, e.g.
+//! 7. Per-client counting against the alternatives an operator would run: nftables set
+//!    counters and iptables rules, at 1,000, 10,000 and 100,000 clients (throughput, CPU per
+//!    packet, time to read every counter).
+//!
+//! 8. Counter layouts (issue 14's design comparison), on prototypes with 100,000 clients: the
+//!    per-CPU hash, a shared mmapable array with atomic adds, the array with change tracking;
+//!    packet cost alone and with both CPUs on one client, and poll cost.
+//!
+//! `TM_BENCH_QUICK=1` skips 2, 3, 5 and 7. `TM_BENCH_ONLY=` a comma-separated list of `counting`
+//! (1), `veth` (2), `daemon` (3), `steer` (4 and 5), `identity` (6), `alternatives` (7), `design` (8) runs only those, e.g.
 //! `TM_BENCH_ONLY=steer`.
 //!
 //! This file: the entry point (`bench`), the shared timing helpers and the empty program; one
 //! file per section (`counting`, `veth`, `daemon` with its lab in `daemon_lab`, `steer`,
 //! `steer_fwd`, `identity`, `bpfstats`).
 
+mod alternatives;
 mod bpfstats;
 mod counting;
 mod daemon;
 mod daemon_lab;
+mod design;
 mod identity;
 mod steer;
 mod steer_fwd;
@@ -156,6 +166,12 @@ fn bench() {
         identity::status_parsing();
         identity::hook_latency();
         identity::webhook_throughput();
+    }
+    if wants("design") {
+        design::layouts();
+    }
+    if !quick && wants("alternatives") {
+        alternatives::versus_alternatives();
     }
 }
 
