@@ -16,7 +16,7 @@ use tunmeter_common::{
 
 use crate::{
     maps::{FWD_DEVICE_PORTS, FWD_DEVICES, FWD_FLOWS, FWD_FRAGS, FWD_RULES},
-    packet::{ipv4, l3_len, l4_csum_field, ports, read, set_u16, set_v4_addr},
+    packet::{Side, ipv4, l3_len, nat_v4, ports, read, set_u16, set_v4_addr},
     stats::{self, Toward},
     verdict::{Steered, Verdict},
 };
@@ -94,9 +94,7 @@ fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     if h.is_first_fragment() {
         remember_fragment(h, FRAG_TO_DEVICE, rule.device_addr, rule.rule_id)?;
     }
-    let csum = l4 + l4_csum_field(h.proto);
-    set_v4_addr(ctx, L3, V4_DST, h.dst, rule.device_addr, Some((csum, h.proto)))?;
-    set_u16(ctx, l4 + L4_DPORT, dport, rule.device_port_be, csum, h.proto)?;
+    nat_v4(ctx, L3, h, [sport, dport], Side::Destination, rule.device_addr, rule.device_port_be)?;
     let len = l3_len::<L3>(ctx);
     stats::rule(rule.rule_id, Toward::Target, len);
     stats::event(SteerEvent::Forwarded, len);
@@ -140,9 +138,7 @@ fn from_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     if h.is_first_fragment() {
         remember_fragment(h, FRAG_FROM_DEVICE, nat.public_addr, nat.rule_id)?;
     }
-    let csum = l4 + l4_csum_field(h.proto);
-    set_v4_addr(ctx, L3, V4_SRC, h.src, nat.public_addr, Some((csum, h.proto)))?;
-    set_u16(ctx, l4 + L4_SPORT, sport, nat.public_port_be, csum, h.proto)?;
+    nat_v4(ctx, L3, h, [sport, dport], Side::Source, nat.public_addr, nat.public_port_be)?;
     let len = l3_len::<L3>(ctx);
     stats::rule(nat.rule_id, Toward::Back, len);
     stats::event(SteerEvent::ReplyTranslated, len);

@@ -7,7 +7,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tunmeter_common::{
-    ETH_P_IP, ETH_TYPE_OFFSET, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, Outcome, SteerEvent, TCP_CSUM, UDP_CSUM, V4_CSUM,
+    ETH_P_IP, ETH_TYPE_OFFSET, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, L4_DPORT, L4_SPORT, Outcome, SteerEvent, TCP_CSUM,
+    UDP_CSUM, V4_CSUM, V4_DST, V4_SRC,
 };
 
 /// Read a field (`u16`, `u32`, `[u64; 2]`, a header struct) at a constant offset: straight from
@@ -120,4 +121,79 @@ pub fn set_u16(ctx: &TcContext, at: usize, old: u16, new: u16, csum: usize, prot
     }
     ctx.l4_csum_replace(csum, old as u64, new as u64, mangled(proto) | 2).map_err(|_| RewriteFailed)?;
     ctx.store(at, &new, 0).map_err(|_| RewriteFailed)
+}
+
+/// One's-complement update of the IPv4 header checksum `csum` (as stored) for a 32-bit field
+/// changing from `old` to `new` (both as stored): RFC 1624, HC' = ~(~HC + ~m + m'), on the
+/// 16-bit words in memory order, which makes it independent of the byte order.
+#[inline(always)]
+fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
+    let [o0, o1, o2, o3] = old.to_ne_bytes();
+    let [n0, n1, n2, n3] = new.to_ne_bytes();
+    let mut sum = (!csum) as u32
+        + (!u16::from_ne_bytes([o0, o1])) as u32
+        + (!u16::from_ne_bytes([o2, o3])) as u32
+        + u16::from_ne_bytes([n0, n1]) as u32
+        + u16::from_ne_bytes([n2, n3]) as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Which side of an IPv4 TCP/UDP packet a NAT rewrite changes.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Side {
+    /// Source address and source port (a reply going back out).
+    Source,
+    /// Destination address and destination port (toward a forwarded device).
+    Destination,
+}
+
+/// Rewrite one side's address and port of the TCP/UDP packet with header `h` at `l3`, whose
+/// ports (as read) are `ports`, and fix both checksums. For a header without options, three
+/// helper calls: the transport checksum for the address (pseudo-header) and for the port
+/// (only the kernel knows whether that checksum is a partial one), then one store of bytes
+/// 10..24 (the IP checksum, computed here, both addresses and both ports). With IP options
+/// the ports are not next to the addresses: a store per field, and the IP checksum helper.
+#[inline(always)]
+pub fn nat_v4(
+    ctx: &TcContext,
+    l3: usize,
+    h: &Ipv4Hdr,
+    ports: [u16; 2],
+    side: Side,
+    new_addr: u32,
+    new_port: u16,
+) -> Result<(), RewriteFailed> {
+    let l4 = l3 + h.ihl();
+    let csum = l4 + l4_csum_field(h.proto);
+    let (field, old_addr, port_at, old_port) = match side {
+        Side::Source => (V4_SRC, h.src, l4 + L4_SPORT, ports[0]),
+        Side::Destination => (V4_DST, h.dst, l4 + L4_DPORT, ports[1]),
+    };
+    if h.ihl() != size_of::<Ipv4Hdr>() {
+        set_v4_addr(ctx, l3, field, old_addr, new_addr, Some((csum, h.proto)))?;
+        return set_u16(ctx, port_at, old_port, new_port, csum, h.proto);
+    }
+    ctx.l4_csum_replace(csum, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled(h.proto) | 4)
+        .map_err(|_| RewriteFailed)?;
+    if old_port != new_port {
+        ctx.l4_csum_replace(csum, old_port as u64, new_port as u64, mangled(h.proto) | 2).map_err(|_| RewriteFailed)?;
+    }
+    let (src, dst, sport, dport) = match side {
+        Side::Source => (new_addr, h.dst, new_port, ports[1]),
+        Side::Destination => (h.src, new_addr, ports[0], new_port),
+    };
+    let [s0, s1, s2, s3] = src.to_ne_bytes();
+    let [d0, d1, d2, d3] = dst.to_ne_bytes();
+    let words: [u16; 7] = [
+        csum_replace4(h.csum, old_addr, new_addr),
+        u16::from_ne_bytes([s0, s1]),
+        u16::from_ne_bytes([s2, s3]),
+        u16::from_ne_bytes([d0, d1]),
+        u16::from_ne_bytes([d2, d3]),
+        sport,
+        dport,
+    ];
+    ctx.store(l3 + V4_CSUM, &words, 0).map_err(|_| RewriteFailed)
 }

@@ -4,6 +4,7 @@
 mod check;
 mod demo;
 mod modtree;
+mod plots;
 mod proof;
 mod setup;
 mod util;
@@ -187,6 +188,7 @@ fn write_benchmarks_md(report: &std::path::Path, took_secs: u64) -> Result<()> {
     let body = &text[start..];
     let body = body.find("\nok\n").map_or(body, |end| &body[..end]);
     let figures: Vec<&str> = body.lines().collect();
+    let plots = plots::draw(body, &root().join("docs/bench"), "docs/bench/")?;
     let commit = output(cmd("git").args(["rev-parse", "--short", "HEAD"]).current_dir(root())).unwrap_or_default();
     let md = format!(
         "<!-- Written by `cargo xtask bench`; edits are overwritten. -->\n\
@@ -202,11 +204,13 @@ fn write_benchmarks_md(report: &std::path::Path, took_secs: u64) -> Result<()> {
          < 64 MiB at 100,000 clients, steering share <= 120 ns, counting <= 40 ns at 100,000 clients, \
          compared with nftables and iptables. The design choices behind these figures, with the \
          figures before and after each change: docs/performance.md.\n\
-         These machines are noisy: compare figures within one run, not across runs.\n\n{}\n",
+         These machines are noisy: compare figures within one run, not across runs.\n\n{}\n\n\
+         ## Plots (this run's figures; black: the target)\n{}",
         commit.trim(),
         chrono_free_date(),
         took_secs.div_ceil(60),
-        figures.join("\n").trim()
+        figures.join("\n").trim(),
+        plots
     );
     let path = root().join("BENCHMARKS.md");
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;

@@ -8,6 +8,12 @@ pub(super) const API_ADDR: &str = "127.0.0.1:9107";
 pub(super) const NODE_ID: &str = "bench";
 pub(super) const DAEMON_MAX_CLIENTS: &str = "131072";
 
+/// The daemon's `--max-clients` for `n` clients: DAEMON_MAX_CLIENTS, or room for 1,000,000.
+fn max_clients(n: u32) -> String {
+    let room = (n as u64 * 5 / 4).next_power_of_two().max(131_072);
+    room.to_string()
+}
+
 /// The daemon in its own namespace; on drop (panic included): SIGTERM (SIGKILL after 30 s),
 /// `tunmeter detach`, the namespace and the state directory removed.
 pub(super) struct DaemonLab {
@@ -20,7 +26,9 @@ pub(super) struct DaemonLab {
 }
 
 impl DaemonLab {
-    pub(super) fn start(tag: &str) -> DaemonLab {
+    /// The daemon for `clients` clients, on `database_url` (None: the default SQLite file in
+    /// its state directory).
+    pub(super) fn start(tag: &str, clients: u32, database_url: Option<&str>) -> DaemonLab {
         let ns = format!("tmbd-{tag}-{}", std::process::id());
         let state = std::path::PathBuf::from(format!("/tmp/tmbench-daemon-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state);
@@ -39,8 +47,11 @@ impl DaemonLab {
         std::fs::create_dir_all(&lab.state).unwrap();
         let log = std::fs::File::create(lab.log()).unwrap();
         let mut c = lab.tunmeter(&["run", "--tun", "tun0", "--subnet", "10.0.0.0/8", "--subnet", "fd00::/8"]);
-        c.args(["--max-clients", DAEMON_MAX_CLIENTS, "--node-id", NODE_ID, "--api-listen", API_ADDR])
-            .arg("--pin-dir")
+        c.args(["--max-clients", &max_clients(clients), "--node-id", NODE_ID, "--api-listen", API_ADDR]);
+        if let Some(url) = database_url {
+            c.args(["--database-url", url]);
+        }
+        c.arg("--pin-dir")
             .arg(lab.pins.path())
             .arg("--state-dir")
             .arg(&lab.state)
@@ -52,12 +63,12 @@ impl DaemonLab {
         // nsenter execs tunmeter: the child's pid is the daemon's.
         let comm = std::fs::read_to_string(format!("/proc/{}/comm", lab.pid())).unwrap_or_default();
         assert_eq!(comm.trim(), "tunmeter", "pid {} is the daemon", lab.pid());
-        let out = lab
-            .tunmeter(&["token", "create", "--role", "read", "--name", "bench", "--node-id", NODE_ID])
-            .arg("--state-dir")
-            .arg(&lab.state)
-            .output()
-            .unwrap();
+        let mut token = lab.tunmeter(&["token", "create", "--role", "read", "--name", "bench", "--node-id", NODE_ID]);
+        token.arg("--state-dir").arg(&lab.state);
+        if let Some(url) = database_url {
+            token.args(["--database-url", url]);
+        }
+        let out = token.output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
         lab.token = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default().trim().to_string();
@@ -245,10 +256,15 @@ impl Drop for Traffic {
 
 /// utime + stime of a process (all its threads), in clock ticks.
 pub(super) fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    try_cpu_ticks(pid).unwrap_or_else(|| panic!("no /proc/{pid}/stat"))
+}
+
+/// `cpu_ticks`, or None if the process is gone.
+pub(super) fn try_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after "(comm)": the 3rd field (state) first; utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 /// A `Vm...:` line of /proc/PID/status, in MiB.

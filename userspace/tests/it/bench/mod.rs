@@ -9,8 +9,9 @@
 //!    alternating runs, ratio of medians; what each attached program cost per packet in those
 //!    runs (the kernel's BPF run-time statistics, `bpfstats`).
 //! 3. The real daemon with 0 (idle), 10,000 and 100,000 clients, every one active at every
-//!    poll: its CPU share of one core and RSS, the ledger's poll and flush times, and the
-//!    latency of `GET /api/v1/clients` at 10,000 clients.
+//!    poll, on SQLite and (100,000) on PostgreSQL: its CPU share of one core and RSS, the
+//!    ledger's poll and flush times, and the latency of `GET /api/v1/clients` at 10,000
+//!    clients. `TM_BENCH_CLIENTS=100000pg,1000000` runs other counts ("pg": on PostgreSQL).
 //!
 //! 4. Steering, ns/packet via BPF_PROG_TEST_RUN with 10,000 forward rules (and 10,000 redirect
 //!    sources): a forwarded packet, a reply translated back, a redirected packet, each against

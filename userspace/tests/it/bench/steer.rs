@@ -332,8 +332,8 @@ pub(super) fn steer_ns_per_packet() {
         "Target: lookup + rewrite <= {STEER_TARGET_NS:.0} ns. Compared with it: the forwarded packet's program cost \
          (counting + steering, harness subtracted) {cost:.0} ns: {}. The steering share alone (forwarded minus the \
          no-rule packet, same program) {share:.0} ns: {}; of it, the rule lookup (a hit that stops at the address \
-         check, minus a miss) {:.0} ns, the rest is the flow-table read, the rewrite (two stores, three checksum \
-         helpers) and the rule and event counters. The reply path's steering share: {:.0} ns.",
+         check, minus a miss) {:.0} ns, the rest is the flow-table read, the rewrite (two transport-checksum \
+         helpers and one store of the IP checksum, addresses and ports) and the rule and event counters. The reply path's steering share: {:.0} ns.",
         verdict(cost <= STEER_TARGET_NS),
         verdict(share <= STEER_TARGET_NS),
         t.fwd_other_addr - t.fwd_miss,

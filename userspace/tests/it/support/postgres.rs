@@ -139,7 +139,12 @@ impl Postgres {
     /// The same server through its unix socket, which processes in other network namespaces
     /// (a daemon in a lab namespace) can reach.
     pub fn socket_url(&self) -> String {
-        format!("postgres://postgres@localhost/postgres?host={}&port={}", self.dir.display(), self.port)
+        self.socket_db_url("postgres")
+    }
+
+    /// Database `db` of this server through its unix socket.
+    pub fn socket_db_url(&self, db: &str) -> String {
+        format!("postgres://postgres@localhost/{db}?host={}&port={}", self.dir.display(), self.port)
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/postgres`
