@@ -10,8 +10,6 @@
 
 use std::net::IpAddr;
 
-use rustc_hash::FxHashMap;
-
 use serde::{Deserialize, Serialize};
 
 mod clients;
@@ -88,9 +86,13 @@ pub struct ClientState {
     pub down_rate: f64,
     /// Number of the last poll that had an entry for this client (wrapping).
     pub(crate) poll_gen: u32,
-    /// The client's unwritten usage of its latest minute (empty: zero totals). Older unwritten
-    /// minutes are in `State::older`.
+    /// The client's unwritten usage of its latest minute (empty: zero totals).
     pub(crate) open: Open,
+    /// Unwritten usage of minutes before the open one: a minute that ended before a flush took
+    /// it, usage a failed write put back, rows folded during an outage. Inline in the row (one
+    /// minute without an allocation): at a minute boundary every active client has one, and a
+    /// map of them beside the rows would grow by a table's worth at once.
+    pub(crate) older: OlderRows,
     /// Listed in `State::dirty`: its row is to be written.
     pub(crate) listed: bool,
     /// The flush (`State::flush_gen`, wrapping) that last took this row.
@@ -166,8 +168,8 @@ pub struct PollOutcome {
     pub folded: usize,
 }
 
-/// A client's older unwritten minutes: nearly always one (the minute that ended before a flush
-/// took it), kept inline.
+/// A client's older unwritten minutes: nearly always none or one (the minute that ended before
+/// a flush took it), kept inline.
 type OlderRows = smallvec::SmallVec<[(u64, Bucket); 1]>;
 
 /// One minute of one client's usage, as written: ((minute start, client), usage).
@@ -178,11 +180,7 @@ pub struct State {
     /// Kernel epoch the cursors refer to ("" before the first poll of a new ledger).
     pub epoch: String,
     pub clients: ClientMap,
-    /// Unwritten usage of minutes before each client's open one: a minute that ended before a
-    /// flush took it, usage a failed write put back, rows folded during an outage. By client,
-    /// so that a flush takes a client's row and all of its usage together.
-    older: FxHashMap<IpAddr, OlderRows>,
-    /// Rows in `older`.
+    /// Rows in the clients' `older` lists.
     older_rows: usize,
     /// Clients whose row is to be written, each once (`ClientState::listed`).
     dirty: Vec<IpAddr>,
@@ -199,9 +197,9 @@ pub struct State {
     folded_rows: u64,
 }
 
-/// Add one minute of `ip`'s usage to `older`.
-fn add_older(older: &mut FxHashMap<IpAddr, OlderRows>, rows: &mut usize, ip: IpAddr, o: Open) {
-    let v = older.entry(ip).or_default();
+/// Add one minute of a client's usage to its `older` list (`rows`: the state's count).
+fn add_older(c: &mut ClientState, rows: &mut usize, o: Open) {
+    let v = &mut c.older;
     match v.iter_mut().find(|(start, _)| *start == o.start_ms) {
         Some((_, b)) => b.merge(&o.bucket),
         None => {
@@ -319,7 +317,7 @@ impl State {
         } else {
             // The open minute ended before a flush took it.
             let ended = std::mem::replace(&mut c.open, Open { start_ms: minute, bucket: usage });
-            add_older(&mut self.older, &mut self.older_rows, r.ip, ended);
+            add_older(c, &mut self.older_rows, ended);
         }
         list(c, r.ip, &mut self.dirty);
         true

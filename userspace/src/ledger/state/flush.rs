@@ -46,9 +46,8 @@ impl State {
             let Some(c) = self.clients.get_mut(ip) else { continue };
             c.listed = false;
             c.taken = self.flush_gen;
-            if self.older_rows > 0
-                && let Some(v) = self.older.remove(ip)
-            {
+            if !c.older.is_empty() {
+                let v = std::mem::take(&mut c.older);
                 self.older_rows -= v.len();
                 usage.extend(v.into_iter().map(|(start, b)| ((start, *ip), b)));
             }
@@ -90,13 +89,15 @@ impl State {
 
     /// Merge one minute of unwritten usage back into `ip`'s pending usage.
     fn put_back(&mut self, ip: IpAddr, start_ms: u64, bucket: &super::Bucket) {
-        match self.clients.get_mut(&ip) {
-            Some(c) if c.open.is_empty() => {
-                c.open = Open { start_ms, bucket: *bucket };
-                self.open_rows += 1;
-            }
-            Some(c) if c.open.start_ms == start_ms => c.open.bucket.merge(bucket),
-            _ => super::add_older(&mut self.older, &mut self.older_rows, ip, Open { start_ms, bucket: *bucket }),
+        // Usage is only ever taken from a client's row, and rows are never removed.
+        let c = self.clients.get_or_insert_with(ip, ClientState::default).0;
+        if c.open.is_empty() {
+            c.open = Open { start_ms, bucket: *bucket };
+            self.open_rows += 1;
+        } else if c.open.start_ms == start_ms {
+            c.open.bucket.merge(bucket);
+        } else {
+            super::add_older(c, &mut self.older_rows, Open { start_ms, bucket: *bucket });
         }
     }
 

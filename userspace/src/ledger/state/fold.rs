@@ -31,21 +31,21 @@ impl State {
         let before = self.pending_rows();
         let current = now_ms - now_ms % MINUTE_MS;
         // Open minutes that have ended join the older ones, where they can be merged.
-        for (ip, c) in self.clients.iter_mut() {
+        for c in self.clients.values_mut() {
             if !c.open.is_empty() && c.open.start_ms < current {
                 let ended = std::mem::take(&mut c.open);
                 self.open_rows -= 1;
-                super::add_older(&mut self.older, &mut self.older_rows, *ip, ended);
+                super::add_older(c, &mut self.older_rows, ended);
             }
         }
-        let oldest = self.older.values().flatten().map(|(start, _)| *start).min().unwrap_or(current);
+        let oldest = self.clients.values().flat_map(|c| &c.older).map(|(start, _)| *start).min().unwrap_or(current);
         for level in [HOUR_MS, DAY_MS, 0] {
             let to = |start: u64| match level {
                 0 => oldest - oldest % DAY_MS,
                 len => start - start % len,
             };
             let mut rows = 0;
-            for v in self.older.values_mut() {
+            for v in self.clients.values_mut().map(|c| &mut c.older).filter(|v| !v.is_empty()) {
                 let mut merged = super::OlderRows::new();
                 for (start, b) in v.drain(..) {
                     let start = if start < current { to(start) } else { start };
@@ -72,16 +72,17 @@ impl State {
 mod tests {
     use std::net::IpAddr;
 
-    use super::super::{Bucket, Open, Totals};
+    use super::super::{Bucket, ClientState, Open, Totals};
     use super::*;
 
     impl State {
         fn insert_older(&mut self, start_ms: u64, ip: IpAddr, bucket: Bucket) {
-            super::super::add_older(&mut self.older, &mut self.older_rows, ip, Open { start_ms, bucket });
+            let c = self.clients.get_or_insert_with(ip, ClientState::default).0;
+            super::super::add_older(c, &mut self.older_rows, Open { start_ms, bucket });
         }
 
         fn older_rows(&self) -> Vec<(u64, IpAddr, Bucket)> {
-            self.older.iter().flat_map(|(ip, v)| v.iter().map(|(start, b)| (*start, *ip, *b))).collect()
+            self.clients.iter().flat_map(|(ip, c)| c.older.iter().map(|(start, b)| (*start, *ip, *b))).collect()
         }
     }
 
