@@ -71,6 +71,15 @@ fn throughput(report: &str) -> Vec<Series> {
     out
 }
 
+/// 1000 -> "1k", 1000000 -> "1M".
+fn short(x: f64) -> String {
+    match x {
+        x if x >= 1e6 => format!("{}M", (x / 1e6 * 10.0).round() / 10.0),
+        x if x >= 1e3 => format!("{}k", (x / 1e3 * 10.0).round() / 10.0),
+        x => format!("{x:.0}"),
+    }
+}
+
 /// A line plot with a logarithmic client axis.
 fn plot(path: &Path, title: &str, y_label: &str, series: &[Series], target: Option<f64>) -> Result<()> {
     let points = || series.iter().flat_map(|(_, p)| p.iter());
@@ -85,7 +94,14 @@ fn plot(path: &Path, title: &str, y_label: &str, series: &[Series], target: Opti
         .x_label_area_size(40)
         .y_label_area_size(56)
         .build_cartesian_2d((x_min..x_max).log_scale(), 0f64..y_max)?;
-    chart.configure_mesh().x_desc("clients").y_desc(y_label).x_label_formatter(&|x| format!("{x:.0}")).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("clients")
+        .y_desc(y_label)
+        .x_labels(6)
+        .light_line_style(WHITE)
+        .x_label_formatter(&|x| short(*x))
+        .draw()?;
     for (i, (name, p)) in series.iter().enumerate().filter(|(_, (_, p))| !p.is_empty()) {
         let color = Palette99::pick(i).to_rgba();
         chart
@@ -145,6 +161,10 @@ mod tests {
         assert_eq!(cpu[0].1, vec![(100000.0, 14.5)], "0 clients has no place on a log axis");
         assert_eq!(rss[0].1, vec![(100000.0, 72.9)]);
         assert!(cpu[1].1.is_empty() && throughput(REPORT).is_empty());
+        assert_eq!(
+            (short(100_000.0), short(2_500.0), short(1e6), short(7.0)),
+            ("100k".into(), "2.5k".into(), "1M".into(), "7".into())
+        );
     }
 
     #[test]
