@@ -70,7 +70,7 @@ fn slot(src: &ClientKey) -> Option<(u32, *mut DesignSlot)> {
 }
 
 #[classifier]
-pub fn design_percpu_hash(ctx: TcContext) -> i32 {
+fn design_percpu_hash(ctx: TcContext) -> i32 {
     if let Some((src, len)) = source(&ctx)
         && let Some(c) = DESIGN_PERCPU.get_ptr_mut(&src)
     {
@@ -99,13 +99,13 @@ fn count_shared(ctx: &TcContext) -> Option<(u32, &'static mut DesignSlot)> {
 }
 
 #[classifier]
-pub fn design_shared_array(ctx: TcContext) -> i32 {
+fn design_shared_array(ctx: TcContext) -> i32 {
     let _ = count_shared(&ctx);
     TC_ACT_OK
 }
 
 #[classifier]
-pub fn design_shared_array_dirty(ctx: TcContext) -> i32 {
+fn design_shared_array_dirty(ctx: TcContext) -> i32 {
     if let Some((i, s)) = count_shared(&ctx) {
         let poll_gen = DESIGN_POLL_GEN.get(0).copied().unwrap_or(0);
         if s.poll_gen != poll_gen {
