@@ -107,10 +107,22 @@ pub fn set_v4_addr(
 ) -> Result<(), RewriteFailed> {
     ctx.l3_csum_replace(l3 + V4_CSUM, old as u64, new as u64, 4).map_err(|_| RewriteFailed)?;
     if let Some((csum, proto)) = l4 {
-        ctx.l4_csum_replace(csum, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | mangled(proto) | 4)
-            .map_err(|_| RewriteFailed)?;
+        l4_csum_addr(ctx, csum, old, new, proto)?;
     }
     ctx.store(l3 + field, &new, 0).map_err(|_| RewriteFailed)
+}
+
+/// Fix the transport checksum at `csum` for an address of its pseudo-header changing.
+#[inline(always)]
+fn l4_csum_addr(ctx: &TcContext, csum: usize, old: u32, new: u32, proto: u8) -> Result<(), RewriteFailed> {
+    ctx.l4_csum_replace(csum, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | mangled(proto) | 4)
+        .map_err(|_| RewriteFailed)
+}
+
+/// Fix the checksum at `csum` for a 16-bit field it covers changing (a port).
+#[inline(always)]
+fn l4_csum_u16(ctx: &TcContext, csum: usize, old: u16, new: u16, proto: u8) -> Result<(), RewriteFailed> {
+    ctx.l4_csum_replace(csum, old as u64, new as u64, mangled(proto) | 2).map_err(|_| RewriteFailed)
 }
 
 /// Replace a 16-bit field at `at` (a port) and fix the checksum at `csum` that covers it.
@@ -119,7 +131,7 @@ pub fn set_u16(ctx: &TcContext, at: usize, old: u16, new: u16, csum: usize, prot
     if old == new {
         return Ok(());
     }
-    ctx.l4_csum_replace(csum, old as u64, new as u64, mangled(proto) | 2).map_err(|_| RewriteFailed)?;
+    l4_csum_u16(ctx, csum, old, new, proto)?;
     ctx.store(at, &new, 0).map_err(|_| RewriteFailed)
 }
 
@@ -175,10 +187,9 @@ pub fn nat_v4(
         set_v4_addr(ctx, l3, field, old_addr, new_addr, Some((csum, h.proto)))?;
         return set_u16(ctx, port_at, old_port, new_port, csum, h.proto);
     }
-    ctx.l4_csum_replace(csum, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled(h.proto) | 4)
-        .map_err(|_| RewriteFailed)?;
+    l4_csum_addr(ctx, csum, old_addr, new_addr, h.proto)?;
     if old_port != new_port {
-        ctx.l4_csum_replace(csum, old_port as u64, new_port as u64, mangled(h.proto) | 2).map_err(|_| RewriteFailed)?;
+        l4_csum_u16(ctx, csum, old_port, new_port, h.proto)?;
     }
     let (src, dst, sport, dport) = match side {
         Side::Source => (new_addr, h.dst, new_port, ports[1]),

@@ -207,6 +207,8 @@ impl Ledger {
         let now_ms = unix_ms();
         // The readings are applied as they come, APPLY_CHUNK at a time under the state lock, so
         // a poll holds no copy of the whole map and the lock is never held across a read.
+        // A read that fails part way leaves the readings before it applied: each is exact on
+        // its own (cursor and total move together), and the next poll takes up the rest.
         let read = tokio::task::spawn_blocking(move || {
             let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
             let epoch = src.epoch()?;

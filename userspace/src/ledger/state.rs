@@ -256,7 +256,9 @@ impl State {
     }
 
     /// Take in one reading of the whole kernel map. `elapsed_s` is the time since the previous
-    /// reading (None for the first one: rates are unknown then).
+    /// reading (None for the first one: rates are unknown then). The ledger streams a poll
+    /// through `begin_poll`, `apply_one` and `end_poll`; this is their sequence for the tests.
+    #[cfg(test)]
     pub fn apply_poll(
         &mut self,
         epoch: &str,
