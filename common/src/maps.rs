@@ -4,8 +4,24 @@
 
 use core::mem::size_of;
 
-/// Per-client counters: `PERCPU_HASH<ClientKey, ClientCounters>`.
-pub const MAP_CLIENTS: &str = "CLIENT_COUNTERS";
+/// Per-client counters: `ARRAY<ClientSlot>` with `BPF_F_MMAPABLE`, one slot per client that
+/// every CPU adds to atomically; the daemon reads it through an mmap, without a syscall per
+/// entry. Slots [`SLOT_OTHER`] and [`SLOT_OVERFLOW`] are the reserved buckets.
+pub const MAP_CLIENTS: &str = "CLIENT_SLOTS";
+/// Which slot each client address owns: `HASH<ClientKey, u32>`.
+pub const MAP_CLIENT_INDEX: &str = "CLIENT_INDEX";
+/// Slots no client owns: `QUEUE<u32>`, filled by the daemon, popped by the program for a new
+/// client.
+pub const MAP_FREE_SLOTS: &str = "CLIENT_FREE_SLOTS";
+/// The per-CPU hash `PERCPU_HASH<ClientKey, ClientCounters>` of versions before the shared
+/// slots: the daemon reads it once more after an upgrade to carry its counts over, then unpins it.
+pub const MAP_LEGACY_CLIENTS: &str = "CLIENT_COUNTERS";
+/// Slot of the OTHER bucket (see [`ClientKey::OTHER`]).
+pub const SLOT_OTHER: u32 = 0;
+/// Slot of the OVERFLOW bucket (see [`ClientKey::OVERFLOW`]).
+pub const SLOT_OVERFLOW: u32 = 1;
+/// Slots before the first client slot.
+pub const RESERVED_SLOTS: u32 = 2;
 /// Which addresses are clients, per interface: `LPM_TRIE<LpmKey<SubnetKey>, SubnetValue>`.
 pub const MAP_SUBNETS: &str = "CLIENT_SUBNETS";
 /// Outcome and reason counters: `PERCPU_ARRAY<OutcomeCounter>` indexed by
@@ -16,7 +32,8 @@ pub const GLOBAL_L3_OFFSET: &str = "L3_OFFSET";
 /// Load-time global: 1 = charge GSO/GRO packets with their segments' wire bytes, 0 = `skb->len`.
 pub const GLOBAL_WIRE_BYTES: &str = "WIRE_BYTES";
 
-/// Default capacity of [`MAP_CLIENTS`].
+/// Default number of client slots (and of [`MAP_CLIENT_INDEX`] entries); [`MAP_CLIENTS`] has
+/// [`RESERVED_SLOTS`] more.
 pub const DEFAULT_MAX_CLIENTS: u32 = 65_536;
 /// Capacity of [`MAP_SUBNETS`] (subnet entries over all interfaces).
 pub const MAX_SUBNETS: u32 = 1_024;
@@ -24,7 +41,7 @@ pub const MAX_SUBNETS: u32 = 1_024;
 /// A client address: IPv6, or IPv4 as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
 /// Network byte order.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientKey {
     pub addr: [u8; 16],
 }
@@ -83,7 +100,8 @@ impl ClientKey {
     }
 }
 
-/// Per-client, per-CPU counters. Bytes are L3 bytes (IP header and payload, no L2 header), so
+/// One client's counters summed (the daemon's reading of a [`ClientSlot`]), and the per-CPU
+/// value of [`MAP_LEGACY_CLIENTS`]. Bytes are L3 bytes (IP header and payload, no L2 header), so
 /// figures agree between tun and Ethernet devices; a GSO packet counts its `skb->len`, or with
 /// the `WIRE_BYTES` global its segments' wire bytes. Upload = packets from the client (ingress on
 /// the client-facing device), download = packets to the client (egress).
@@ -99,6 +117,33 @@ pub struct ClientCounters {
     pub last_seen_jiffies: u64,
 }
 const _: () = assert!(size_of::<ClientCounters>() == 40);
+
+/// One client's counters in [`MAP_CLIENTS`], shared by every CPU: the program adds with atomic
+/// instructions, so a slot is one cache line of its own (no false sharing with a neighbour).
+/// Counters only grow while `key` owns the slot. Bytes and packets as in [`ClientCounters`].
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientSlot {
+    /// The owner, written before the index publishes the slot. All zero: free (or being
+    /// taken); [`ClientKey::OVERFLOW`] outside the reserved slots: released, waiting out
+    /// [`SLOT_RELEASE_GRACE_MS`] before it is zeroed and freed.
+    pub key: ClientKey,
+    pub up_bytes: u64,
+    pub up_packets: u64,
+    pub down_bytes: u64,
+    pub down_packets: u64,
+    /// Kernel `jiffies` at the last packet (0 = never).
+    pub last_seen_jiffies: u64,
+    /// Daemon bookkeeping, never touched by the program. In [`SLOT_OTHER`]: how many slots the
+    /// daemon has put into [`MAP_FREE_SLOTS`] so far. In a released slot: when it was released
+    /// (Unix ms).
+    pub meta: u64,
+}
+const _: () = assert!(size_of::<ClientSlot>() == 64);
+
+/// How long a released slot waits before it is reused: longer than any program run that may
+/// still hold its number from an index lookup made before the release.
+pub const SLOT_RELEASE_GRACE_MS: u64 = 1_000;
 
 /// Key data of [`MAP_SUBNETS`]: interface index then address (IPv4 mapped as in [`ClientKey`]).
 /// The LPM prefix length covers the 32 interface bits plus the address prefix, so a lookup
@@ -141,6 +186,8 @@ mod pod {
     unsafe impl aya::Pod for super::ClientKey {}
     // SAFETY: ClientCounters is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::ClientCounters {}
+    // SAFETY: ClientSlot is #[repr(C)] integers without padding (size assertion above).
+    unsafe impl aya::Pod for super::ClientSlot {}
     // SAFETY: SubnetKey is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::SubnetKey {}
     // SAFETY: SubnetValue is #[repr(C)] integers without padding (size assertion above).

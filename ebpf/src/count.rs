@@ -1,16 +1,18 @@
-//! Counting: charge every packet's L3 bytes to its VPN client (`CLIENT_COUNTERS`), or to the
-//! OTHER / OVERFLOW bucket, and give it exactly one outcome. Counting only observes: it never
+//! Counting: charge every packet's L3 bytes to its VPN client's slot (`CLIENT_SLOTS`, found
+//! through `CLIENT_INDEX`), or to the OTHER / OVERFLOW bucket, and give it exactly one outcome. Counting only observes: it never
 //! changes or drops a packet, and a parse failure only changes the outcome (fail open).
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{EbpfContext as _, bindings::BPF_NOEXIST, helpers::bpf_jiffies64, programs::TcContext};
 use tunmeter_common::{
-    ClientCounters, ClientKey, Direction, ETH_HLEN, ETH_TYPE_OFFSET, Family, Outcome, SUBNET_KEY_BITS, SubnetKey,
-    check_header, client_addr_offset, family, is_ip_ethertype,
+    ClientKey, ClientSlot, Direction, ETH_HLEN, ETH_TYPE_OFFSET, Family, Outcome, SLOT_OTHER, SLOT_OVERFLOW,
+    SUBNET_KEY_BITS, SubnetKey, check_header, client_addr_offset, family, is_ip_ethertype,
 };
 
 use crate::{
     gso, iface, l3_offset,
-    maps::{CLIENT_COUNTERS, CLIENT_SUBNETS},
+    maps::{CLIENT_FREE_SLOTS, CLIENT_INDEX, CLIENT_SLOTS, CLIENT_SUBNETS},
     packet::{l3_len, read},
     stats,
 };
@@ -59,61 +61,85 @@ fn client_key<const L3: usize>(ctx: &TcContext, l3_len: u32, dir: Direction) -> 
     })
 }
 
-/// Add the packet to its client's entry. A client unseen so far gets an entry on its first
+/// Add the packet to its client's slot. A client unseen so far gets a slot on its first
 /// upload if its address is inside a subnet of this interface; otherwise (outside the subnets,
-/// or a download to an address without an entry) the packet goes to the OTHER bucket.
+/// or a download to an address without a slot) the packet goes to the OTHER bucket.
 #[inline(always)]
 fn count_client(ctx: &TcContext, key: &ClientKey, bytes: u32, dir: Direction) {
     // `::` (e.g. the source of duplicate-address detection) and ff..ff would hit a reserved
-    // bucket's entry: they are never clients.
+    // bucket's key: they are never clients.
     if key.is_reserved() {
-        count_bucket(&ClientKey::OTHER, dir, Outcome::OutsideSubnets, bytes);
+        count_bucket(SLOT_OTHER, dir, Outcome::OutsideSubnets, bytes);
         return;
     }
-    if let Some(c) = CLIENT_COUNTERS.get_ptr_mut(key) {
-        // SAFETY: per-CPU value of this CPU; nothing else writes it while we run.
-        unsafe { add(&mut *c, bytes, dir) };
-        stats::outcome(dir, Outcome::Client, bytes);
+    // SAFETY: a copy of the slot number.
+    if let Some(slot) = unsafe { CLIENT_INDEX.get(key) }.copied() {
+        count_slot(slot, dir, Outcome::Client, bytes);
         return;
     }
     if !in_client_subnet(ifindex(ctx), key) {
-        count_bucket(&ClientKey::OTHER, dir, Outcome::OutsideSubnets, bytes);
+        count_bucket(SLOT_OTHER, dir, Outcome::OutsideSubnets, bytes);
         return;
     }
-    // Only the client's own packets (or the daemon admitting its address) create an entry: a
+    // Only the client's own packets (or the daemon admitting its address) take a slot: a
     // download to an unknown address in the subnet must not, or anyone could fill the map
     // (and the ledger) by sending to random addresses of a routed subnet.
     if dir == Direction::Download {
-        count_bucket(&ClientKey::OTHER, dir, Outcome::UnknownClient, bytes);
+        count_bucket(SLOT_OTHER, dir, Outcome::UnknownClient, bytes);
         return;
     }
-    let mut fresh = ClientCounters::default();
-    add(&mut fresh, bytes, dir);
-    match CLIENT_COUNTERS.insert(key, &fresh, BPF_NOEXIST as u64) {
-        Ok(()) => stats::outcome(dir, Outcome::Client, bytes),
-        // Another CPU created it between our lookup and insert: add to it.
-        Err(e) if e as i64 == -EEXIST => {
-            if let Some(c) = CLIENT_COUNTERS.get_ptr_mut(key) {
-                // SAFETY: as above.
-                unsafe { add(&mut *c, bytes, dir) };
-                stats::outcome(dir, Outcome::Client, bytes);
+    new_client(key, bytes, dir);
+}
+
+/// Take a free slot for `key`, publish it in the index and count the packet there.
+#[inline(always)]
+fn new_client(key: &ClientKey, bytes: u32, dir: Direction) {
+    let slot = match CLIENT_FREE_SLOTS.pop() {
+        Ok(Some(slot)) => slot,
+        Ok(None) => return count_bucket(SLOT_OVERFLOW, dir, Outcome::MapFull, bytes),
+        Err(_) => return stats::outcome(dir, Outcome::MapError, bytes),
+    };
+    let Some(s) = CLIENT_SLOTS.get_ptr_mut(slot) else {
+        return stats::outcome(dir, Outcome::MapError, bytes);
+    };
+    // SAFETY: a map value. The slot is this program's alone until the index publishes it, so
+    // its owner is written first: the daemon attributes a slot's counts by this key.
+    unsafe { (*s).key = *key };
+    match CLIENT_INDEX.insert(key, &slot, BPF_NOEXIST as u64) {
+        Ok(()) => count_slot(slot, dir, Outcome::Client, bytes),
+        Err(e) => {
+            // Not published: give the slot back (it holds no count).
+            // SAFETY: as above, still this program's alone.
+            unsafe { (*s).key = ClientKey::OTHER };
+            let _ = CLIENT_FREE_SLOTS.push(&slot, 0);
+            if e as i64 == -EEXIST {
+                // Another CPU published this client between our lookup and insert: add to it.
+                // SAFETY: a copy of the slot number.
+                match unsafe { CLIENT_INDEX.get(key) }.copied() {
+                    Some(slot) => count_slot(slot, dir, Outcome::Client, bytes),
+                    None => stats::outcome(dir, Outcome::MapError, bytes),
+                }
+            } else if e as i64 == -E2BIG {
+                count_bucket(SLOT_OVERFLOW, dir, Outcome::MapFull, bytes);
             } else {
                 stats::outcome(dir, Outcome::MapError, bytes);
             }
         }
-        Err(e) if e as i64 == -E2BIG => count_bucket(&ClientKey::OVERFLOW, dir, Outcome::MapFull, bytes),
-        Err(_) => stats::outcome(dir, Outcome::MapError, bytes),
     }
 }
 
-/// Count into a reserved bucket (created by the daemon at load time, so it exists even when
-/// the map is full).
+/// Count into a reserved bucket's fixed slot.
 #[inline(always)]
-fn count_bucket(bucket: &ClientKey, dir: Direction, outcome: Outcome, bytes: u32) {
-    match CLIENT_COUNTERS.get_ptr_mut(bucket) {
-        Some(c) => {
-            // SAFETY: per-CPU value of this CPU.
-            unsafe { add(&mut *c, bytes, dir) };
+fn count_bucket(slot: u32, dir: Direction, outcome: Outcome, bytes: u32) {
+    count_slot(slot, dir, outcome, bytes)
+}
+
+#[inline(always)]
+fn count_slot(slot: u32, dir: Direction, outcome: Outcome, bytes: u32) {
+    match CLIENT_SLOTS.get_ptr_mut(slot) {
+        Some(s) => {
+            // SAFETY: a map value shared by every CPU: only atomic adds and whole-word stores.
+            unsafe { add(&mut *s, bytes, dir) };
             stats::outcome(dir, outcome, bytes);
         }
         None => stats::outcome(dir, Outcome::MapError, bytes),
@@ -135,18 +161,24 @@ fn in_client_subnet(ifindex: u32, key: &ClientKey) -> bool {
 }
 
 #[inline(always)]
-fn add(c: &mut ClientCounters, bytes: u32, dir: Direction) {
+fn atomic_add(field: &mut u64, v: u64) {
+    // SAFETY: `field` is in a map value; BPF_ATOMIC | BPF_ADD, what every CPU does to it.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, v) };
+}
+
+#[inline(always)]
+fn add(c: &mut ClientSlot, bytes: u32, dir: Direction) {
     match dir {
         Direction::Upload => {
-            c.up_bytes += bytes as u64;
-            c.up_packets += 1;
+            atomic_add(&mut c.up_bytes, bytes as u64);
+            atomic_add(&mut c.up_packets, 1);
         }
         Direction::Download => {
-            c.down_bytes += bytes as u64;
-            c.down_packets += 1;
+            atomic_add(&mut c.down_bytes, bytes as u64);
+            atomic_add(&mut c.down_packets, 1);
         }
     }
     // SAFETY: helper without arguments. jiffies64 is inlined by the verifier (~1 ns; the
-    // clock-reading helpers cost ~25 ns here).
+    // clock-reading helpers cost ~25 ns here). A plain store: any CPU's latest stamp will do.
     c.last_seen_jiffies = unsafe { bpf_jiffies64() };
 }

@@ -3,6 +3,9 @@
 //! the steering [`Verdict`](verdict::Verdict) into the TC action; nothing is logged per packet.
 #![no_std]
 #![no_main]
+// The atomic add intrinsic: the BPF target's core has no `AtomicU64::fetch_add`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 // Module graph (siblings form a DAG; any module may use this root's globals):
 //   count            -> iface, maps, packet, stats, gso

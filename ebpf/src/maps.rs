@@ -3,22 +3,32 @@
 //! survive daemon restarts and both program instances (L2 and L3) share them.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, Queue},
 };
 use tunmeter_common::{
-    AddrKey, BypassValue, ClientCounters, ClientKey, DEFAULT_MAX_CLIENTS, DeviceKey, FWD_DEVICE_PORT_WORDS,
+    AddrKey, BypassValue, ClientKey, ClientSlot, DEFAULT_MAX_CLIENTS, DeviceKey, FWD_DEVICE_PORT_WORDS,
     FWD_FLOW_ENTRIES, FWD_FRAG_ENTRIES, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule, IFACE_ENTRIES,
     IfaceCounter, MAX_BYPASS, MAX_FWD_RULES, MAX_REDIRECT_SOURCES, MAX_RULES, MAX_SUBNETS, OutcomeCounter,
-    RedirectRule, RuleCounters, STATS_ENTRIES, SteerEvent, SubnetKey, SubnetValue,
+    RESERVED_SLOTS, RedirectRule, RuleCounters, STATS_ENTRIES, SteerEvent, SubnetKey, SubnetValue,
 };
 
 // ---- counting ----
 
-/// Bytes, packets and last-seen per client address (and the OTHER / OVERFLOW buckets).
-/// Capacity is set by the daemon at load time.
-#[map(name = "CLIENT_COUNTERS")]
-pub static CLIENT_COUNTERS: PerCpuHashMap<ClientKey, ClientCounters> = PerCpuHashMap::pinned(DEFAULT_MAX_CLIENTS, 0);
+/// Bytes, packets and last-seen per client slot (and the OTHER / OVERFLOW buckets at their
+/// fixed slots), shared by every CPU and read by the daemon through an mmap. Capacity is set
+/// by the daemon at load time.
+#[map(name = "CLIENT_SLOTS")]
+pub static CLIENT_SLOTS: Array<ClientSlot> = Array::pinned(DEFAULT_MAX_CLIENTS + RESERVED_SLOTS, BPF_F_MMAPABLE);
+
+/// Client address -> its slot in `CLIENT_SLOTS`.
+#[map(name = "CLIENT_INDEX")]
+pub static CLIENT_INDEX: HashMap<ClientKey, u32> = HashMap::pinned(DEFAULT_MAX_CLIENTS, 0);
+
+/// Slots no client owns, filled by the daemon; a new client takes one.
+#[map(name = "CLIENT_FREE_SLOTS")]
+pub static CLIENT_FREE_SLOTS: Queue<u32> = Queue::pinned(DEFAULT_MAX_CLIENTS, 0);
 
 /// VPN subnets per interface: an address inside one is a client on that interface.
 #[map(name = "CLIENT_SUBNETS")]

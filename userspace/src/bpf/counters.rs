@@ -7,13 +7,14 @@ use aya::maps::{IterableMap as _, MapData, PerCpuArray};
 use serde::Serialize;
 use tracing::debug;
 use tunmeter_common::{
-    ClientCounters, ClientKey, Direction, IfaceCounter, MAP_CLIENTS, Outcome, OutcomeCounter, stats_index,
+    ClientCounters, ClientKey, Direction, IfaceCounter, MAP_LEGACY_CLIENTS, Outcome, OutcomeCounter, stats_index,
 };
 
 use super::{
     batch::{self, BatchError},
     clock::Calibration,
     loader::{LoadError, PinnedMaps},
+    slots::SlotReader,
 };
 use crate::time::unix_ms;
 
@@ -85,18 +86,24 @@ pub fn sum_cpus<'a>(values: impl IntoIterator<Item = &'a ClientCounters>) -> Cli
     })
 }
 
-/// Every entry of the client map, reserved buckets included, summed over CPUs (`sum_cpus`), in
-/// map order. Reads in batches (BPF_MAP_LOOKUP_BATCH) and falls back to one lookup per entry
-/// on kernels without it.
+/// Every client slot the index confirms, reserved buckets first, in slot order (a one-off
+/// read: the daemon keeps its own [`SlotReader`]).
 pub fn read_sums(maps: &PinnedMaps) -> Result<Vec<(ClientKey, ClientCounters)>, LoadError> {
     let mut sums = Vec::new();
     for_each_sum(maps, |k, c| sums.push((*k, *c)))?;
     Ok(sums)
 }
 
-/// `f(key, sum)` for every entry of the client map (as `read_sums`, without collecting).
-pub fn for_each_sum(maps: &PinnedMaps, mut f: impl FnMut(&ClientKey, &ClientCounters)) -> Result<(), LoadError> {
-    let map = maps.clients()?;
+/// `f(key, counters)` for every client (as `read_sums`, without collecting).
+pub fn for_each_sum(maps: &PinnedMaps, f: impl FnMut(&ClientKey, &ClientCounters)) -> Result<(), LoadError> {
+    SlotReader::open(maps, false)?.for_each(f)
+}
+
+/// `f(key, sum over CPUs)` for every entry of the per-CPU client hash of earlier versions.
+/// Reads in batches (BPF_MAP_LOOKUP_BATCH) and falls back to one lookup per entry on kernels
+/// without it.
+pub fn for_each_legacy_sum(maps: &PinnedMaps, mut f: impl FnMut(&ClientKey, &ClientCounters)) -> Result<(), LoadError> {
+    let map = maps.legacy_clients()?;
     let ncpus = aya::util::nr_cpus().map_err(|(_, e)| LoadError::Cpus(e.to_string()))?.get() as usize;
     let chunk = batch::default_chunk::<ClientKey, ClientCounters>(ncpus);
     let mut seen = 0usize;
@@ -108,7 +115,7 @@ pub fn for_each_sum(maps: &PinnedMaps, mut f: impl FnMut(&ClientKey, &ClientCoun
         Ok(_) => return Ok(()),
         // Nothing was passed on yet when the first call is refused.
         Err(BatchError::Unsupported(e)) if seen == 0 => debug!(error = %e, "no batch lookups; reading entry by entry"),
-        Err(e) => return Err(LoadError::Map { name: MAP_CLIENTS, source: e.into() }),
+        Err(e) => return Err(LoadError::Map { name: MAP_LEGACY_CLIENTS, source: e.into() }),
     }
     for entry in map.iter() {
         // An entry removed between key and value reads is simply skipped.

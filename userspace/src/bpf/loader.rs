@@ -9,15 +9,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{LpmTrie, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
+    maps::{LpmTrie, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{ProgramError, SchedClassifier},
-    util::nr_cpus,
 };
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 use tunmeter_common::{
-    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, GLOBAL_WIRE_BYTES, IfaceCounter, MAP_CLIENTS,
-    MAP_SUBNETS, SUBNET_FLAG_CLIENTS, SubnetKey, SubnetValue,
+    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, GLOBAL_WIRE_BYTES, IfaceCounter,
+    MAP_CLIENT_INDEX, MAP_CLIENTS, MAP_FREE_SLOTS, MAP_LEGACY_CLIENTS, MAP_SUBNETS, RESERVED_SLOTS,
+    SUBNET_FLAG_CLIENTS, SubnetKey, SubnetValue,
 };
 
 use crate::types::Layer;
@@ -29,8 +29,6 @@ pub const PROG_INGRESS: &str = "tunmeter_in";
 pub const PROG_EGRESS: &str = "tunmeter_out";
 /// Reads jiffies for userspace (see `clock`); never attached.
 pub const PROG_CLOCK: &str = "tunmeter_clock";
-/// `BPF_NOEXIST` map update flag: create only.
-const BPF_NOEXIST: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -48,6 +46,12 @@ pub enum LoadError {
     Map { name: &'static str, source: MapError },
     #[error("cannot determine the number of CPUs: {0}")]
     Cpus(String),
+    #[error("mapping {name} into memory: {source}")]
+    Mmap { name: &'static str, source: std::io::Error },
+    #[error(
+        "every client slot is taken ({slots} slots): raise max_clients (needs `tunmeter detach`, which zeroes counters)"
+    )]
+    ClientsFull { slots: u32 },
 }
 
 fn is_eperm(text: &str) -> bool {
@@ -89,7 +93,9 @@ impl Instance {
             .override_global(GLOBAL_L3_OFFSET, &offset, true)
             .override_global(GLOBAL_REDIRECT_MARK, &opts.redirect_mark, true)
             .override_global(GLOBAL_WIRE_BYTES, &wire, true)
-            .map_max_entries(MAP_CLIENTS, max_clients)
+            .map_max_entries(MAP_CLIENTS, max_clients.saturating_add(RESERVED_SLOTS))
+            .map_max_entries(MAP_CLIENT_INDEX, max_clients)
+            .map_max_entries(MAP_FREE_SLOTS, max_clients)
             .default_map_pin_directory(pin_dir);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             let text = format!("{e:?}");
@@ -131,7 +137,7 @@ pub fn effective_max_clients(pin_dir: &Path, wanted: u32) -> u32 {
     let path = pin_dir.join(MAP_CLIENTS);
     match MapInfo::from_pin(&path) {
         Ok(info) => {
-            let have = info.max_entries();
+            let have = info.max_entries().saturating_sub(RESERVED_SLOTS);
             if have != wanted {
                 warn!(
                     have,
@@ -155,14 +161,22 @@ impl PinnedMaps {
         PinnedMaps { dir: dir.to_owned() }
     }
 
-    fn open(&self, name: &'static str) -> Result<MapData, LoadError> {
+    pub(crate) fn open(&self, name: &'static str) -> Result<MapData, LoadError> {
         MapData::from_pin(self.dir.join(name)).map_err(|source| LoadError::Map { name, source })
     }
 
-    pub fn clients(&self) -> Result<PerCpuHashMap<MapData, ClientKey, ClientCounters>, LoadError> {
-        let data = self.open(MAP_CLIENTS)?;
+    /// The per-CPU client hash of earlier versions, if it is still pinned.
+    pub fn legacy_clients(&self) -> Result<PerCpuHashMap<MapData, ClientKey, ClientCounters>, LoadError> {
+        let data = self.open(MAP_LEGACY_CLIENTS)?;
         PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))
-            .map_err(|source| LoadError::Map { name: MAP_CLIENTS, source })
+            .map_err(|source| LoadError::Map { name: MAP_LEGACY_CLIENTS, source })
+    }
+
+    /// Kernel id of the legacy client map: the counter epoch the earlier version used.
+    pub fn legacy_epoch(&self) -> Result<u32, LoadError> {
+        MapInfo::from_pin(self.dir.join(MAP_LEGACY_CLIENTS))
+            .map(|i| i.id())
+            .map_err(|source| LoadError::Map { name: MAP_LEGACY_CLIENTS, source })
     }
 
     pub fn subnets(&self) -> Result<LpmTrie<MapData, SubnetKey, SubnetValue>, LoadError> {
@@ -170,8 +184,8 @@ impl PinnedMaps {
         LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(|source| LoadError::Map { name: MAP_SUBNETS, source })
     }
 
-    /// Kernel id of the client map: part of the ledger's counter epoch. A new map (after a
-    /// reboot, or detach and start) has a new id and counters that start from zero.
+    /// Kernel id of the client slot map: part of the ledger's counter epoch. A new map (after
+    /// a reboot, or detach and start) has a new id and counters that start from zero.
     pub fn clients_epoch(&self) -> Result<u32, LoadError> {
         MapInfo::from_pin(self.dir.join(MAP_CLIENTS))
             .map(|i| i.id())
@@ -187,65 +201,6 @@ impl PinnedMaps {
 
     pub fn stats_data(&self) -> Result<MapData, LoadError> {
         self.open(tunmeter_common::MAP_STATS)
-    }
-
-    /// Create the OTHER and OVERFLOW buckets if missing, so they exist even when the map is full.
-    pub fn ensure_reserved_buckets(&self) -> Result<(), LoadError> {
-        for key in [ClientKey::OTHER, ClientKey::OVERFLOW] {
-            if self.create_zero(&key)? {
-                debug!(?key, "reserved bucket created");
-            }
-        }
-        Ok(())
-    }
-
-    /// Insert a zeroed entry for `key` unless it exists (`BPF_NOEXIST`); true if created.
-    fn create_zero(&self, key: &ClientKey) -> Result<bool, LoadError> {
-        let mut clients = self.clients()?;
-        let ncpus = nr_cpus().map_err(|(_, e)| LoadError::Cpus(e.to_string()))?;
-        let zero = PerCpuValues::try_from(vec![ClientCounters::default(); ncpus.get() as usize])
-            .map_err(|e| LoadError::Cpus(e.to_string()))?;
-        match clients.insert(key, zero, BPF_NOEXIST) {
-            Ok(()) => Ok(true),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(false),
-            Err(source) => Err(LoadError::Map { name: MAP_CLIENTS, source }),
-        }
-    }
-
-    /// Admit `ip` as a client before it sends anything (identity knows it is assigned): its
-    /// entry is created zeroed, so downloads to it are counted as its own from the first
-    /// packet. The kernel creates entries only from a client's own (upload) packets. True if
-    /// the entry was created; a full map is an error (the address then counts as unknown
-    /// until it uploads, into OVERFLOW).
-    pub fn admit_client(&self, ip: IpAddr) -> Result<bool, LoadError> {
-        let key = ip_key(ip);
-        if key.is_reserved() {
-            return Ok(false);
-        }
-        self.create_zero(&key)
-    }
-
-    /// Remove `ip`'s entry if it never counted anything (all counters zero on every CPU): an
-    /// admitted address that never sent or received a packet. The ledger has nothing to
-    /// account for it, so nothing is lost; an entry with any count is kept. True if removed.
-    /// Race accepted: a packet counted between the read and the delete (one syscall apart) is
-    /// lost; only an entry that was silent until that instant can lose it.
-    pub fn expire_if_unused(&self, ip: IpAddr) -> Result<bool, LoadError> {
-        let key = ip_key(ip);
-        let mut clients = self.clients()?;
-        let values = match clients.get(&key, 0) {
-            Ok(v) => v,
-            Err(MapError::KeyNotFound) => return Ok(false),
-            Err(source) => return Err(LoadError::Map { name: MAP_CLIENTS, source }),
-        };
-        if key.is_reserved() || values.iter().any(|c| *c != ClientCounters::default()) {
-            return Ok(false);
-        }
-        match clients.remove(&key) {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(source) => Err(LoadError::Map { name: MAP_CLIENTS, source }),
-        }
     }
 
     /// Make the subnet map say exactly `wanted` (ifindex -> subnets): add what is missing,

@@ -89,7 +89,7 @@ impl Dataplane {
             let opts = LoadOptions { redirect_mark: self.cfg.steer.policy.mark, wire_bytes: self.cfg.count_wire_bytes };
             self.instances.insert(layer, Instance::load_with(layer, &self.cfg.pin_dir, max, opts)?);
         }
-        self.maps.ensure_reserved_buckets()?;
+        self.maps.ensure_slots()?;
         // Interfaces attached by an earlier run but no longer configured: stop counting there.
         for name in attach::pinned_interfaces(&self.cfg.pin_dir) {
             if !self.cfg.interfaces.iter().any(|i| i.name == name) {

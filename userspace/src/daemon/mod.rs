@@ -56,6 +56,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let steer = SteerMaps::new(&dp.cfg.pin_dir);
     steering::start_steering(&dp.cfg, &steer).await?;
     let ledger = open_ledger(&dp.cfg, &mut signals).await?;
+    carry_over_legacy(&ledger, &dp.cfg.pin_dir, &mut signals).await?;
     let mut back = Tasks::new();
     let mut front = Tasks::new();
     ledger.spawn(&mut back);
@@ -208,6 +209,26 @@ async fn open_ledger(cfg: &Config, stop: &mut Signals) -> Result<Arc<Ledger>, Da
                     warned = true;
                 }
             }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.recv() => return Err(DaemonError::Interrupted),
+        }
+    }
+}
+
+/// Before the poller starts: carry an earlier version's per-CPU client map over into the
+/// ledger, retrying while the database is unreachable (the new map counts meanwhile).
+async fn carry_over_legacy(ledger: &Ledger, pin_dir: &std::path::Path, stop: &mut Signals) -> Result<(), DaemonError> {
+    let mut warned = false;
+    loop {
+        match ledger.carry_over_legacy(pin_dir).await {
+            Ok(_) => return Ok(()),
+            Err(e) if !warned => {
+                error!(%e, "carrying the earlier version's counters over failed; retrying every 2 s");
+                warned = true;
+            }
+            Err(_) => {}
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}

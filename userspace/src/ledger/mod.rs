@@ -5,6 +5,7 @@
 //! - `store`: the SQL (batched upserts; history; resets).
 //! - `writer`: the flush (pending usage written a group of clients per transaction).
 //! - `source`: where readings come from (the pinned kernel map).
+//! - `legacy`: an earlier version's per-CPU client map, carried over once after an upgrade.
 //!
 //! Two tasks run: the poller reads the kernel map every `poll_interval` and folds it into the
 //! state (it never waits for the database), and the single writer takes everything pending every
@@ -12,6 +13,7 @@
 //! accumulates (one row per active client and minute) and is written when it returns. Resets go
 //! through the writer too, so they are ordered with the usage around them.
 
+pub mod legacy;
 pub mod source;
 pub mod state;
 pub mod store;
@@ -200,9 +202,14 @@ impl Ledger {
 
     /// Read the kernel map once and fold it in.
     pub async fn poll_once(&self) -> Result<(), crate::bpf::loader::LoadError> {
+        self.poll_from(self.source.clone()).await
+    }
+
+    /// Read `src` once and fold it in (the daemon's source, or the legacy map after an upgrade).
+    pub async fn poll_from(&self, src: Arc<dyn Source>) -> Result<(), crate::bpf::loader::LoadError> {
         let mut last = self.read_gate.lock().await;
         let started = Instant::now();
-        let (src, state) = (self.source.clone(), self.state.clone());
+        let state = self.state.clone();
         let elapsed = last.map(|t| t.elapsed().as_secs_f64());
         let now_ms = unix_ms();
         // The readings are applied as they come, APPLY_CHUNK at a time under the state lock, so

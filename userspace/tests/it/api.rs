@@ -10,12 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::PerCpuValues;
 use futures::StreamExt as _;
 use serde_json::Value;
 use support::{PinDir, daemon::Daemon, require_root};
 use tunmeter::bpf::loader::PinnedMaps;
-use tunmeter_common::{ClientCounters, ClientKey};
+use tunmeter_common::ClientCounters;
 use tunmeter_lab::{Lab, LabConfig, in_netns, traffic};
 
 const PORT: u16 = 9107;
@@ -58,12 +57,10 @@ pub(crate) fn token(state: &str, node: &str, role: &str) -> String {
 /// Put `n` extra client entries straight into the kernel map, so stream frames are large.
 fn fill_map(pins: &PinDir, n: u32) {
     let maps = PinnedMaps::new(pins.path());
-    let mut map = maps.clients().unwrap();
-    let cpus = aya::util::nr_cpus().unwrap().get() as usize;
     for i in 0..n {
-        let key = ClientKey::v4([10, 200, (i >> 8) as u8, i as u8]);
+        let ip = std::net::Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8).into();
         let v = ClientCounters { up_bytes: 1000 + u64::from(i), up_packets: 1, ..Default::default() };
-        map.insert(&key, PerCpuValues::try_from(vec![v; cpus]).unwrap(), 0).unwrap();
+        support::add_to_client(&maps, ip, &v);
     }
 }
 

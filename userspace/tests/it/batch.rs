@@ -1,30 +1,34 @@
-//! Batched reads of the real client map (BPF_MAP_LOOKUP_BATCH) against aya's element-by-element
-//! reads: the same entries and the same per-CPU values, whatever the chunk size.
+//! Batched reads (BPF_MAP_LOOKUP_BATCH) of a per-CPU client map as earlier versions pinned it
+//! (what an upgrade reads once), against aya's element-by-element reads: the same entries and
+//! the same per-CPU values, whatever the chunk size.
 
 use crate::support;
 
 use std::collections::BTreeMap;
 
 use aya::{
-    maps::{IterableMap as _, MapError, PerCpuValues},
+    maps::{IterableMap as _, MapError},
     util::nr_cpus,
 };
 use support::{Harness, require_root};
 use tunmeter::{
     bpf::{
         batch::{self, BatchError},
-        counters::{read_clients, read_sums, sum_cpus},
+        counters::{for_each_legacy_sum, sum_cpus},
     },
     types::Layer,
 };
 use tunmeter_common::{ClientCounters, ClientKey};
 
-/// A loaded program whose client map holds the two reserved buckets and `n` clients, each with
-/// values that differ per client and per CPU.
-fn filled(n: u32) -> Harness {
-    let h = Harness::new(Layer::L3, 131_072, &[]);
-    let mut map = h.maps.clients().unwrap();
+/// A harness whose pin directory also holds a legacy per-CPU client map with the two reserved
+/// buckets and `n` clients, each with values that differ per client and per CPU.
+fn filled(n: u32) -> (Harness, aya::Ebpf) {
+    let h = Harness::new(Layer::L3, 1024, &[]);
     let ncpus = nr_cpus().unwrap().get() as u64;
+    let mut entries: Vec<(ClientKey, Vec<ClientCounters>)> = [ClientKey::OTHER, ClientKey::OVERFLOW]
+        .into_iter()
+        .map(|k| (k, vec![ClientCounters::default(); ncpus as usize]))
+        .collect();
     for i in 0..n {
         let i = u64::from(i);
         let values: Vec<ClientCounters> = (0..ncpus)
@@ -37,9 +41,10 @@ fn filled(n: u32) -> Harness {
                 last_seen_jiffies: 1_000_000 + (i + cpu * 3) % 5,
             })
             .collect();
-        map.insert(&key(i as u32), PerCpuValues::try_from(values).unwrap(), 0).unwrap();
+        entries.push((key(i as u32), values));
     }
-    h
+    let legacy = support::legacy_map(h.pins.path(), 131_072, &entries);
+    (h, legacy)
 }
 
 /// Half IPv4, half IPv6 clients.
@@ -54,23 +59,23 @@ fn key(i: u32) -> ClientKey {
 
 /// Every entry with its per-CPU values, read element by element with aya.
 fn aya_entries(h: &Harness) -> BTreeMap<ClientKey, Vec<ClientCounters>> {
-    h.maps.clients().unwrap().iter().map(|e| e.map(|(k, v)| (k, v.to_vec())).unwrap()).collect()
+    h.maps.legacy_clients().unwrap().iter().map(|e| e.map(|(k, v)| (k, v.to_vec())).unwrap()).collect()
 }
 
 #[test]
-fn read_sums_equals_element_by_element_reads() {
+fn legacy_sums_equal_element_by_element_reads() {
     if !require_root() {
         return;
     }
     for n in [0, 1, 1000, 70_000] {
-        let h = filled(n);
+        let (h, _legacy) = filled(n);
         let want: Vec<(ClientKey, ClientCounters)> =
             aya_entries(&h).iter().map(|(k, v)| (*k, sum_cpus(v.iter()))).collect();
         assert_eq!(want.len(), n as usize + 2, "clients plus the two reserved buckets");
-        let mut got = read_sums(&h.maps).unwrap();
+        let mut got = Vec::new();
+        for_each_legacy_sum(&h.maps, |k, c| got.push((*k, *c))).unwrap();
         got.sort_by_key(|(k, _)| *k);
-        assert!(got == want, "read_sums differs from aya's reads with {n} clients");
-        assert_eq!(read_clients(&h.maps, None).unwrap().clients.len(), n as usize);
+        assert!(got == want, "the legacy read differs from aya's reads with {n} clients");
     }
 }
 
@@ -80,9 +85,9 @@ fn per_cpu_values_match_for_every_chunk_size() {
         return;
     }
     for n in [1000, 70_000] {
-        let h = filled(n);
+        let (h, _legacy) = filled(n);
         let want = aya_entries(&h);
-        let map = h.maps.clients().unwrap();
+        let map = h.maps.legacy_clients().unwrap();
         // 1 is smaller than most buckets (ENOSPC, then growth); the others end batches at
         // arbitrary places, and the last is larger than the map.
         for chunk in [1, 3, 64, 1000, 4096, 1 << 20] {
@@ -105,8 +110,8 @@ fn maps_of_another_layout_are_refused() {
     if !require_root() {
         return;
     }
-    let h = filled(3);
-    let clients = h.maps.clients().unwrap();
+    let (h, _legacy) = filled(3);
+    let clients = h.maps.legacy_clients().unwrap();
     let r = batch::for_each_percpu::<u32, ClientCounters>(clients.map(), 64, |_, _| {});
     assert!(matches!(r, Err(BatchError::Map(MapError::InvalidKeySize { size: 4, expected: 16 }))), "{r:?}");
     let r = batch::for_each_percpu::<ClientKey, [u64; 4]>(clients.map(), 64, |_, _| {});
@@ -122,12 +127,12 @@ fn an_empty_map_reads_as_empty() {
     if !require_root() {
         return;
     }
-    let h = filled(0);
-    let mut map = h.maps.clients().unwrap();
+    let (h, _legacy) = filled(0);
+    let mut map = h.maps.legacy_clients().unwrap();
     for k in [ClientKey::OTHER, ClientKey::OVERFLOW] {
         map.remove(&k).unwrap();
     }
     let stats = batch::for_each_percpu(map.map(), 64, |_: ClientKey, _: &[ClientCounters]| panic!("no entry")).unwrap();
     assert_eq!((stats.entries, stats.syscalls), (0, 1), "one call that ends with ENOENT");
-    assert!(read_sums(&h.maps).unwrap().is_empty());
+    for_each_legacy_sum(&h.maps, |k, _| panic!("no entry, got {k:?}")).unwrap();
 }

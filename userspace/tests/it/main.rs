@@ -23,6 +23,7 @@ mod openvpn_netns;
 mod postgres_fixture;
 mod registry;
 mod selfcheck;
+mod slots;
 mod steer_fixtures;
 mod steer_netns;
 mod webhooks;

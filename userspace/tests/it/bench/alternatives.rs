@@ -225,23 +225,25 @@ fn tunmeter(n: u32) -> Figures {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(800));
-    // The other clients' entries, as the program would have created them on their first packet.
-    let map = aya::maps::MapData::from_pin(&map_pin).expect("the daemon's client map");
-    let ncpu = nr_cpus().unwrap().get() as usize;
-    let keys: Vec<_> = other_clients(n).map(|a| tunmeter_common::ClientKey::v4(a.octets())).collect();
-    let values = vec![ClientCounters::default(); keys.len() * ncpu];
-    tunmeter::bpf::batch::update_percpu(&map, &keys, &values, ncpu).expect("fill the client map");
+    // The other clients' slots, as the program would have taken them on their first packet.
+    let maps = tunmeter::bpf::loader::PinnedMaps::new(pins.path());
+    let mut alloc = tunmeter::bpf::slots::SlotAlloc::open(&maps).expect("the daemon's client slots");
+    for a in other_clients(n) {
+        alloc.admit(&tunmeter_common::ClientKey::v4(a.octets())).expect("a free slot");
+    }
     let stats = bpfstats::StatsOn::new();
     let before = bpfstats::counters();
     let (gbps, kpps, cpu_ns) = traffic();
     let mut tally = bpfstats::Tally::default();
     tally.window(SERVER_NS, &["eth0"], &before);
     drop(stats);
-    let maps = tunmeter::bpf::loader::PinnedMaps::new(pins.path());
+    // As the daemon's poll reads them (owners confirmed once, then remembered).
+    let mut reader = tunmeter::bpf::slots::SlotReader::open(&maps, false).unwrap();
+    reader.for_each(|_, _| {}).unwrap();
     let mut entries = 0;
     let read = timed(|| {
         entries = 0;
-        tunmeter::bpf::counters::for_each_sum(&maps, |_, _| entries += 1).unwrap();
+        reader.for_each(|_, _| entries += 1).unwrap();
     });
     let _ = d.kill();
     let _ = d.wait();

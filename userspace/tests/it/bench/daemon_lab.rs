@@ -200,32 +200,31 @@ impl Traffic {
         let pins = pins.to_owned();
         let clock = tunmeter::bpf::clock::KernelClock::open(&pins).expect("the daemon's clock program");
         let thread = std::thread::spawn(move || {
-            let map = aya::maps::MapData::from_pin(pins.join(tunmeter_common::MAP_CLIENTS)).unwrap();
-            let ncpu = nr_cpus().unwrap().get() as usize;
-            let keys: Vec<_> =
-                (0..n).map(|i| tunmeter_common::ClientKey::v4((0x0a01_0000u32 + i).to_be_bytes())).collect();
-            let mut values = Vec::with_capacity(keys.len() * ncpu);
+            let maps = tunmeter::bpf::loader::PinnedMaps::new(&pins);
+            let mut alloc = tunmeter::bpf::slots::SlotAlloc::open(&maps).expect("the daemon's client slots");
+            // Every client takes its slot as its first packet would.
+            let slots: Vec<u32> = (0..n)
+                .map(|i| {
+                    let key = tunmeter_common::ClientKey::v4((0x0a01_0000u32 + i).to_be_bytes());
+                    alloc.admit(&key).expect("a free slot").expect("not reserved").0
+                })
+                .collect();
             let mut rounds = Vec::new();
             let mut next = std::time::Instant::now();
-            let mut round = 0u64;
             while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                round += 1;
                 let t0 = std::time::Instant::now();
                 let now = clock.jiffies().unwrap();
-                values.clear();
-                for i in 0..keys.len() as u64 {
-                    let c = ClientCounters {
-                        up_bytes: round * 1000 + i,
-                        up_packets: round * 2,
-                        down_bytes: round * 5000 + i,
-                        down_packets: round * 4,
-                        last_seen_jiffies: now,
-                    };
-                    // One slot per possible CPU, as the kernel program's per-CPU counters are.
-                    values.extend(std::iter::repeat_n(c, ncpu));
+                let c = ClientCounters {
+                    up_bytes: 1000,
+                    up_packets: 2,
+                    down_bytes: 5000,
+                    down_packets: 4,
+                    last_seen_jiffies: now,
+                };
+                // What the program's atomic adds do for a client's packets of the last second.
+                for &slot in &slots {
+                    alloc.slots().add(slot, &c);
                 }
-                tunmeter::bpf::batch::update_percpu(&map, &keys, &values, ncpu)
-                    .expect("BPF_MAP_UPDATE_BATCH of the client map");
                 rounds.push(t0.elapsed());
                 next += Duration::from_secs(1);
                 while std::time::Instant::now() < next && !stop2.load(std::sync::atomic::Ordering::Relaxed) {
@@ -237,7 +236,7 @@ impl Traffic {
         Traffic { stop, thread: Some(thread) }
     }
 
-    /// Stop; the slowest round of map updates.
+    /// Stop; the slowest round of counter updates.
     pub(super) fn stop(mut self) -> Duration {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let rounds = self.thread.take().unwrap().join().expect("traffic thread");

@@ -17,7 +17,7 @@ use tunmeter_common::{ClientKey, design::DesignSlot};
 
 use super::*;
 
-static DESIGN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunmeter-design"));
+use crate::support::DESIGN_OBJECT;
 
 const N: u32 = 100_000;
 const PROGRAMS: [(&str, &str); 3] = [
@@ -170,7 +170,7 @@ pub(super) fn layouts() {
     let hash_ms = ms(|| {
         seen = 0;
         tunmeter::bpf::batch::for_each_percpu(percpu, chunk, |_: ClientKey, v: &[ClientCounters]| {
-            seen += sum_cpus(v.iter()).up_packets;
+            seen += tunmeter::bpf::counters::sum_cpus(v.iter()).up_packets;
         })
         .unwrap();
     });

@@ -3,8 +3,8 @@
 //!
 //! 1. ns/packet of the counting program via BPF_PROG_TEST_RUN with 1, 10,000 and 100,000
 //!    clients in the map, IPv4 and IPv6 (client hit path), plus the outside-subnet path.
-//!    Then the cost of reading the whole client map (200,000 entries), entry by entry and
-//!    batched.
+//!    Then the cost of reading every client's counters (100,000 slots), one-off and as the
+//!    daemon's poll does.
 //! 2. TCP throughput across a veth pair with the programs attached vs no program (iperf3),
 //!    alternating runs, ratio of medians; what each attached program cost per packet in those
 //!    runs (the kernel's BPF run-time statistics, `bpfstats`).
@@ -55,7 +55,7 @@ use crate::support;
 
 use std::{net::Ipv6Addr, process::Command, time::Duration};
 
-use aya::{maps::PerCpuValues, util::nr_cpus};
+use aya::util::nr_cpus;
 use support::{
     Harness,
     packet::{ACK, PSH, Packet, SYN, TCP},
@@ -63,8 +63,9 @@ use support::{
 };
 use tunmeter::{
     bpf::{
-        counters::{ip_key, read_sums, sum_cpus},
+        counters::{ip_key, read_sums},
         loader::PROG_INGRESS,
+        slots::SlotReader,
     },
     types::Layer,
 };
@@ -76,16 +77,14 @@ const SAMPLES: usize = 7;
 
 /// `n` client entries (10.8.x.y, or fd00:8::x:y with `v6`), all zero, in the harness's map.
 fn fill(h: &Harness, n: u32, v6: bool) {
-    let mut map = h.maps.clients().unwrap();
-    let ncpu = nr_cpus().unwrap().get() as usize;
+    let mut alloc = tunmeter::bpf::slots::SlotAlloc::open(&h.maps).unwrap();
     for i in 0..n {
         let ip: std::net::IpAddr = if v6 {
             Ipv6Addr::new(0xfd00, 8, 0, 0, 0, 0, (i >> 16) as u16, i as u16).into()
         } else {
             std::net::Ipv4Addr::from(0x0a08_0000u32 + i).into() // 10.8.x.y
         };
-        let vals = PerCpuValues::try_from(vec![ClientCounters::default(); ncpu]).unwrap();
-        map.insert(&ip_key(ip), vals, 0).unwrap();
+        alloc.admit(&ip_key(ip)).unwrap();
     }
 }
 

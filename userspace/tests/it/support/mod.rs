@@ -22,12 +22,35 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use ipnet::IpNet;
 use tunmeter::{
     bpf::{
-        counters::{self, ip_key, sum_cpus},
+        counters,
         loader::{Instance, LoadOptions, PinnedMaps},
+        slots::{SlotAlloc, SlotReader},
     },
     types::Layer,
 };
-use tunmeter_common::ClientCounters;
+use tunmeter_common::{ClientCounters, ClientKey, MAP_LEGACY_CLIENTS};
+
+/// The counter-layout prototypes (`ebpf/src/bin/design.rs`); its `DESIGN_PERCPU` has the
+/// layout of the per-CPU client map of versions before the shared slots.
+pub static DESIGN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunmeter-design"));
+
+/// A per-CPU client map as an earlier version left it, pinned as `CLIENT_COUNTERS` under
+/// `dir`, holding `entries` (key, one value per CPU). The returned object keeps nothing alive
+/// that the pin does not.
+pub fn legacy_map(dir: &Path, capacity: u32, entries: &[(ClientKey, Vec<ClientCounters>)]) -> aya::Ebpf {
+    let mut ebpf = aya::EbpfLoader::new()
+        .map_max_entries("DESIGN_PERCPU", capacity)
+        .load(DESIGN_OBJECT)
+        .expect("load the design object");
+    let map = ebpf.map_mut("DESIGN_PERCPU").unwrap();
+    let mut map: aya::maps::PerCpuHashMap<_, ClientKey, ClientCounters> = map.try_into().unwrap();
+    for (k, v) in entries {
+        map.insert(k, aya::maps::PerCpuValues::try_from(v.clone()).unwrap(), 0).unwrap();
+    }
+    let aya::maps::Map::PerCpuHashMap(data) = ebpf.map("DESIGN_PERCPU").unwrap() else { unreachable!() };
+    data.pin(dir.join(MAP_LEGACY_CLIENTS)).expect("pin the legacy map");
+    ebpf
+}
 
 /// Kernel tests need root. Under `cargo xtask test` (TUNMETER_REQUIRE_ROOT_TESTS=1) a missing
 /// privilege fails the test; a plain `cargo test` as a user skips it with a message.
@@ -118,7 +141,7 @@ impl Harness {
         std::fs::create_dir_all(pins.path()).unwrap();
         let inst = Instance::load_with(layer, pins.path(), max_clients, opts).expect("load eBPF object");
         let maps = PinnedMaps::new(pins.path());
-        maps.ensure_reserved_buckets().unwrap();
+        maps.ensure_slots().unwrap();
         let nets: Vec<IpNet> = subnets.iter().map(|s| s.parse().unwrap()).collect();
         maps.sync_subnets(&BTreeMap::from([(TEST_RUN_IFINDEX, nets)])).unwrap();
         Harness { inst, maps, pins }
@@ -222,8 +245,12 @@ impl Harness {
 
     pub fn client(&self, ip: &str) -> Option<ClientCounters> {
         let ip: IpAddr = ip.parse().unwrap();
-        let map = self.maps.clients().unwrap();
-        map.get(&ip_key(ip), 0).ok().map(|v| sum_cpus(v.iter()))
+        SlotReader::open(&self.maps, false).unwrap().read_one(ip).unwrap()
+    }
+
+    /// Give `ip` a slot (as its first packet would) and add `c` to it; returns the slot.
+    pub fn add_to_client(&self, ip: IpAddr, c: &ClientCounters) -> u32 {
+        add_to_client(&self.maps, ip, c)
     }
 
     pub fn client_count(&self) -> usize {
@@ -253,4 +280,13 @@ pub struct SkbOut {
     pub mark: u32,
     pub priority: u32,
     pub tc_index: u32,
+}
+
+/// Give `ip` a slot in the pinned maps (as its first packet would) and add `c` to it, as the
+/// program's atomic adds do; returns the slot.
+pub fn add_to_client(maps: &PinnedMaps, ip: IpAddr, c: &ClientCounters) -> u32 {
+    let mut alloc = SlotAlloc::open(maps).unwrap();
+    let (slot, _) = alloc.admit(&tunmeter::bpf::counters::ip_key(ip)).unwrap().expect("not a reserved key");
+    alloc.slots().add(slot, c);
+    slot
 }
