@@ -220,3 +220,39 @@ fn an_upgrade_carries_the_per_cpu_map_over_once_and_exactly() {
         assert_eq!((ca.up_bytes, ca.down_bytes), (1300 + p.len() as u64, 2400 + d.len() as u64));
     });
 }
+
+#[test]
+fn the_free_queue_is_topped_up_by_the_daemons_scan_and_by_admission() {
+    if !require_root() {
+        return;
+    }
+    let mut h = Harness::new(Layer::L3, 20_000, &["10.64.0.0/10"]);
+    let headroom = tunmeter::bpf::slots::MIN_FREE_SLOTS;
+    let mark = |h: &Harness| h.maps.slots().unwrap().fill_mark();
+    assert_eq!(mark(&h), RESERVED_SLOTS + headroom, "a fresh map queues the headroom only");
+    // New clients take every queued slot; the next one finds the queue empty and counts into
+    // OVERFLOW until a scan tops the queue up.
+    let client = |i: u32| std::net::Ipv4Addr::from(0x0a40_0000 + i).to_string();
+    for i in 0..headroom {
+        h.run(PROG_INGRESS, &up(&client(i)));
+    }
+    let late = up(&client(headroom));
+    h.run(PROG_INGRESS, &late);
+    assert!(h.client(&client(headroom)).is_none());
+    assert_eq!(h.outcomes()[&(Direction::Upload.name().to_string(), Outcome::MapFull.name().to_string())].0, 1);
+    let mut daemon = SlotReader::open(&h.maps, true).unwrap();
+    let mut seen = 0;
+    daemon.for_each(|k, _| seen += u32::from(!k.is_reserved())).unwrap();
+    assert_eq!(seen, headroom);
+    assert_eq!(mark(&h), RESERVED_SLOTS + 2 * headroom, "topped up to the headroom again");
+    h.run(PROG_INGRESS, &late);
+    assert_eq!(h.client(&client(headroom)).expect("a slot now").up_packets, 1);
+    // Admission never waits for a scan: with the queue drained it queues a fresh slot itself.
+    let mut alloc = tunmeter::bpf::slots::SlotAlloc::open(&h.maps).unwrap();
+    let admitted: std::collections::BTreeSet<u32> = (0..headroom + 10)
+        .map(|i| alloc.admit(&ip_key(ip(&format!("10.65.{}.{}", i / 250, i % 250 + 1)))).unwrap().unwrap().0)
+        .collect();
+    assert_eq!(admitted.len() as u32, headroom + 10, "every admitted address has a slot of its own");
+    // The queue held headroom - 1 (the late client took one): the other 11 were fresh.
+    assert_eq!(mark(&h), RESERVED_SLOTS + 2 * headroom + 11);
+}

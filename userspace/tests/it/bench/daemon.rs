@@ -65,6 +65,9 @@ struct DaemonCost {
     threads: Vec<(String, f64)>,
     rss_mib: f64,
     hwm_mib: f64,
+    /// VmRSS at the end by kind: anonymous (the daemon's heap and stacks), file, shared memory
+    /// (the mmapped counter slots are shared with the kernel map).
+    rss_split: (f64, f64, f64),
     polls: u64,
     /// last_poll_ms samples of /api/v1/stats, one a second.
     poll_ms: Vec<f64>,
@@ -221,6 +224,7 @@ fn daemon_run(n: u32, measure_api: bool, pg: Option<&support::postgres::Postgres
         .collect();
     threads.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
     let (rss_mib, hwm_mib) = (vm_mib(pid, "VmRSS:"), vm_mib(pid, "VmHWM:"));
+    let rss_split = (vm_mib(pid, "RssAnon:"), vm_mib(pid, "RssFile:"), vm_mib(pid, "RssShmem:"));
 
     let mut flushes = std::collections::BTreeMap::new();
     for s in &samples {
@@ -278,6 +282,7 @@ fn daemon_run(n: u32, measure_api: bool, pg: Option<&support::postgres::Postgres
         threads,
         rss_mib,
         hwm_mib,
+        rss_split,
         polls,
         poll_ms,
         flush_ms: flushes.into_values().collect(),
@@ -383,6 +388,21 @@ pub(super) fn daemon_cost() {
         let threads: Vec<String> = r.threads.iter().map(|(name, pct)| format!("{name} {pct:.1}%")).collect();
         let threads = if threads.is_empty() { "-".into() } else { threads.join(", ") };
         println!("- {} clients, {}: {threads}", r.clients, r.engine);
+    }
+    println!();
+    println!(
+        "RSS at the end by kind (anonymous: the daemon's heap and stacks; file: its binary and libraries, and the"
+    );
+    println!(
+        "mmapped counter slots, which are the kernel map's own pages, 64 bytes a slot, shared, not allocated by the daemon):"
+    );
+    println!();
+    for r in &runs {
+        let (anon, file, shmem) = r.rss_split;
+        println!(
+            "- {} clients, {}: anonymous {anon:.1} MiB, file {file:.1} MiB, shared {shmem:.1} MiB",
+            r.clients, r.engine
+        );
     }
     println!();
     let bumps: Vec<String> =

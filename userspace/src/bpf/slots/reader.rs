@@ -1,0 +1,115 @@
+//! The scan: every slot below the fill mark read through the mapping and attributed to the
+//! key stored in it once the index confirms that key owns it; the daemon's scan also frees
+//! released slots after their grace and keeps the free queue topped up.
+
+use std::net::IpAddr;
+
+use aya::maps::{HashMap, MapData, MapError, Queue};
+use tracing::debug;
+use tunmeter_common::{
+    ClientCounters, ClientKey, MAP_CLIENT_INDEX, MAP_FREE_SLOTS, RESERVED_SLOTS, SLOT_OTHER, SLOT_OVERFLOW,
+    SLOT_RELEASE_GRACE_MS,
+};
+
+use super::{Slots, alloc, is_released, map_err};
+use crate::bpf::loader::{LoadError, PinnedMaps, ip_key};
+
+/// Reads every slot and attributes it: a slot counts for the key stored in it only once the
+/// index confirms that key owns it (a slot being taken, or given back after a lost race, holds
+/// a key the index does not point at). Confirmed owners are remembered, so a steady-state
+/// scan makes no syscall. Kept for the daemon's life; a fresh one for one-off reads.
+pub struct SlotReader {
+    slots: Slots,
+    index: HashMap<MapData, ClientKey, u32>,
+    /// The daemon's reader only: frees released slots and tops the queue up.
+    free: Option<Queue<MapData, u32>>,
+    owners: Vec<ClientKey>,
+}
+
+impl SlotReader {
+    /// `manage`: also zero and free released slots whose grace has passed, and keep the free
+    /// queue topped up (the daemon only: one process must own that, and it clears its
+    /// remembered owner at the same time).
+    pub fn open(maps: &PinnedMaps, manage: bool) -> Result<SlotReader, LoadError> {
+        let slots = maps.slots()?;
+        let free = if manage { Some(maps.free_slots()?) } else { None };
+        Ok(SlotReader { slots, index: maps.index()?, free, owners: Vec::new() })
+    }
+
+    pub fn slots(&self) -> &Slots {
+        &self.slots
+    }
+
+    /// `f(key, counters)` for the reserved buckets, then every owned slot in slot order.
+    pub fn for_each(&mut self, mut f: impl FnMut(&ClientKey, &ClientCounters)) -> Result<(), LoadError> {
+        let mark = self.slots.fill_mark();
+        self.slots.map_upto(mark)?;
+        if self.owners.len() < mark as usize {
+            self.owners.resize(mark as usize, ClientKey::OTHER);
+        }
+        f(&ClientKey::OTHER, &self.slots.counters(SLOT_OTHER));
+        f(&ClientKey::OVERFLOW, &self.slots.counters(SLOT_OVERFLOW));
+        let now = crate::time::unix_ms();
+        let (mut free, mut in_use) = (0u32, 0u32);
+        for slot in RESERVED_SLOTS..mark {
+            let key = self.slots.key(slot);
+            if key == ClientKey::OTHER {
+                self.owners[slot as usize] = key;
+                free += 1;
+                continue;
+            }
+            in_use += 1;
+            if is_released(slot, &key) {
+                self.owners[slot as usize] = ClientKey::OTHER;
+                if self.recycle(slot, now)? {
+                    (free, in_use) = (free + 1, in_use - 1);
+                }
+                continue;
+            }
+            if self.owners[slot as usize] != key {
+                match self.index.get(&key, 0) {
+                    Ok(s) if s == slot => self.owners[slot as usize] = key,
+                    Ok(_) | Err(MapError::KeyNotFound) => continue,
+                    Err(e) => return Err(map_err(MAP_CLIENT_INDEX)(e)),
+                }
+            }
+            f(&key, &self.slots.counters(slot));
+        }
+        if let Some(queue) = self.free.as_mut() {
+            alloc::top_up(&self.slots, queue, free, in_use)?;
+        }
+        Ok(())
+    }
+
+    /// Zero and free a released slot whose grace has passed; true if freed.
+    fn recycle(&mut self, slot: u32, now: u64) -> Result<bool, LoadError> {
+        let Some(free) = self.free.as_mut() else { return Ok(false) };
+        if now.saturating_sub(self.slots.meta(slot)) < SLOT_RELEASE_GRACE_MS {
+            return Ok(false);
+        }
+        self.slots.clear(slot);
+        free.push(&slot, 0).map_err(map_err(MAP_FREE_SLOTS))?;
+        debug!(slot, "released slot freed");
+        Ok(true)
+    }
+
+    /// One client's counters, if it owns a slot.
+    pub fn read_one(&self, ip: IpAddr) -> Result<Option<ClientCounters>, LoadError> {
+        let key = ip_key(ip);
+        let Some(slot) = self.slot_of(ip)? else { return Ok(None) };
+        if slot >= self.slots.entries() {
+            return Ok(None);
+        }
+        self.slots.map_upto(slot + 1)?;
+        Ok((self.slots.key(slot) == key).then(|| self.slots.counters(slot)))
+    }
+
+    /// The slot `ip` owns.
+    pub fn slot_of(&self, ip: IpAddr) -> Result<Option<u32>, LoadError> {
+        match self.index.get(&ip_key(ip), 0) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_CLIENT_INDEX)(e)),
+        }
+    }
+}
