@@ -95,8 +95,8 @@ pub fn read_sums(maps: &PinnedMaps) -> Result<Vec<(ClientKey, ClientCounters)>, 
 }
 
 /// `f(key, counters)` for every client (as `read_sums`, without collecting).
-pub fn for_each_sum(maps: &PinnedMaps, f: impl FnMut(&ClientKey, &ClientCounters)) -> Result<(), LoadError> {
-    SlotReader::open(maps, false)?.for_each(f)
+pub fn for_each_sum(maps: &PinnedMaps, mut f: impl FnMut(&ClientKey, &ClientCounters)) -> Result<(), LoadError> {
+    SlotReader::open(maps, false)?.for_each(|_, k, c| f(k, c))
 }
 
 /// `f(key, sum over CPUs)` for every entry of the per-CPU client hash of earlier versions.

@@ -71,7 +71,7 @@ impl KernelSource {
     }
 }
 
-fn reading(ip: IpAddr, c: &ClientCounters, cal: Option<&Calibration>) -> Reading {
+fn reading(ip: IpAddr, c: &ClientCounters, cal: Option<&Calibration>, slot: Option<u32>) -> Reading {
     Reading {
         ip,
         totals: Totals {
@@ -81,6 +81,7 @@ fn reading(ip: IpAddr, c: &ClientCounters, cal: Option<&Calibration>) -> Reading
             down_packets: c.down_packets,
         },
         last_seen_ms: cal.and_then(|cal| cal.to_unix_ms(c.last_seen_jiffies)),
+        slot,
     }
 }
 
@@ -93,9 +94,9 @@ impl Source for KernelSource {
     fn read_all(&self, f: &mut dyn FnMut(Reading)) -> Result<(), LoadError> {
         let cal = self.calibration();
         self.with_reader(|r| {
-            r.for_each(|k, c| {
+            r.for_each(|slot, k, c| {
                 if !k.is_reserved() {
-                    f(reading(key_ip(k), c, cal.as_ref()));
+                    f(reading(key_ip(k), c, cal.as_ref(), Some(slot)));
                 }
             })
         })
@@ -103,7 +104,7 @@ impl Source for KernelSource {
 
     fn read_one(&self, ip: IpAddr) -> Result<Option<Reading>, LoadError> {
         let c = self.with_reader(|r| r.read_one(ip))?;
-        Ok(c.map(|c| reading(ip, &c, self.calibration().as_ref())))
+        Ok(c.map(|c| reading(ip, &c, self.calibration().as_ref(), None)))
     }
 
     fn admit(&self, ip: IpAddr) -> Result<(), LoadError> {
@@ -144,7 +145,7 @@ impl Source for LegacySource {
     fn read_all(&self, f: &mut dyn FnMut(Reading)) -> Result<(), LoadError> {
         counters::for_each_legacy_sum(&self.maps, |k, c| {
             if !k.is_reserved() {
-                f(reading(key_ip(k), c, None));
+                f(reading(key_ip(k), c, None, None));
             }
         })
     }

@@ -67,6 +67,9 @@ pub struct Reading {
     pub ip: IpAddr,
     pub totals: Totals,
     pub last_seen_ms: Option<u64>,
+    /// Where the source keeps it (the kernel slot), if it has such a place: a hint that lets
+    /// a poll find the client's row without the address index.
+    pub slot: Option<u32>,
 }
 
 /// What the ledger knows of one client.
@@ -281,7 +284,7 @@ impl State {
     /// added usage.
     pub fn apply_one(&mut self, r: &Reading, now_ms: u64, elapsed_s: Option<f64>, out: &mut PollOutcome) -> bool {
         let gen_ = self.polls;
-        let (c, is_new) = self.clients.get_or_insert_with(r.ip, || ClientState::new(now_ms));
+        let (c, is_new) = self.clients.get_or_insert_at(r.ip, r.slot, || ClientState::new(now_ms));
         c.poll_gen = gen_;
         let delta = if r.totals.ge(&c.cursor) {
             r.totals.minus(&c.cursor)

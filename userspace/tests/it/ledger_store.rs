@@ -69,12 +69,12 @@ impl Source for Shared {
     fn read_all(&self, f: &mut dyn FnMut(Reading)) -> Result<(), LoadError> {
         let now = tunmeter::time::unix_ms();
         for (ip, t) in self.0.counters.lock().unwrap().iter() {
-            f(Reading { ip: *ip, totals: *t, last_seen_ms: Some(now) });
+            f(Reading { ip: *ip, totals: *t, last_seen_ms: Some(now), slot: None });
         }
         Ok(())
     }
     fn read_one(&self, ip: IpAddr) -> Result<Option<Reading>, LoadError> {
-        Ok(self.0.counters.lock().unwrap().get(&ip).map(|t| Reading { ip, totals: *t, last_seen_ms: None }))
+        Ok(self.0.counters.lock().unwrap().get(&ip).map(|t| Reading { ip, totals: *t, last_seen_ms: None, slot: None }))
     }
 }
 

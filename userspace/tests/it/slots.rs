@@ -74,7 +74,7 @@ fn a_slot_the_index_does_not_confirm_is_not_read() {
     let mut reader = SlotReader::open(&h.maps, true).unwrap();
     let seen = |r: &mut SlotReader| {
         let mut v = Vec::new();
-        r.for_each(|k, c| {
+        r.for_each(|_, k, c| {
             if !k.is_reserved() {
                 v.push((*k, *c))
             }
@@ -129,11 +129,11 @@ fn a_full_map_overflows_and_a_released_slot_is_reused_from_zero_after_its_grace(
     // would: they must not reach the slot's next owner.
     reader.slots().add(freed, &ClientCounters { up_bytes: 7, up_packets: 1, ..Default::default() });
     let mut daemon = SlotReader::open(&h.maps, true).unwrap();
-    daemon.for_each(|_, _| {}).unwrap();
+    daemon.for_each(|_, _, _| {}).unwrap();
     h.run(PROG_INGRESS, &late);
     assert!(h.client("10.8.0.5").is_none(), "still in its grace: not free yet");
     std::thread::sleep(Duration::from_millis(tunmeter_common::SLOT_RELEASE_GRACE_MS + 100));
-    daemon.for_each(|_, _| {}).unwrap();
+    daemon.for_each(|_, _, _| {}).unwrap();
     h.run(PROG_INGRESS, &late);
     let c = h.client("10.8.0.5").expect("the freed slot is taken");
     assert_eq!((c.up_packets, c.up_bytes), (1, late.len() as u64), "counted from zero");
@@ -242,7 +242,7 @@ fn the_free_queue_is_topped_up_by_the_daemons_scan_and_by_admission() {
     assert_eq!(h.outcomes()[&(Direction::Upload.name().to_string(), Outcome::MapFull.name().to_string())].0, 1);
     let mut daemon = SlotReader::open(&h.maps, true).unwrap();
     let mut seen = 0;
-    daemon.for_each(|k, _| seen += u32::from(!k.is_reserved())).unwrap();
+    daemon.for_each(|_, k, _| seen += u32::from(!k.is_reserved())).unwrap();
     assert_eq!(seen, headroom);
     assert_eq!(mark(&h), RESERVED_SLOTS + 2 * headroom, "topped up to the headroom again");
     h.run(PROG_INGRESS, &late);

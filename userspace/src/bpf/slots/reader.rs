@@ -40,15 +40,15 @@ impl SlotReader {
         &self.slots
     }
 
-    /// `f(key, counters)` for the reserved buckets, then every owned slot in slot order.
-    pub fn for_each(&mut self, mut f: impl FnMut(&ClientKey, &ClientCounters)) -> Result<(), LoadError> {
+    /// `f(slot, key, counters)` for the reserved buckets, then every owned slot in slot order.
+    pub fn for_each(&mut self, mut f: impl FnMut(u32, &ClientKey, &ClientCounters)) -> Result<(), LoadError> {
         let mark = self.slots.fill_mark();
         self.slots.map_upto(mark)?;
         if self.owners.len() < mark as usize {
             self.owners.resize(mark as usize, ClientKey::OTHER);
         }
-        f(&ClientKey::OTHER, &self.slots.counters(SLOT_OTHER));
-        f(&ClientKey::OVERFLOW, &self.slots.counters(SLOT_OVERFLOW));
+        f(SLOT_OTHER, &ClientKey::OTHER, &self.slots.counters(SLOT_OTHER));
+        f(SLOT_OVERFLOW, &ClientKey::OVERFLOW, &self.slots.counters(SLOT_OVERFLOW));
         let now = crate::time::unix_ms();
         let (mut free, mut in_use) = (0u32, 0u32);
         for slot in RESERVED_SLOTS..mark {
@@ -73,7 +73,7 @@ impl SlotReader {
                     Err(e) => return Err(map_err(MAP_CLIENT_INDEX)(e)),
                 }
             }
-            f(&key, &self.slots.counters(slot));
+            f(slot, &key, &self.slots.counters(slot));
         }
         if let Some(queue) = self.free.as_mut() {
             alloc::top_up(&self.slots, queue, free, in_use)?;

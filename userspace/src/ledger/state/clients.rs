@@ -21,6 +21,9 @@ pub struct ClientMap {
     index: FxHashMap<IpAddr, u32>,
     blocks: Vec<Vec<Row>>,
     len: usize,
+    /// Kernel slot -> row + 1 (0: none), the row a reading of that slot found last: a poll
+    /// reads the slots in order and finds each row here, without a random probe of the index.
+    hints: Vec<u32>,
 }
 
 impl ClientMap {
@@ -82,8 +85,37 @@ impl ClientMap {
         ip: IpAddr,
         new: impl FnOnce() -> ClientState,
     ) -> (&mut ClientState, bool) {
+        let (i, made) = self.find_or_insert(ip, new);
+        (&mut self.row_mut(i).1, made)
+    }
+
+    /// As `get_or_insert_with`, for a reading of kernel slot `slot`: the row found for that
+    /// slot last time is tried first (its address checked, so a slot that changed owner, or a
+    /// hint of another map, only costs the index lookup it would have made anyway).
+    pub(crate) fn get_or_insert_at(
+        &mut self,
+        ip: IpAddr,
+        slot: Option<u32>,
+        new: impl FnOnce() -> ClientState,
+    ) -> (&mut ClientState, bool) {
+        let Some(slot) = slot.map(|s| s as usize) else { return self.get_or_insert_with(ip, new) };
+        if let Some(&h) = self.hints.get(slot)
+            && h != 0
+            && self.row(h - 1).0 == ip
+        {
+            return (&mut self.row_mut(h - 1).1, false);
+        }
+        let (i, made) = self.find_or_insert(ip, new);
+        if self.hints.len() <= slot {
+            self.hints.resize(slot + 1, 0);
+        }
+        self.hints[slot] = i + 1;
+        (&mut self.row_mut(i).1, made)
+    }
+
+    fn find_or_insert(&mut self, ip: IpAddr, new: impl FnOnce() -> ClientState) -> (u32, bool) {
         if let Some(&i) = self.index.get(&ip) {
-            return (&mut self.row_mut(i).1, false);
+            return (i, false);
         }
         let i = u32::try_from(self.len).expect("fewer than 2^32 clients");
         self.index.insert(ip, i);
@@ -91,9 +123,8 @@ impl ClientMap {
             self.blocks.push(Vec::with_capacity(BLOCK));
         }
         self.len += 1;
-        let block = self.blocks.last_mut().expect("a block with room");
-        block.push((ip, new()));
-        (&mut block.last_mut().expect("just pushed").1, true)
+        self.blocks.last_mut().expect("a block with room").push((ip, new()));
+        (i, true)
     }
 }
 
@@ -134,6 +165,22 @@ mod tests {
         assert_eq!(m.keys().copied().collect::<Vec<_>>(), [a, b]);
         let again: ClientMap = m.iter().map(|(ip, c)| (*ip, c.clone())).collect();
         assert_eq!(again[&a].first_seen_ms, 7);
+    }
+
+    #[test]
+    fn slot_hints_find_the_row_and_never_another_clients() {
+        let mut m = ClientMap::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.8.0.2".parse().unwrap(), "10.8.0.3".parse().unwrap());
+        m.get_or_insert_at(a, Some(5), ClientState::default).0.first_seen_ms = 1;
+        m.get_or_insert_at(b, None, ClientState::default).0.first_seen_ms = 2;
+        assert_eq!(m.get_or_insert_at(a, Some(5), ClientState::default).0.first_seen_ms, 1);
+        // Slot 5 now read for b (its owner changed): the hint's row is a's, so b's is found.
+        let (c, made) = m.get_or_insert_at(b, Some(5), ClientState::default);
+        assert_eq!((c.first_seen_ms, made), (2, false));
+        assert_eq!(m.get_or_insert_at(a, Some(9), ClientState::default).0.first_seen_ms, 1);
+        let (c, made) = m.get_or_insert_at("10.8.0.4".parse().unwrap(), Some(5), ClientState::default);
+        assert!(made && c.first_seen_ms == 0);
+        assert_eq!(m.len(), 3);
     }
 
     #[test]

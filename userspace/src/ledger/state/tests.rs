@@ -12,7 +12,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn r(a: &str, tot: Totals) -> Reading {
-    Reading { ip: ip(a), totals: tot, last_seen_ms: Some(1) }
+    Reading { ip: ip(a), totals: tot, last_seen_ms: Some(1), slot: None }
 }
 
 /// A whole flush as the ledger's writer makes it (every listed client in one chunk, then the
@@ -209,7 +209,7 @@ fn chunked_flushes_with_polls_between_and_failures_stay_exact() {
             }
         }
         let readings: Vec<Reading> =
-            kernel.iter().map(|(ip, t)| Reading { ip: *ip, totals: *t, last_seen_ms: Some(now) }).collect();
+            kernel.iter().map(|(ip, t)| Reading { ip: *ip, totals: *t, last_seen_ms: Some(now), slot: None }).collect();
         s.apply_poll("e", &readings, now, Some(1.0));
     };
     for round in 0..200 {
@@ -248,7 +248,7 @@ fn chunked_flushes_with_polls_between_and_failures_stay_exact() {
     // Quiet, then one last complete flush: the database holds every byte the kernel counted.
     now += 1000;
     let readings: Vec<Reading> =
-        kernel.iter().map(|(ip, t)| Reading { ip: *ip, totals: *t, last_seen_ms: None }).collect();
+        kernel.iter().map(|(ip, t)| Reading { ip: *ip, totals: *t, last_seen_ms: None, slot: None }).collect();
     s.apply_poll("e", &readings, now, Some(1.0));
     let b = take_flush(&mut s, None);
     for (ip, row) in b.clients {

@@ -239,11 +239,11 @@ fn tunmeter(n: u32) -> Figures {
     drop(stats);
     // As the daemon's poll reads them (owners confirmed once, then remembered).
     let mut reader = tunmeter::bpf::slots::SlotReader::open(&maps, false).unwrap();
-    reader.for_each(|_, _| {}).unwrap();
+    reader.for_each(|_, _, _| {}).unwrap();
     let mut entries = 0;
     let read = timed(|| {
         entries = 0;
-        reader.for_each(|_, _| entries += 1).unwrap();
+        reader.for_each(|_, _, _| entries += 1).unwrap();
     });
     let _ = d.kill();
     let _ = d.wait();

@@ -104,10 +104,10 @@ const READS: usize = 3;
 fn map_read(h: &Harness) -> (usize, f64, f64) {
     let (once_ms, mut once) = median_ms(|| read_sums(&h.maps).unwrap());
     let mut reader = SlotReader::open(&h.maps, false).unwrap();
-    reader.for_each(|_, _| {}).unwrap();
+    reader.for_each(|_, _, _| {}).unwrap();
     let (scan_ms, mut scanned) = median_ms(|| {
         let mut v = Vec::new();
-        reader.for_each(|k, c| v.push((*k, *c))).unwrap();
+        reader.for_each(|_, k, c| v.push((*k, *c))).unwrap();
         v
     });
     once.sort_by_key(|(k, _)| *k);
