@@ -69,7 +69,7 @@ fn count_client(ctx: &TcContext, key: &ClientKey, bytes: u32, dir: Direction) {
     // `::` (e.g. the source of duplicate-address detection) and ff..ff would hit a reserved
     // bucket's key: they are never clients.
     if key.is_reserved() {
-        count_bucket(SLOT_OTHER, dir, Outcome::OutsideSubnets, bytes);
+        count_slot(SLOT_OTHER, dir, Outcome::OutsideSubnets, bytes);
         return;
     }
     // SAFETY: a copy of the slot number.
@@ -78,14 +78,14 @@ fn count_client(ctx: &TcContext, key: &ClientKey, bytes: u32, dir: Direction) {
         return;
     }
     if !in_client_subnet(ifindex(ctx), key) {
-        count_bucket(SLOT_OTHER, dir, Outcome::OutsideSubnets, bytes);
+        count_slot(SLOT_OTHER, dir, Outcome::OutsideSubnets, bytes);
         return;
     }
     // Only the client's own packets (or the daemon admitting its address) take a slot: a
     // download to an unknown address in the subnet must not, or anyone could fill the map
     // (and the ledger) by sending to random addresses of a routed subnet.
     if dir == Direction::Download {
-        count_bucket(SLOT_OTHER, dir, Outcome::UnknownClient, bytes);
+        count_slot(SLOT_OTHER, dir, Outcome::UnknownClient, bytes);
         return;
     }
     new_client(key, bytes, dir);
@@ -96,7 +96,7 @@ fn count_client(ctx: &TcContext, key: &ClientKey, bytes: u32, dir: Direction) {
 fn new_client(key: &ClientKey, bytes: u32, dir: Direction) {
     let slot = match CLIENT_FREE_SLOTS.pop() {
         Ok(Some(slot)) => slot,
-        Ok(None) => return count_bucket(SLOT_OVERFLOW, dir, Outcome::MapFull, bytes),
+        Ok(None) => return count_slot(SLOT_OVERFLOW, dir, Outcome::MapFull, bytes),
         Err(_) => return stats::outcome(dir, Outcome::MapError, bytes),
     };
     let Some(s) = CLIENT_SLOTS.get_ptr_mut(slot) else {
@@ -120,7 +120,7 @@ fn new_client(key: &ClientKey, bytes: u32, dir: Direction) {
                     None => stats::outcome(dir, Outcome::MapError, bytes),
                 }
             } else if e as i64 == -E2BIG {
-                count_bucket(SLOT_OVERFLOW, dir, Outcome::MapFull, bytes);
+                count_slot(SLOT_OVERFLOW, dir, Outcome::MapFull, bytes);
             } else {
                 stats::outcome(dir, Outcome::MapError, bytes);
             }
@@ -128,12 +128,7 @@ fn new_client(key: &ClientKey, bytes: u32, dir: Direction) {
     }
 }
 
-/// Count into a reserved bucket's fixed slot.
-#[inline(always)]
-fn count_bucket(slot: u32, dir: Direction, outcome: Outcome, bytes: u32) {
-    count_slot(slot, dir, outcome, bytes)
-}
-
+/// Count into `slot`: a client's, or a reserved bucket's fixed one.
 #[inline(always)]
 fn count_slot(slot: u32, dir: Direction, outcome: Outcome, bytes: u32) {
     match CLIENT_SLOTS.get_ptr_mut(slot) {

@@ -5,7 +5,7 @@
 
 use crate::support;
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc};
 
 use support::{Harness, packet::Packet, require_root, sqlite::SqliteFile};
 use tunmeter::{
@@ -14,7 +14,7 @@ use tunmeter::{
         loader::{PROG_EGRESS, PROG_INGRESS},
     },
     db::Database,
-    ledger::{Ledger, LedgerConfig, source::KernelSource, store::Granularity},
+    ledger::{Ledger, source::KernelSource},
     types::Layer,
 };
 use tunmeter_common::{Direction, Outcome};
@@ -28,13 +28,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 /// A ledger reading the harness's pinned maps (polled by hand: the intervals are an hour).
 async fn ledger(h: &Harness, db: &SqliteFile) -> Arc<Ledger> {
-    let cfg = LedgerConfig {
-        node_id: "fill".into(),
-        poll_interval: Duration::from_secs(3600),
-        flush_interval: Duration::from_secs(3600),
-        retention_days: [(Granularity::Minute, 2), (Granularity::Hour, 90), (Granularity::Day, 0)],
-        max_pending_rows: 1_000_000,
-    };
+    let cfg = support::hand_polled_ledger("fill");
     let db = Database::open(&db.url).await.expect("open database");
     Ledger::open(cfg, db, Arc::new(KernelSource::new(h.pins.path()))).await.expect("ledger")
 }

@@ -79,13 +79,7 @@ impl Source for Shared {
 }
 
 fn cfg(node: &str) -> LedgerConfig {
-    LedgerConfig {
-        node_id: node.into(),
-        poll_interval: Duration::from_secs(3600),
-        flush_interval: Duration::from_secs(3600),
-        retention_days: [(Granularity::Minute, 2), (Granularity::Hour, 90), (Granularity::Day, 0)],
-        max_pending_rows: 1_000_000,
-    }
+    support::hand_polled_ledger(node)
 }
 
 /// A ledger with its tasks running (they do nothing on their own here: the intervals are an

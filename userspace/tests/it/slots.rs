@@ -15,7 +15,7 @@ use tunmeter::{
         slots::SlotReader,
     },
     db::Database,
-    ledger::{Ledger, LedgerConfig, source::KernelSource, store::Granularity},
+    ledger::{Ledger, LedgerConfig, source::KernelSource},
     types::Layer,
 };
 use tunmeter_common::{
@@ -141,13 +141,7 @@ fn a_full_map_overflows_and_a_released_slot_is_reused_from_zero_after_its_grace(
 }
 
 fn ledger_cfg() -> LedgerConfig {
-    LedgerConfig {
-        node_id: "slots".into(),
-        poll_interval: Duration::from_secs(3600),
-        flush_interval: Duration::from_secs(3600),
-        retention_days: [(Granularity::Minute, 2), (Granularity::Hour, 90), (Granularity::Day, 0)],
-        max_pending_rows: 1_000_000,
-    }
+    support::hand_polled_ledger("slots")
 }
 
 fn per_cpu(c: ClientCounters) -> Vec<ClientCounters> {

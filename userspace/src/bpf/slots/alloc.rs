@@ -26,7 +26,6 @@ fn push_fresh(slots: &Slots, queue: &mut Queue<MapData, u32>) -> Result<Option<u
         return Ok(None);
     }
     let slot = next as u32;
-    slots.map_upto(slot + 1)?;
     queue.push(&slot, 0).map_err(map_err(MAP_FREE_SLOTS))?;
     Ok(Some(slot))
 }
@@ -85,14 +84,14 @@ impl SlotAlloc {
         }
         match self.index.get(key, 0) {
             Ok(slot) => {
-                self.slots.map_upto(slot + 1)?;
+                self.slots.map_slot(slot)?;
                 return Ok(Some((slot, false)));
             }
             Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(MAP_CLIENT_INDEX)(e)),
         }
         let slot = self.pop()?;
-        self.slots.map_upto(slot + 1)?;
+        self.slots.map_slot(slot)?;
         self.slots.set_key(slot, key);
         match self.index.insert(key, &slot, BPF_NOEXIST) {
             Ok(()) => Ok(Some((slot, true))),
@@ -102,7 +101,7 @@ impl SlotAlloc {
                 match e {
                     MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST) => {
                         let slot = self.index.get(key, 0).map_err(map_err(MAP_CLIENT_INDEX))?;
-                        self.slots.map_upto(slot + 1)?;
+                        self.slots.map_slot(slot)?;
                         Ok(Some((slot, false)))
                     }
                     e => Err(map_err(MAP_CLIENT_INDEX)(e)),

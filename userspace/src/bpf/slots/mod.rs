@@ -79,7 +79,7 @@ impl Slots {
         let entries = data.info().map_err(map_err(MAP_CLIENTS))?.max_entries();
         let chunks = (0..entries.div_ceil(CHUNK_SLOTS)).map(|_| OnceLock::new()).collect();
         let slots = Slots { chunks, entries, data };
-        slots.map_upto(RESERVED_SLOTS)?;
+        slots.map_slot(SLOT_OTHER)?;
         Ok(slots)
     }
 
@@ -88,13 +88,18 @@ impl Slots {
         self.entries
     }
 
-    /// Map every chunk that holds a slot below `end` (callers do this before touching slots,
-    /// so that a failing mmap is an error, not a panic in `word`).
+    /// Map every chunk that holds a slot below `end` (a scan, before it reads them: callers
+    /// map first, so that a failing mmap is an error, not a panic in `words`).
     fn map_upto(&self, end: u32) -> Result<(), LoadError> {
         for i in 0..end.min(self.entries).div_ceil(CHUNK_SLOTS) as usize {
             self.chunk(i)?;
         }
         Ok(())
+    }
+
+    /// Map the chunk that holds `slot` (one slot's access: only its own chunk).
+    fn map_slot(&self, slot: u32) -> Result<(), LoadError> {
+        self.chunk((slot / CHUNK_SLOTS) as usize).map(drop)
     }
 
     fn chunk(&self, i: usize) -> Result<&Chunk, LoadError> {
@@ -192,14 +197,14 @@ impl Slots {
         add(W_UP_BYTES + 2, c.down_bytes);
         add(W_UP_BYTES + 3, c.down_packets);
         if c.last_seen_jiffies != 0 {
-            self.word(slot, W_LAST_SEEN).store(c.last_seen_jiffies, Ordering::Relaxed);
+            s[W_LAST_SEEN].store(c.last_seen_jiffies, Ordering::Relaxed);
         }
     }
 
     /// Counters and meta zeroed, then the key: the slot is free again.
     fn clear(&self, slot: u32) {
-        for w in W_UP_BYTES..WORDS {
-            self.word(slot, w).store(0, Ordering::Relaxed);
+        for w in &self.words(slot)[W_UP_BYTES..] {
+            w.store(0, Ordering::Relaxed);
         }
         self.set_key(slot, &ClientKey::OTHER);
     }
@@ -295,7 +300,7 @@ impl PinnedMaps {
         if slot >= slots.entries() {
             return Ok(false);
         }
-        slots.map_upto(slot + 1)?;
+        slots.map_slot(slot)?;
         if slots.counters(slot) != ClientCounters::default() {
             return Ok(false);
         }

@@ -100,7 +100,7 @@ impl SlotReader {
         if slot >= self.slots.entries() {
             return Ok(None);
         }
-        self.slots.map_upto(slot + 1)?;
+        self.slots.map_slot(slot)?;
         Ok((self.slots.key(slot) == key).then(|| self.slots.counters(slot)))
     }
 

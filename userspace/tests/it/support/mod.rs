@@ -290,3 +290,16 @@ pub fn add_to_client(maps: &PinnedMaps, ip: IpAddr, c: &ClientCounters) -> u32 {
     alloc.slots().add(slot, c);
     slot
 }
+
+/// A ledger configuration for tests that poll and flush by hand: both intervals are an hour,
+/// so the ledger's own tasks never act first.
+pub fn hand_polled_ledger(node: &str) -> tunmeter::ledger::LedgerConfig {
+    use tunmeter::ledger::store::Granularity;
+    tunmeter::ledger::LedgerConfig {
+        node_id: node.into(),
+        poll_interval: std::time::Duration::from_secs(3600),
+        flush_interval: std::time::Duration::from_secs(3600),
+        retention_days: [(Granularity::Minute, 2), (Granularity::Hour, 90), (Granularity::Day, 0)],
+        max_pending_rows: 1_000_000,
+    }
+}

@@ -21,19 +21,8 @@ impl Source for NoCounters {
 /// The real API router for `hooks` on 127.0.0.1 (any port), with a read token: (base URL of
 /// /api/v1, token, server task).
 async fn serve_api(db: &Database, node: &str, hooks: &Arc<Webhooks>) -> (String, String, tokio::task::JoinHandle<()>) {
-    let ledger = Ledger::open(
-        LedgerConfig {
-            node_id: node.into(),
-            poll_interval: Duration::from_secs(3600),
-            flush_interval: Duration::from_secs(3600),
-            retention_days: [(Granularity::Minute, 2), (Granularity::Hour, 90), (Granularity::Day, 0)],
-            max_pending_rows: 1_000_000,
-        },
-        db.clone(),
-        Arc::new(NoCounters),
-    )
-    .await
-    .unwrap();
+    let ledger =
+        Ledger::open(crate::support::hand_polled_ledger(node), db.clone(), Arc::new(NoCounters)).await.unwrap();
     let (_, token) = tokens::create(db, node, Role::Read, "webhook test").await.unwrap();
     let app = Arc::new(App {
         cfg: ApiConfig {

@@ -45,7 +45,7 @@ use tunmeter::{
     api::{ApiConfig, App},
     bpf::loader::LoadError,
     db::Database,
-    ledger::{Ledger, LedgerConfig, source::Source, state::Reading, store::Granularity},
+    ledger::{Ledger, source::Source, state::Reading},
     tasks::Tasks,
     tokens::{self, Role, TokenCache},
     webhook::{Endpoint, Event, EventKind, Webhooks, outbox},
