@@ -43,7 +43,10 @@ fn filled(n: u32) -> (Harness, aya::Ebpf) {
             .collect();
         entries.push((key(i as u32), values));
     }
-    let legacy = support::legacy_map(h.pins.path(), 131_072, &entries);
+    // Buckets = capacity rounded up to a power of two: with at most about one bucket per
+    // entry, some bucket surely holds two (what the chunk-size test relies on).
+    let capacity = (n + 2).next_power_of_two().max(1024);
+    let legacy = support::legacy_map(h.pins.path(), capacity, &entries);
     (h, legacy)
 }
 
