@@ -87,7 +87,7 @@ pub fn frame(app: &App) -> String {
                         p.down_bytes,
                         p.up_packets,
                         p.down_packets,
-                        c.last_seen_ms,
+                        c.last_seen_ms(),
                         is_online(c, now, off),
                     ),
                 )

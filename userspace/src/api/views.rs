@@ -69,10 +69,10 @@ impl ClientView {
         let p = c.period();
         ClientView {
             ip: ip.to_string(),
-            upload: Flow { bytes: p.up_bytes, packets: p.up_packets, rate: c.up_rate },
-            download: Flow { bytes: p.down_bytes, packets: p.down_packets, rate: c.down_rate },
+            upload: Flow { bytes: p.up_bytes, packets: p.up_packets, rate: f64::from(c.up_rate) },
+            download: Flow { bytes: p.down_bytes, packets: p.down_packets, rate: f64::from(c.down_rate) },
             period_started_unix_ms: c.period_started_ms,
-            last_seen_unix_ms: c.last_seen_ms,
+            last_seen_unix_ms: c.last_seen_ms(),
             online: is_online(c, now_ms, offline_after_ms),
             lifetime: Pair::from(&c.total),
             identity,
@@ -81,7 +81,7 @@ impl ClientView {
 }
 
 pub fn is_online(c: &ClientState, now_ms: u64, offline_after_ms: u64) -> bool {
-    c.last_seen_ms.is_some_and(|t| now_ms.saturating_sub(t) <= offline_after_ms)
+    c.last_seen_ms().is_some_and(|t| now_ms.saturating_sub(t) <= offline_after_ms)
 }
 
 #[derive(Serialize, ToSchema)]
@@ -124,13 +124,13 @@ impl UsagePoint {
                 bytes: t.up_bytes,
                 packets: t.up_packets,
                 avg_rate: t.up_bytes as f64 / secs,
-                peak_rate: r.bucket.peak_up_rate,
+                peak_rate: f64::from(r.bucket.peak_up_rate),
             },
             download: UsageFlow {
                 bytes: t.down_bytes,
                 packets: t.down_packets,
                 avg_rate: t.down_bytes as f64 / secs,
-                peak_rate: r.bucket.peak_down_rate,
+                peak_rate: f64::from(r.bucket.peak_down_rate),
             },
         }
     }

@@ -339,7 +339,7 @@ impl Identity {
         };
         let ledger = self.ledger.clone();
         let liveness = move |ip: IpAddr| Liveness {
-            last_seen_ms: ledger.client(ip).and_then(|c| c.last_seen_ms),
+            last_seen_ms: ledger.client(ip).and_then(|c| c.last_seen_ms()),
             latest_handshake_ms: wg.get(&ip).copied().flatten(),
         };
         match devices::monitor_pass(

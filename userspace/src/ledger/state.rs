@@ -8,7 +8,7 @@
 //! stores is exactly the sum of the usage it stores. If the write fails, the usage goes back into
 //! pending and the client rows are re-read at the next attempt.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, num::NonZeroU64};
 
 use serde::{Deserialize, Serialize};
 
@@ -76,7 +76,9 @@ pub struct Reading {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClientState {
     pub first_seen_ms: u64,
-    pub last_seen_ms: Option<u64>,
+    /// When the kernel last saw a packet of it (unix ms; zero is never: `last_seen_ms`). Not an
+    /// `Option<u64>`, which takes 16 bytes.
+    pub(crate) last_seen: Option<NonZeroU64>,
     pub period_started_ms: u64,
     /// Kernel counter values already taken into `total` (in the current epoch).
     pub cursor: Totals,
@@ -84,9 +86,10 @@ pub struct ClientState {
     pub total: Totals,
     /// `total` at the start of the current period.
     pub base: Totals,
-    /// Bytes per second over the last poll interval.
-    pub up_rate: f64,
-    pub down_rate: f64,
+    /// Bytes per second over the last poll interval (single precision: seven significant
+    /// digits are more than a rate estimate has, and a client's row is 8 bytes smaller).
+    pub up_rate: f32,
+    pub down_rate: f32,
     /// Number of the last poll that had an entry for this client (wrapping).
     pub(crate) poll_gen: u32,
     /// The client's unwritten usage of its latest minute (empty: zero totals).
@@ -107,6 +110,15 @@ impl ClientState {
         ClientState { first_seen_ms: now_ms, period_started_ms: now_ms, ..ClientState::default() }
     }
 
+    /// When the kernel last saw a packet of this client (unix ms).
+    pub fn last_seen_ms(&self) -> Option<u64> {
+        self.last_seen.map(NonZeroU64::get)
+    }
+
+    pub(crate) fn set_last_seen_ms(&mut self, ms: Option<u64>) {
+        self.last_seen = ms.and_then(NonZeroU64::new);
+    }
+
     /// Usage since the last reset.
     pub fn period(&self) -> Totals {
         self.total.minus(&self.base)
@@ -117,8 +129,10 @@ impl ClientState {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Bucket {
     pub totals: Totals,
-    pub peak_up_rate: f64,
-    pub peak_down_rate: f64,
+    /// Highest rate of a poll interval in the minute, bytes per second (single precision, as
+    /// the clients' rates).
+    pub peak_up_rate: f32,
+    pub peak_down_rate: f32,
 }
 
 impl Bucket {
@@ -185,8 +199,8 @@ pub struct State {
     pub clients: ClientMap,
     /// Rows in the clients' `older` lists.
     older_rows: usize,
-    /// Clients whose row is to be written, each once (`ClientState::listed`).
-    dirty: Vec<IpAddr>,
+    /// Row numbers of the clients whose row is to be written, each once (`ClientState::listed`).
+    dirty: Vec<u32>,
     /// Clients whose open minute holds usage.
     open_rows: usize,
     epoch_dirty: bool,
@@ -212,11 +226,11 @@ fn add_older(c: &mut ClientState, rows: &mut usize, o: Open) {
     }
 }
 
-/// List `ip` for the next write unless it is already.
-fn list(c: &mut ClientState, ip: IpAddr, dirty: &mut Vec<IpAddr>) {
+/// List row `i` for the next write unless it is already.
+fn list(c: &mut ClientState, i: u32, dirty: &mut Vec<u32>) {
     if !c.listed {
         c.listed = true;
-        dirty.push(ip);
+        dirty.push(i);
     }
 }
 
@@ -236,9 +250,9 @@ impl State {
         if epoch != self.epoch {
             out.new_epoch = !self.epoch.is_empty();
             let dirty = &mut self.dirty;
-            for (ip, c) in self.clients.iter_mut() {
+            for (i, c) in self.clients.values_mut().enumerate() {
                 c.cursor = Totals::default();
-                list(c, *ip, dirty);
+                list(c, i as u32, dirty);
             }
             self.epoch = epoch.to_string();
             self.epoch_dirty = true;
@@ -284,7 +298,7 @@ impl State {
     /// added usage.
     pub fn apply_one(&mut self, r: &Reading, now_ms: u64, elapsed_s: Option<f64>, out: &mut PollOutcome) -> bool {
         let gen_ = self.polls;
-        let (c, is_new) = self.clients.get_or_insert_at(r.ip, r.slot, || ClientState::new(now_ms));
+        let (c, is_new, row) = self.clients.get_or_insert_at(r.ip, r.slot, || ClientState::new(now_ms));
         c.poll_gen = gen_;
         let delta = if r.totals.ge(&c.cursor) {
             r.totals.minus(&c.cursor)
@@ -293,10 +307,10 @@ impl State {
             r.totals
         };
         c.cursor = r.totals;
-        if r.last_seen_ms > c.last_seen_ms {
-            c.last_seen_ms = r.last_seen_ms;
+        if r.last_seen_ms > c.last_seen_ms() {
+            c.set_last_seen_ms(r.last_seen_ms);
         }
-        let rate = |bytes: u64| elapsed_s.filter(|s| *s > 0.0).map_or(0.0, |s| bytes as f64 / s);
+        let rate = |bytes: u64| elapsed_s.filter(|s| *s > 0.0).map_or(0.0, |s| (bytes as f64 / s) as f32);
         if elapsed_s.is_some() {
             c.up_rate = rate(delta.up_bytes);
             c.down_rate = rate(delta.down_bytes);
@@ -304,7 +318,7 @@ impl State {
         if delta.is_zero() {
             if is_new {
                 // A new entry with nothing counted yet still gets a row.
-                list(c, r.ip, &mut self.dirty);
+                list(c, row, &mut self.dirty);
             }
             return false;
         }
@@ -324,7 +338,7 @@ impl State {
             let ended = std::mem::replace(&mut c.open, Open { start_ms: minute, bucket: usage });
             add_older(c, &mut self.older_rows, ended);
         }
-        list(c, r.ip, &mut self.dirty);
+        list(c, row, &mut self.dirty);
         true
     }
 
@@ -353,9 +367,9 @@ impl State {
     /// start at zero, so the first reading of its kernel entry is all new usage). Returns its
     /// total and whether its row still has to be written.
     pub fn admit(&mut self, ip: IpAddr, now_ms: u64) -> (Totals, bool) {
-        let (c, is_new) = self.clients.get_or_insert_with(ip, || ClientState::new(now_ms));
+        let (c, is_new, row) = self.clients.get_or_insert_with(ip, || ClientState::new(now_ms));
         if is_new {
-            list(c, ip, &mut self.dirty);
+            list(c, row, &mut self.dirty);
         }
         let total = c.total;
         (total, self.unwritten(ip))

@@ -2,7 +2,7 @@
 //! writes it in the database's key order, one transaction per group of clients, so each
 //! client's row and its usage commit together and memory stays bounded.
 
-use std::{net::IpAddr, time::Instant};
+use std::time::Instant;
 
 use tracing::{error, info};
 
@@ -77,18 +77,19 @@ impl Ledger {
             self.state().commit_flush();
             return Ok(None);
         }
-        let mut clients = start.clients;
-        state::sort_for_writing(&mut clients);
+        let keyed = self.state().writing_keys(&start.clients);
+        drop(start.clients);
+        let clients = state::sort_for_writing(keyed);
         let group = if start.epoch.is_some() { clients.len().max(1) } else { CLIENTS_PER_TRANSACTION };
         let groups = clients.len().div_ceil(group).max(1);
         let (mut written, mut usage) = (0, Vec::new());
         for g in 0..groups {
             let from = g * group;
-            let ips = &clients[from..clients.len().min(from + group)];
+            let ids = &clients[from..clients.len().min(from + group)];
             let epoch = if g == 0 { start.epoch.as_deref() } else { None };
             usage.clear();
             let reset = if g + 1 == groups { reset } else { None };
-            if let Err(e) = self.write_group(epoch, ips, &mut usage, reset).await {
+            if let Err(e) = self.write_group(epoch, ids, &mut usage, reset).await {
                 let taken = Taken {
                     usage: std::mem::take(&mut usage),
                     clients: clients[from..].to_vec(),
@@ -103,12 +104,12 @@ impl Ledger {
         Ok(Some(written))
     }
 
-    /// One transaction of a flush: the rows and usage of `ips` (taken now, in chunks), and the
-    /// reset if there is one. `usage` collects what was taken.
+    /// One transaction of a flush: the rows and usage of the clients of rows `ids` (taken now,
+    /// in chunks), and the reset if there is one. `usage` collects what was taken.
     async fn write_group(
         &self,
         epoch: Option<&str>,
-        ips: &[IpAddr],
+        ids: &[u32],
         usage: &mut Vec<state::MinuteRow>,
         reset: Option<(&ResetRecord, Option<&ResetNotice>)>,
     ) -> Result<(), sqlx::Error> {
@@ -119,7 +120,7 @@ impl Ledger {
         }
         // Each chunk: the clients' rows, then their usage (a minute refers to its client's row).
         let mut rows = Vec::with_capacity(store::ROWS_PER_STATEMENT);
-        for chunk in ips.chunks(store::ROWS_PER_STATEMENT) {
+        for chunk in ids.chunks(store::ROWS_PER_STATEMENT) {
             rows.clear();
             let from = usage.len();
             self.state().take(chunk, &mut rows, usage);
@@ -129,7 +130,11 @@ impl Ledger {
         if let Some((rec, notice)) = reset {
             rows.clear();
             let from = usage.len();
-            self.state().take(&[rec.ip], &mut rows, usage);
+            {
+                let mut state = self.state();
+                let ids: Vec<u32> = state.row_of(rec.ip).into_iter().collect();
+                state.take(&ids, &mut rows, usage);
+            }
             for (_, row) in &mut rows {
                 row.base = rec.new_base;
                 row.period_started_ms = rec.at_ms;

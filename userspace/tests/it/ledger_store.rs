@@ -103,7 +103,7 @@ async fn history_sum(db: &Database, node: &str, ip: IpAddr, g: Granularity) -> (
     let mut peak: f64 = 0.0;
     for r in rows {
         t.add(&r.bucket.totals);
-        peak = peak.max(r.bucket.peak_up_rate);
+        peak = peak.max(f64::from(r.bucket.peak_up_rate));
     }
     (t, peak)
 }

@@ -49,7 +49,7 @@ pub struct DeviceList {
 /// handshake.
 pub fn liveness(app: &App, ip: IpAddr) -> Liveness {
     Liveness {
-        last_seen_ms: app.ledger.client(ip).and_then(|c| c.last_seen_ms),
+        last_seen_ms: app.ledger.client(ip).and_then(|c| c.last_seen_ms()),
         latest_handshake_ms: app.identity.as_ref().and_then(|i| i.lookup(ip)).and_then(|i| i.latest_handshake_unix_ms),
     }
 }

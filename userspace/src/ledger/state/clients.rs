@@ -1,11 +1,11 @@
-//! The ledger's clients: rows packed in fixed blocks, found through a small index by address.
-//! A hash map holding the rows themselves would size its table above 8/7 of the clients and
-//! touch all of it (100,000 clients: 131,072 slots of 240 bytes); here only the index (24
-//! bytes a slot) has the slack. Clients are never removed, so row numbers are stable.
+//! The ledger's clients: rows packed in fixed blocks, found through an index of row numbers
+//! hashed by the row's address (4 bytes a slot: only the index has a hash table's slack, and
+//! the address is not stored twice). Clients are never removed, so row numbers are stable.
 
-use std::{net::IpAddr, ops::Index};
+use std::{hash::BuildHasher, net::IpAddr, ops::Index};
 
-use rustc_hash::FxHashMap;
+use hashbrown::HashTable;
+use rustc_hash::FxBuildHasher;
 
 use super::ClientState;
 
@@ -18,7 +18,8 @@ type Row = (IpAddr, ClientState);
 
 #[derive(Debug, Default)]
 pub struct ClientMap {
-    index: FxHashMap<IpAddr, u32>,
+    /// Row numbers, hashed by their row's address.
+    index: HashTable<u32>,
     blocks: Vec<Vec<Row>>,
     len: usize,
     /// Kernel slot -> row + 1 (0: none), the row a reading of that slot found last: a poll
@@ -45,17 +46,32 @@ impl ClientMap {
         &mut self.blocks[i / BLOCK][i % BLOCK]
     }
 
+    /// The row number of `ip`, if it is a client (stable: rows are never removed).
+    pub(crate) fn find(&self, ip: &IpAddr) -> Option<u32> {
+        self.index.find(FxBuildHasher.hash_one(ip), |&i| self.row(i).0 == *ip).copied()
+    }
+
+    /// The client of row `i` (a number `find` or an insert gave).
+    pub(crate) fn at(&self, i: u32) -> (IpAddr, &ClientState) {
+        let (ip, c) = self.row(i);
+        (*ip, c)
+    }
+
+    pub(crate) fn at_mut(&mut self, i: u32) -> &mut ClientState {
+        &mut self.row_mut(i).1
+    }
+
     pub fn get(&self, ip: &IpAddr) -> Option<&ClientState> {
-        self.index.get(ip).map(|i| &self.row(*i).1)
+        self.find(ip).map(|i| &self.row(i).1)
     }
 
     pub fn get_mut(&mut self, ip: &IpAddr) -> Option<&mut ClientState> {
-        let i = *self.index.get(ip)?;
+        let i = self.find(ip)?;
         Some(&mut self.row_mut(i).1)
     }
 
     pub fn contains_key(&self, ip: &IpAddr) -> bool {
-        self.index.contains_key(ip)
+        self.find(ip).is_some()
     }
 
     /// Every client, in the order they were first seen.
@@ -79,14 +95,14 @@ impl ClientMap {
         self.iter_mut().map(|(_, c)| c)
     }
 
-    /// `ip`'s row, made by `new` if there is none; true if it was made now.
+    /// `ip`'s row, made by `new` if there is none; true if it was made now; its row number.
     pub(crate) fn get_or_insert_with(
         &mut self,
         ip: IpAddr,
         new: impl FnOnce() -> ClientState,
-    ) -> (&mut ClientState, bool) {
+    ) -> (&mut ClientState, bool, u32) {
         let (i, made) = self.find_or_insert(ip, new);
-        (&mut self.row_mut(i).1, made)
+        (&mut self.row_mut(i).1, made, i)
     }
 
     /// As `get_or_insert_with`, for a reading of kernel slot `slot`: the row found for that
@@ -97,28 +113,30 @@ impl ClientMap {
         ip: IpAddr,
         slot: Option<u32>,
         new: impl FnOnce() -> ClientState,
-    ) -> (&mut ClientState, bool) {
+    ) -> (&mut ClientState, bool, u32) {
         let Some(slot) = slot.map(|s| s as usize) else { return self.get_or_insert_with(ip, new) };
         if let Some(&h) = self.hints.get(slot)
             && h != 0
             && self.row(h - 1).0 == ip
         {
-            return (&mut self.row_mut(h - 1).1, false);
+            return (&mut self.row_mut(h - 1).1, false, h - 1);
         }
         let (i, made) = self.find_or_insert(ip, new);
         if self.hints.len() <= slot {
             self.hints.resize(slot + 1, 0);
         }
         self.hints[slot] = i + 1;
-        (&mut self.row_mut(i).1, made)
+        (&mut self.row_mut(i).1, made, i)
     }
 
     fn find_or_insert(&mut self, ip: IpAddr, new: impl FnOnce() -> ClientState) -> (u32, bool) {
-        if let Some(&i) = self.index.get(&ip) {
+        if let Some(i) = self.find(&ip) {
             return (i, false);
         }
         let i = u32::try_from(self.len).expect("fewer than 2^32 clients");
-        self.index.insert(ip, i);
+        let blocks = &self.blocks;
+        let rehash = |&j: &u32| FxBuildHasher.hash_one(blocks[j as usize / BLOCK][j as usize % BLOCK].0);
+        self.index.insert_unique(FxBuildHasher.hash_one(ip), i, rehash);
         if self.len.is_multiple_of(BLOCK) {
             self.blocks.push(Vec::with_capacity(BLOCK));
         }
@@ -155,7 +173,7 @@ mod tests {
         let mut m = ClientMap::default();
         let a: IpAddr = "10.8.0.2".parse().unwrap();
         let b: IpAddr = "fd00::2".parse().unwrap();
-        let (c, new) = m.get_or_insert_with(a, ClientState::default);
+        let (c, new, _) = m.get_or_insert_with(a, ClientState::default);
         c.first_seen_ms = 7;
         assert!(new);
         assert!(!m.get_or_insert_with(a, ClientState::default).1);
@@ -175,10 +193,12 @@ mod tests {
         m.get_or_insert_at(b, None, ClientState::default).0.first_seen_ms = 2;
         assert_eq!(m.get_or_insert_at(a, Some(5), ClientState::default).0.first_seen_ms, 1);
         // Slot 5 now read for b (its owner changed): the hint's row is a's, so b's is found.
-        let (c, made) = m.get_or_insert_at(b, Some(5), ClientState::default);
-        assert_eq!((c.first_seen_ms, made), (2, false));
+        let (c, made, row) = m.get_or_insert_at(b, Some(5), ClientState::default);
+        assert_eq!((c.first_seen_ms, made, row), (2, false, 1));
+        assert_eq!(m.find(&b), Some(1));
+        assert_eq!(m.at(1).0, b);
         assert_eq!(m.get_or_insert_at(a, Some(9), ClientState::default).0.first_seen_ms, 1);
-        let (c, made) = m.get_or_insert_at("10.8.0.4".parse().unwrap(), Some(5), ClientState::default);
+        let (c, made, _) = m.get_or_insert_at("10.8.0.4".parse().unwrap(), Some(5), ClientState::default);
         assert!(made && c.first_seen_ms == 0);
         assert_eq!(m.len(), 3);
     }

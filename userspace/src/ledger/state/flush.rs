@@ -12,8 +12,8 @@ use super::{ClientState, MinuteRow, Open, State, list};
 pub struct FlushStart {
     /// Set when the kernel epoch changed since the last write.
     pub epoch: Option<String>,
-    /// Clients whose rows are to be written, each once.
-    pub clients: Vec<IpAddr>,
+    /// Row numbers of the clients whose rows are to be written, each once.
+    pub clients: Vec<u32>,
 }
 
 /// What a flush took from the state: put back if its transaction fails.
@@ -21,8 +21,8 @@ pub struct FlushStart {
 pub struct Taken {
     /// The usage taken so far.
     pub usage: Vec<MinuteRow>,
-    /// Every client the flush was to write (taken or not yet).
-    pub clients: Vec<IpAddr>,
+    /// Every client the flush was to write (taken or not yet), by row number.
+    pub clients: Vec<u32>,
     /// The flush was to write a new epoch.
     pub epoch: bool,
 }
@@ -39,24 +39,37 @@ impl State {
         }
     }
 
-    /// Take the current rows of `ips` and all of their unwritten usage (appended to `rows` and
+    /// The row number of client `ip` (stable), for `take`.
+    pub fn row_of(&self, ip: IpAddr) -> Option<u32> {
+        self.clients.find(&ip)
+    }
+
+    /// Order the rows of a flush as the database orders its keys (see `sort_for_writing`):
+    /// the keys are made under the state's lock (a format per client), sorted outside it.
+    pub fn writing_keys(&self, rows: &[u32]) -> Vec<([u8; 16], u32)> {
+        rows.iter().map(|&i| (text_key(&self.clients.at(i).0), i)).collect()
+    }
+
+    /// Take the current rows `ids` and all of their unwritten usage (appended to `rows` and
     /// `usage`: a client's older minutes, then its open one).
-    pub fn take(&mut self, ips: &[IpAddr], rows: &mut Vec<(IpAddr, ClientState)>, usage: &mut Vec<MinuteRow>) {
-        for ip in ips {
-            let Some(c) = self.clients.get_mut(ip) else { continue };
+    pub fn take(&mut self, ids: &[u32], rows: &mut Vec<(IpAddr, ClientState)>, usage: &mut Vec<MinuteRow>) {
+        for &i in ids {
+            let ip = &self.clients.at(i).0;
+            let ip = *ip;
+            let c = self.clients.at_mut(i);
             c.listed = false;
             c.taken = self.flush_gen;
             if !c.older.is_empty() {
                 let v = std::mem::take(&mut c.older);
                 self.older_rows -= v.len();
-                usage.extend(v.into_iter().map(|(start, b)| ((start, *ip), b)));
+                usage.extend(v.into_iter().map(|(start, b)| ((start, ip), b)));
             }
             if !c.open.is_empty() {
-                usage.push(((c.open.start_ms, *ip), c.open.bucket));
+                usage.push(((c.open.start_ms, ip), c.open.bucket));
                 c.open = Open::default();
                 self.open_rows -= 1;
             }
-            rows.push((*ip, c.clone()));
+            rows.push((ip, c.clone()));
         }
     }
 
@@ -76,14 +89,14 @@ impl State {
             self.put_back(ip, start_ms, &bucket);
         }
         let gen_ = self.flush_gen;
-        for ip in taken.clients {
-            let Some(c) = self.clients.get_mut(&ip) else { continue };
+        for i in taken.clients {
+            let c = self.clients.at_mut(i);
             // Not taken yet: still marked listed but no longer in `dirty`. Taken and listed
             // again by a later poll: in `dirty` already.
             if c.taken != gen_ {
                 c.listed = false;
             }
-            list(c, ip, &mut self.dirty);
+            list(c, i, &mut self.dirty);
         }
     }
 
@@ -108,22 +121,23 @@ impl State {
     }
 }
 
-/// Order `ips` as the database orders its keys (the addresses' text), so that a flush walks
-/// the tables' B-trees in order and each page is read once. The first 16 bytes of the text
-/// decide (an IPv4 address fits whole; two IPv6 addresses with the same first 16 characters
-/// are next to each other either way).
-pub fn sort_for_writing(ips: &mut [IpAddr]) {
-    ips.sort_by_cached_key(text_key);
+/// Order rows as the database orders its keys (the addresses' text), so that a flush walks
+/// the tables' B-trees in order and each page is read once: `keyed` from
+/// `State::writing_keys`. The first 16 bytes of the text decide (an IPv4 address fits whole;
+/// two IPv6 addresses with the same first 16 characters are next to each other either way).
+pub fn sort_for_writing(mut keyed: Vec<([u8; 16], u32)>) -> Vec<u32> {
+    keyed.sort_unstable();
+    keyed.into_iter().map(|(_, i)| i).collect()
 }
 
-fn text_key(ip: &IpAddr) -> u128 {
+fn text_key(ip: &IpAddr) -> [u8; 16] {
     use std::io::Write as _;
     let mut buf = [0u8; 16];
     // The text is longer than 16 bytes for most IPv6 addresses: the write stops at the end of
     // the buffer, which keeps the first 16.
     let mut w = &mut buf[..];
     let _ = write!(w, "{ip}");
-    u128::from_be_bytes(buf)
+    buf
 }
 
 #[cfg(test)]
@@ -132,11 +146,12 @@ mod tests {
 
     #[test]
     fn writing_order_is_the_text_order() {
-        let mut ips: Vec<IpAddr> = ["10.0.0.2", "10.0.0.10", "fd00::1", "10.0.0.100", "9.9.9.9", "fd00::1:0"]
+        let ips: Vec<IpAddr> = ["10.0.0.2", "10.0.0.10", "fd00::1", "10.0.0.100", "9.9.9.9", "fd00::1:0"]
             .map(|s| s.parse().unwrap())
             .into();
-        sort_for_writing(&mut ips);
-        let mut text: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
+        let order = sort_for_writing(ips.iter().enumerate().map(|(i, ip)| (text_key(ip), i as u32)).collect());
+        assert_eq!(order.len(), ips.len());
+        let mut text: Vec<String> = order.iter().map(|&i| ips[i as usize].to_string()).collect();
         let got = text.clone();
         text.sort();
         assert_eq!(got, text);

@@ -86,7 +86,7 @@ mod tests {
         }
     }
 
-    fn bucket(bytes: u64, peak: f64) -> Bucket {
+    fn bucket(bytes: u64, peak: f32) -> Bucket {
         Bucket {
             totals: Totals { up_bytes: bytes, up_packets: 1, down_bytes: 2 * bytes, down_packets: 1 },
             peak_up_rate: peak,
@@ -94,9 +94,9 @@ mod tests {
         }
     }
 
-    fn sums(s: &State) -> (u64, u64, f64) {
+    fn sums(s: &State) -> (u64, u64, f32) {
         s.older_rows().iter().map(|(_, _, b)| *b).fold((0, 0, 0.0), |(b, p, peak), v| {
-            (b + v.totals.up_bytes + v.totals.down_bytes, p + v.totals.up_packets, f64::max(peak, v.peak_up_rate))
+            (b + v.totals.up_bytes + v.totals.down_bytes, p + v.totals.up_packets, f32::max(peak, v.peak_up_rate))
         })
     }
 
@@ -112,7 +112,7 @@ mod tests {
         while t <= now {
             for ip in &ips {
                 n += 1;
-                s.insert_older(t, *ip, bucket(n, n as f64));
+                s.insert_older(t, *ip, bucket(n, n as f32));
             }
             t += 10 * MINUTE_MS;
         }

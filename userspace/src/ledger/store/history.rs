@@ -71,8 +71,9 @@ fn usage_row(row: &AnyRow) -> Result<UsageRow, sqlx::Error> {
         start_ms: from_db(row.try_get("start_unix_ms")?),
         bucket: Bucket {
             totals: totals(row, "")?,
-            peak_up_rate: row.try_get("peak_up_rate")?,
-            peak_down_rate: row.try_get("peak_down_rate")?,
+            // Written from single precision: the conversion back is exact.
+            peak_up_rate: row.try_get::<f64, _>("peak_up_rate")? as f32,
+            peak_down_rate: row.try_get::<f64, _>("peak_down_rate")? as f32,
         },
     })
 }

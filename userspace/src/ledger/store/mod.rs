@@ -79,18 +79,16 @@ pub async fn load_clients(db: &Database, node: &str) -> Result<Vec<(IpAddr, Clie
     for row in rows {
         let ip: String = row.try_get("ip")?;
         let ip: IpAddr = ip.parse().map_err(|e| sqlx::Error::Decode(format!("client address {ip:?}: {e}").into()))?;
-        out.push((
-            ip,
-            ClientState {
-                first_seen_ms: from_db(row.try_get("first_seen_unix_ms")?),
-                last_seen_ms: row.try_get::<Option<i64>, _>("last_seen_unix_ms")?.map(from_db),
-                period_started_ms: from_db(row.try_get("period_started_unix_ms")?),
-                cursor: totals(&row, "cursor_")?,
-                total: totals(&row, "total_")?,
-                base: totals(&row, "base_")?,
-                ..ClientState::default()
-            },
-        ));
+        let mut c = ClientState {
+            first_seen_ms: from_db(row.try_get("first_seen_unix_ms")?),
+            period_started_ms: from_db(row.try_get("period_started_unix_ms")?),
+            cursor: totals(&row, "cursor_")?,
+            total: totals(&row, "total_")?,
+            base: totals(&row, "base_")?,
+            ..ClientState::default()
+        };
+        c.set_last_seen_ms(row.try_get::<Option<i64>, _>("last_seen_unix_ms")?.map(from_db));
+        out.push((ip, c));
     }
     Ok(out)
 }
