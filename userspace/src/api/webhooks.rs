@@ -72,7 +72,8 @@ fn limit(v: Option<u32>) -> Result<u32, ApiError> {
 
 fn name(field: &str, v: Option<String>) -> Result<Option<String>, ApiError> {
     match v {
-        Some(s) if s.is_empty() || s.len() > MAX_NAME => {
+        // Characters as the OpenAPI `maxLength` counts them (code points), not bytes.
+        Some(s) if s.is_empty() || s.chars().count() > MAX_NAME => {
             Err(ApiError::bad_request(format!("{field}: expected 1 to {MAX_NAME} characters")))
         }
         v => Ok(v),
