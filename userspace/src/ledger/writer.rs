@@ -132,8 +132,8 @@ impl Ledger {
             let from = usage.len();
             {
                 let mut state = self.state();
-                let ids: Vec<u32> = state.row_of(rec.ip).into_iter().collect();
-                state.take(&ids, &mut rows, usage);
+                let id = state.clients.find(&rec.ip);
+                state.take(id.as_slice(), &mut rows, usage);
             }
             for (_, row) in &mut rows {
                 row.base = rec.new_base;

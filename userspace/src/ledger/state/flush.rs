@@ -39,11 +39,6 @@ impl State {
         }
     }
 
-    /// The row number of client `ip` (stable), for `take`.
-    pub fn row_of(&self, ip: IpAddr) -> Option<u32> {
-        self.clients.find(&ip)
-    }
-
     /// Order the rows of a flush as the database orders its keys (see `sort_for_writing`):
     /// the keys are made under the state's lock (a format per client), sorted outside it.
     pub fn writing_keys(&self, rows: &[u32]) -> Vec<([u8; 16], u32)> {
@@ -54,8 +49,7 @@ impl State {
     /// `usage`: a client's older minutes, then its open one).
     pub fn take(&mut self, ids: &[u32], rows: &mut Vec<(IpAddr, ClientState)>, usage: &mut Vec<MinuteRow>) {
         for &i in ids {
-            let ip = &self.clients.at(i).0;
-            let ip = *ip;
+            let ip = self.clients.at(i).0;
             let c = self.clients.at_mut(i);
             c.listed = false;
             c.taken = self.flush_gen;

@@ -36,8 +36,8 @@ fn take_flush(s: &mut State, reset: Option<&ResetRecord>) -> Batch {
     s.take(&start.clients, &mut rows, &mut usage);
     if let Some(r) = reset {
         rows.retain(|(ip, _)| *ip != r.ip);
-        let ids: Vec<u32> = s.row_of(r.ip).into_iter().collect();
-        s.take(&ids, &mut rows, &mut usage);
+        let id = s.clients.find(&r.ip);
+        s.take(id.as_slice(), &mut rows, &mut usage);
         let row = &mut rows.last_mut().expect("the reset's client").1;
         row.base = r.new_base;
         row.period_started_ms = r.at_ms;

@@ -177,8 +177,8 @@ impl<'c> BatchWriter<'c> {
             }
             let text = self.text(u, chunk.len());
             // Only full chunks keep their prepared statement: the last chunk's size differs from
-            // flush to flush, and each size kept would hold a large statement in every pooled
-            // connection's cache.
+            // flush to flush, and each size kept would hold another large statement in the
+            // writer connection's cache.
             // The arguments sized up front: grown by doubling, a 500-row statement's buffer
             // was reallocated a dozen times a statement (perf at 100,000 clients), the largest
             // transient allocation of a flush.
