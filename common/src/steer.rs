@@ -27,8 +27,20 @@ pub const MAP_FWD_DEVICES: &str = "FWD_DEVICES";
 /// [`MAP_FWD_DEVICES`] (bit `port % 64` of word `port / 64`, host-order port), so that the
 /// egress path looks up `FWD_DEVICES` only for packets from such a port.
 pub const MAP_FWD_DEVICE_PORTS: &str = "FWD_DEVICE_PORTS";
+/// `ARRAY<u64>` of [`FWD_DEVICE_PORT_WORDS`]: a bitmap of the public ports that no forward
+/// rule uses, for either protocol (bit `port % 64` of word `port / 64`, host-order port), so
+/// that the ingress path skips the [`MAP_FWD_RULES`] lookup for them. Kept by userspace: a bit
+/// is cleared before a rule on its port is added and set after the port's last rule is removed.
+/// A clear bit (a new map is all clear) only costs the lookup.
+pub const MAP_FWD_RULELESS_PORTS: &str = "FWD_RULELESS_PORTS";
 /// `LPM_TRIE<LpmKey<AddrKey>, RedirectRule>`: redirect rules by client address or subnet.
 pub const MAP_REDIRECT_SOURCES: &str = "REDIRECT_SOURCES";
+/// `ARRAY<u32>` of one entry: [`REDIRECT_NONE`] while [`MAP_REDIRECT_SOURCES`] holds no rule,
+/// so that the tun ingress path skips its lookup; cleared before a rule is added, set after the
+/// last one is removed. 0 (a new map) only costs the lookup.
+pub const MAP_REDIRECT_EMPTY: &str = "REDIRECT_EMPTY";
+/// The [`MAP_REDIRECT_EMPTY`] value that says "no redirect rule".
+pub const REDIRECT_NONE: u32 = 1;
 /// `LPM_TRIE<LpmKey<AddrKey>, BypassValue>`: destinations never redirected.
 pub const MAP_REDIRECT_BYPASS: &str = "REDIRECT_BYPASS";
 /// `PERCPU_ARRAY<RuleCounters>` indexed by rule id.

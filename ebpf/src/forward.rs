@@ -15,7 +15,7 @@ use tunmeter_common::{
 };
 
 use crate::{
-    maps::{FWD_DEVICE_PORTS, FWD_DEVICES, FWD_FLOWS, FWD_FRAGS, FWD_RULES},
+    maps::{FWD_DEVICE_PORTS, FWD_DEVICES, FWD_FLOWS, FWD_FRAGS, FWD_RULELESS_PORTS, FWD_RULES},
     packet::{Side, ipv4, l3_len, nat_v4, ports, read, set_u16, set_v4_addr},
     stats::{self, Toward},
     verdict::{Steered, Verdict},
@@ -63,6 +63,9 @@ pub fn outbound<const L3: usize>(ctx: &TcContext) -> Verdict {
 fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     let l4 = L3 + h.ihl();
     let Some([sport, dport]) = ports(ctx, l4, h.proto) else { return Ok(()) };
+    if ruleless_port(u16::from_be(dport)) {
+        return Ok(());
+    }
     // SAFETY: the value is copied out at once; entries are only replaced whole by userspace.
     let Some(rule) = (unsafe { FWD_RULES.get(&FwdKey { proto: h.proto, _pad: 0, port_be: dport }) }).copied() else {
         return Ok(());
@@ -99,6 +102,13 @@ fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     stats::rule(rule.rule_id, Toward::Target, len);
     stats::event(SteerEvent::Forwarded, len);
     Ok(())
+}
+
+/// No forward rule has this public port (`FWD_RULELESS_PORTS`): no rule lookup needed.
+#[inline(always)]
+fn ruleless_port(port: u16) -> bool {
+    let port = port as u32;
+    FWD_RULELESS_PORTS.get(port / 64).is_some_and(|w| *w & (1 << (port % 64)) != 0)
 }
 
 /// May this packet start a flow: a UDP datagram, or a TCP SYN without ACK.

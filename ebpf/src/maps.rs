@@ -57,6 +57,10 @@ pub static FWD_DEVICES: HashMap<DeviceKey, FwdDevice> = HashMap::pinned(MAX_FWD_
 #[map(name = "FWD_DEVICE_PORTS")]
 pub static FWD_DEVICE_PORTS: Array<u64> = Array::pinned(FWD_DEVICE_PORT_WORDS, 0);
 
+/// Bitmap of the public ports no forward rule uses: the ingress path skips `FWD_RULES` there.
+#[map(name = "FWD_RULELESS_PORTS")]
+pub static FWD_RULELESS_PORTS: Array<u64> = Array::pinned(FWD_DEVICE_PORT_WORDS, 0);
+
 /// Forwarded flows as the reply path sees them -> the public address and port to restore.
 #[map(name = "FWD_FLOWS")]
 pub static FWD_FLOWS: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(FWD_FLOW_ENTRIES, 0);
@@ -68,6 +72,10 @@ pub static FWD_FRAGS: LruHashMap<FragKey, FragNat> = LruHashMap::pinned(FWD_FRAG
 /// Redirect rules by VPN client address or subnet.
 #[map(name = "REDIRECT_SOURCES")]
 pub static REDIRECT_SOURCES: LpmTrie<AddrKey, RedirectRule> = LpmTrie::pinned(MAX_REDIRECT_SOURCES, 0);
+
+/// `REDIRECT_NONE` while `REDIRECT_SOURCES` is empty: the tun ingress path skips its lookup.
+#[map(name = "REDIRECT_EMPTY")]
+pub static REDIRECT_EMPTY: Array<u32> = Array::pinned(1, 0);
 
 /// Destinations that are never redirected (this host's addresses and configured ones).
 #[map(name = "REDIRECT_BYPASS")]

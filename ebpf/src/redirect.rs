@@ -18,12 +18,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tunmeter_common::{
-    ADDR_KEY_BITS, AddrKey, ClientKey, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, REDIRECT_UNPARSED_PASS,
-    RedirectRule, SteerEvent, V6_DST, V6_NEXT_HEADER, V6_SRC, redirect_allow_bit,
+    ADDR_KEY_BITS, AddrKey, ClientKey, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, REDIRECT_NONE,
+    REDIRECT_UNPARSED_PASS, RedirectRule, SteerEvent, V6_DST, V6_NEXT_HEADER, V6_SRC, redirect_allow_bit,
 };
 
 use crate::{
-    maps::{REDIRECT_BYPASS, REDIRECT_SOURCES},
+    maps::{REDIRECT_BYPASS, REDIRECT_EMPTY, REDIRECT_SOURCES},
     packet::{ipv4, ports, read},
     redirect_mark,
     stats::{self, Toward},
@@ -37,6 +37,9 @@ const IPV6_EXTENSION_HEADERS: [u8; 4] = [0, 43, 44, 60];
 /// A packet entering a tun device (L3: the IP header is at 0).
 #[inline(always)]
 pub fn from_client(ctx: &TcContext) -> Verdict {
+    if no_rules() {
+        return Verdict::Next;
+    }
     let Ok(first) = read::<u16>(ctx, 0) else { return Verdict::Next };
     let r = match first.to_ne_bytes()[0] >> 4 {
         4 => v4(ctx),
@@ -44,6 +47,12 @@ pub fn from_client(ctx: &TcContext) -> Verdict {
         _ => Ok(()),
     };
     Verdict::of(r, || ctx.len())
+}
+
+/// No redirect rule at all (userspace says so in `REDIRECT_EMPTY`): nothing to look up.
+#[inline(always)]
+fn no_rules() -> bool {
+    REDIRECT_EMPTY.get(0).is_some_and(|v| *v == REDIRECT_NONE)
 }
 
 #[inline(always)]

@@ -1,6 +1,7 @@
 //! The `FWD_DEVICES` map (the (protocol, device address, device port) of every forward rule)
 //! and its port bitmap `FWD_DEVICE_PORTS`, rebuilt from `FWD_RULES` after each rule change, so
-//! the egress program can drop a device's packets that have no flow instead of leaking them.
+//! the egress program can drop a device's packets that have no flow instead of leaking them;
+//! then the public ports without a rule (`skip`).
 
 use std::collections::BTreeMap;
 
@@ -15,10 +16,9 @@ impl SteerMaps {
     /// daemon have no such map: then nothing is done (with a warning) until the daemon, started
     /// again, creates it.
     pub(super) fn sync_devices(&self) -> Result<(), SteerError> {
-        let want: BTreeMap<DeviceKey, FwdDevice> = self
-            .fwd_rules()?
+        let rules: Vec<_> = self.fwd_rules()?.iter().filter_map(Result::ok).collect();
+        let want: BTreeMap<DeviceKey, FwdDevice> = rules
             .iter()
-            .filter_map(Result::ok)
             .map(|(k, r)| {
                 let key =
                     DeviceKey { device_addr: r.device_addr, device_port_be: r.device_port_be, proto: k.proto, _pad: 0 };
@@ -47,7 +47,8 @@ impl SteerMaps {
                 map.insert(k, v, 0).map_err(map_err(MAP_FWD_DEVICES))?;
             }
         }
-        self.sync_device_ports(&want, false)
+        self.sync_device_ports(&want, false)?;
+        self.sync_ruleless_ports(&rules.iter().map(|(k, _)| u16::from_be(k.port_be)).collect())
     }
 
     /// Set the bits of `want`'s ports; with `only_add` false, also clear every other bit.

@@ -308,6 +308,7 @@ impl SteerMaps {
         if existing == Some(value) {
             return Ok(id);
         }
+        self.unskip_port(spec.public_port)?;
         rules.insert(&key, &value, 0).map_err(map_err(MAP_FWD_RULES))?;
         info!(id, proto = %spec.proto, port = spec.public_port, device = %spec.device, ?origin, "forward rule set");
         Ok(id)
@@ -348,6 +349,7 @@ impl SteerMaps {
         if existing == Some(value) {
             return Ok(id);
         }
+        self.set_redirect_empty(false)?;
         trie.insert(&key, &value, 0).map_err(map_err(MAP_REDIRECT_SOURCES))?;
         info!(id, source = %spec.source, proxy_port = spec.proxy_port, ?origin, unparsed = ?spec.unparsed,
             allow = ?spec.allow.names(), "redirect rule set");
@@ -363,7 +365,7 @@ impl SteerMaps {
         }
         trie.remove(&key).map_err(map_err(MAP_REDIRECT_SOURCES))?;
         info!(%source, "redirect rule deleted");
-        Ok(())
+        self.set_redirect_empty(trie.keys().next().is_none())
     }
 
     /// Make the config's rules present (updated in place, keeping their ids and counters) and
@@ -406,7 +408,7 @@ impl SteerMaps {
         for r in redirect {
             self.add_redirect_locked(r, Origin::Config, true)?;
         }
-        Ok(())
+        self.set_redirect_empty(trie.keys().next().is_none())
     }
 
     /// Make the bypass map hold exactly `nets`.

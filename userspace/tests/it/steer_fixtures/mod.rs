@@ -17,6 +17,7 @@ mod evasion;
 mod flowless;
 mod forward;
 mod fragments;
+mod hints;
 mod icmp;
 mod redirect;
 mod untouched;

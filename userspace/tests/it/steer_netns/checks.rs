@@ -80,11 +80,20 @@ fn steer_add_refuses_open_sources_foreign_devices_and_ports_in_use() {
         vec![(ip("10.7.0.2"), 80, 6), (ip("10.8.0.2"), 53, 17), (ip("10.8.0.2"), 80, 6), (ip("127.0.0.1"), 80, 6)];
     assert_eq!(t.devices(), want);
     assert_eq!(t.device_ports(), [53, 80]);
+    // The ingress skip hints: only the ruled public ports are looked up; redirects are.
+    let mut ruled: Vec<u16> = vec![tport.parse().unwrap(), uport.parse().unwrap(), 18081, 18082];
+    ruled.sort();
+    ruled.dedup();
+    assert_eq!(t.looked_up_ports(), Some(ruled));
+    assert_eq!(t.redirect_empty(), 0);
     for port in [tport.as_str(), "18081", "18082"] {
         steer_ok(&env, &["del", "forward", "--proto", "tcp", "--public-port", port]);
     }
     assert_eq!(t.devices(), [(ip("10.8.0.2"), 53, 17)]);
     assert_eq!(t.device_ports(), [53]);
+    assert_eq!(t.looked_up_ports(), Some(vec![uport.parse().unwrap()]));
+    steer_ok(&env, &["del", "redirect", "--source", "0.0.0.0/0"]);
+    assert_eq!(t.redirect_empty(), tunmeter_common::REDIRECT_NONE, "no redirect rule left: skipped");
     drop((tcp, udp, lo));
     let _ = &daemon;
 }

@@ -144,6 +144,8 @@ impl Harness {
         maps.ensure_slots().unwrap();
         let nets: Vec<IpNet> = subnets.iter().map(|s| s.parse().unwrap()).collect();
         maps.sync_subnets(&BTreeMap::from([(TEST_RUN_IFINDEX, nets)])).unwrap();
+        // What the daemon does at start with no rule in its config: the skip hints say "no rule".
+        tunmeter::steer::SteerMaps::new(pins.path()).sync_config(&[], &[]).unwrap();
         Harness { inst, maps, pins }
     }
 

@@ -16,8 +16,9 @@ use ipnet::IpNet;
 use tunmeter::steer::table::addr_key;
 use tunmeter_common::{
     AddrKey, BypassValue, DeviceKey, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule,
-    MAP_FWD_DEVICE_PORTS, MAP_FWD_DEVICES, MAP_FWD_FLOWS, MAP_FWD_FRAGS, MAP_FWD_RULES, MAP_REDIRECT_BYPASS,
-    MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS, MAP_STEER_STATS, OutcomeCounter, RedirectRule, RuleCounters, SteerEvent,
+    MAP_FWD_DEVICE_PORTS, MAP_FWD_DEVICES, MAP_FWD_FLOWS, MAP_FWD_FRAGS, MAP_FWD_RULELESS_PORTS, MAP_FWD_RULES,
+    MAP_REDIRECT_BYPASS, MAP_REDIRECT_EMPTY, MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS, MAP_STEER_STATS, OutcomeCounter,
+    RedirectRule, RuleCounters, SteerEvent,
 };
 
 use super::packet::ToIp;
@@ -106,6 +107,11 @@ impl SteerTables {
                 flags: 0,
                 _pad2: 0,
             };
+            // As `SteerMaps` does: the port's skip hint goes before the rule.
+            let mut free: Array<MapData, u64> = Array::try_from(self.open(MAP_FWD_RULELESS_PORTS)).unwrap();
+            let i = (port / 64) as u32;
+            let w = free.get(&i, 0).unwrap();
+            free.set(i, &(w & !(1 << (port % 64))), 0).unwrap();
             m.insert(&key, &rule, 0).unwrap();
             let dev = DeviceKey { device_addr: rule.device_addr, device_port_be: rule.device_port_be, proto, _pad: 0 };
             devices.insert(&dev, &FwdDevice { rule_id }, 0).unwrap();
@@ -176,11 +182,40 @@ impl SteerTables {
     /// Insert redirect rules: (source, proxy port, rule id, flags: `REDIRECT_UNPARSED_PASS`, the
     /// `REDIRECT_ALLOW` bits).
     pub fn add_redirects_flagged(&self, rules: impl IntoIterator<Item = (IpNet, u16, u32, u32)>) {
+        // As `SteerMaps` does: the "no redirect rule" hint goes before the rules.
+        let mut empty: Array<MapData, u32> = Array::try_from(self.open(MAP_REDIRECT_EMPTY)).unwrap();
+        empty.set(0, &0, 0).unwrap();
         let mut t = self.redirects();
         for (source, proxy_port, rule_id, flags) in rules {
             let rule = RedirectRule { proxy_port_be: proxy_port.to_be(), _pad: 0, rule_id, flags };
             t.insert(&addr_key(&source), &rule, 0).unwrap();
         }
+    }
+
+    /// The public ports whose skip hint is clear in `FWD_RULELESS_PORTS` (looked up), if fewer
+    /// than 64 are (else `None`: a map nobody synced).
+    pub fn looked_up_ports(&self) -> Option<Vec<u16>> {
+        let bits: Array<MapData, u64> = Array::try_from(self.open(MAP_FWD_RULELESS_PORTS)).unwrap();
+        let v: Vec<u16> =
+            (0..=u16::MAX).filter(|p| bits.get(&(*p as u32 / 64), 0).unwrap() & (1 << (p % 64)) == 0).collect();
+        (v.len() < 64).then_some(v)
+    }
+
+    /// Set the skip hints by hand, whatever the rules: `port` marked ruleless, and
+    /// `REDIRECT_EMPTY` set to `REDIRECT_NONE` (to prove the programs obey them).
+    pub fn force_skip(&self, port: u16) {
+        let mut free: Array<MapData, u64> = Array::try_from(self.open(MAP_FWD_RULELESS_PORTS)).unwrap();
+        let i = (port / 64) as u32;
+        let w = free.get(&i, 0).unwrap();
+        free.set(i, &(w | 1 << (port % 64)), 0).unwrap();
+        let mut empty: Array<MapData, u32> = Array::try_from(self.open(MAP_REDIRECT_EMPTY)).unwrap();
+        empty.set(0, &tunmeter_common::REDIRECT_NONE, 0).unwrap();
+    }
+
+    /// `REDIRECT_EMPTY`'s word (`REDIRECT_NONE`: the redirect lookup is skipped).
+    pub fn redirect_empty(&self) -> u32 {
+        let a: Array<MapData, u32> = Array::try_from(self.open(MAP_REDIRECT_EMPTY)).unwrap();
+        a.get(&0, 0).unwrap()
     }
 
     pub fn redirect_count(&self) -> usize {
