@@ -16,6 +16,16 @@ pub const MAP_FWD_RULES: &str = "FWD_RULES";
 /// `LRU_HASH<FlowKey, FlowNat>`: forwarded flows, written by the inbound path, read by the
 /// reply path (replies and ICMP errors about the flow).
 pub const MAP_FWD_FLOWS: &str = "FWD_FLOWS";
+/// `LRU_HASH<FlowInKey, FlowIn>`: established forwarded TCP flows as the inbound path sees
+/// them, so that their packets need one lookup (this one) instead of the rule's and the flow's.
+/// Written by the inbound path from the rule; an entry counts only while its rule's generation
+/// is current in [`MAP_FWD_RULE_GEN`].
+pub const MAP_FWD_INBOUND: &str = "FWD_INBOUND";
+/// `ARRAY<u32>` of [`MAX_RULES`]: the generation of the forward rule in force at each rule id.
+/// Userspace moves it on before a rule of that id is added or changed (the new rule carries
+/// the new value, [`FwdRule::generation`]) and after one is deleted, which ends every cached inbound
+/// flow of the old rule.
+pub const MAP_FWD_RULE_GEN: &str = "FWD_RULE_GEN";
 /// `LRU_HASH<FragKey, FragNat>`: IPv4 datagrams whose first fragment was translated, so that
 /// their later fragments (which carry no ports) get the same address.
 pub const MAP_FWD_FRAGS: &str = "FWD_FRAGS";
@@ -119,7 +129,9 @@ pub struct FwdRule {
     pub rule_id: u32,
     /// `RULE_FROM_CONFIG` or 0.
     pub flags: u32,
-    pub _pad2: u32,
+    /// This rule's generation: [`MAP_FWD_RULE_GEN`] holds it at the rule's id while the rule is
+    /// in force, so inbound flows cached from it ([`FlowIn::rule_gen`]) stay valid.
+    pub generation: u32,
 }
 const _: () = assert!(size_of::<FwdRule>() == 24);
 
@@ -167,6 +179,32 @@ pub struct FlowNat {
     pub _pad2: u32,
 }
 const _: () = assert!(size_of::<FlowNat>() == 16);
+
+/// Key of [`MAP_FWD_INBOUND`]: a forwarded TCP flow as the customer sends it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowInKey {
+    pub customer_addr: u32,
+    pub public_addr: u32,
+    pub customer_port_be: u16,
+    pub public_port_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowInKey>() == 16);
+
+/// Value of [`MAP_FWD_INBOUND`]: where the flow goes, and the generation of the rule it was
+/// taken from (valid while [`MAP_FWD_RULE_GEN`] still holds it at `rule_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowIn {
+    pub device_addr: u32,
+    pub device_port_be: u16,
+    pub _pad: u16,
+    pub rule_id: u32,
+    pub rule_gen: u32,
+}
+const _: () = assert!(size_of::<FlowIn>() == 16);
 
 /// Which way a fragment travels, in [`FragKey::dir`].
 pub const FRAG_TO_DEVICE: u8 = 0;
@@ -275,6 +313,10 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: FlowNat is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::FlowNat {}
+    // SAFETY: FlowInKey is #[repr(C)] integers without padding (size assertion above).
+    unsafe impl aya::Pod for super::FlowInKey {}
+    // SAFETY: FlowIn is #[repr(C)] integers without padding (size assertion above).
+    unsafe impl aya::Pod for super::FlowIn {}
     // SAFETY: FragKey is #[repr(C)] integers without padding (size assertion above).
     unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: FragNat is #[repr(C)] integers without padding (size assertion above).

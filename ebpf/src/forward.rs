@@ -4,18 +4,22 @@
 //! that has no flow and cannot start one, a device's packet without a flow, and half rewrites.
 
 // Ingress: a flow is created only by a TCP SYN (no ACK) or a UDP datagram, and remembered in
-// `FWD_FLOWS`. Egress: a packet of a remembered flow gets the public address and port back; one
+// `FWD_FLOWS`; a TCP flow's destination is also cached in `FWD_INBOUND` (valid while its rule's
+// generation in `FWD_RULE_GEN` is unchanged), so its later packets need that one lookup. Egress: a packet of a remembered flow gets the public address and port back; one
 // from a rule's device address and port (`FWD_DEVICES`) without a flow is dropped.
 // Checksums are updated incrementally.
 
 use aya_ebpf::programs::TcContext;
 use tunmeter_common::{
-    DeviceKey, FRAG_FROM_DEVICE, FRAG_TO_DEVICE, FlowKey, FlowNat, FragKey, FragNat, FwdKey, ICMP_CSUM, ICMP_QUOTE,
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, L4_DPORT, L4_SPORT, SteerEvent, TCP_FLAGS, V4_DST, V4_SRC,
+    DeviceKey, FRAG_FROM_DEVICE, FRAG_TO_DEVICE, FlowIn, FlowInKey, FlowKey, FlowNat, FragKey, FragNat, FwdKey,
+    ICMP_CSUM, ICMP_QUOTE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, L4_DPORT, L4_SPORT, SteerEvent, TCP_FLAGS,
+    V4_DST, V4_SRC,
 };
 
 use crate::{
-    maps::{FWD_DEVICE_PORTS, FWD_DEVICES, FWD_FLOWS, FWD_FRAGS, FWD_RULELESS_PORTS, FWD_RULES},
+    maps::{
+        FWD_DEVICE_PORTS, FWD_DEVICES, FWD_FLOWS, FWD_FRAGS, FWD_INBOUND, FWD_RULE_GEN, FWD_RULELESS_PORTS, FWD_RULES,
+    },
     packet::{Side, ipv4, l3_len, nat_v4, ports, read, set_u16, set_v4_addr},
     stats::{self, Toward},
     verdict::{Steered, Verdict},
@@ -66,22 +70,68 @@ fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
     if ruleless_port(u16::from_be(dport)) {
         return Ok(());
     }
+    let in_key = FlowInKey {
+        customer_addr: h.src,
+        public_addr: h.dst,
+        customer_port_be: sport,
+        public_port_be: dport,
+        proto: h.proto,
+        _pad: [0; 3],
+    };
+    let to = match established(&in_key) {
+        Some(to) => to,
+        None => match by_rule(ctx, h, l4, &in_key)? {
+            Some(to) => to,
+            None => return Ok(()),
+        },
+    };
+    if h.is_first_fragment() {
+        remember_fragment(h, FRAG_TO_DEVICE, to.device_addr, to.rule_id)?;
+    }
+    nat_v4(ctx, L3, h, [sport, dport], Side::Destination, to.device_addr, to.device_port_be)?;
+    let len = l3_len::<L3>(ctx);
+    stats::rule(to.rule_id, Toward::Target, len);
+    stats::event(SteerEvent::Forwarded, len);
+    Ok(())
+}
+
+/// An established TCP flow's cached destination, while the rule it came from is in force (its
+/// generation unchanged): the one lookup of such a packet.
+#[inline(always)]
+fn established(key: &FlowInKey) -> Option<FlowIn> {
+    if key.proto != IPPROTO_TCP {
+        return None;
+    }
+    // SAFETY: read-only copy of the value.
+    let to = unsafe { FWD_INBOUND.get(key) }.copied()?;
+    (*FWD_RULE_GEN.get(to.rule_id)? == to.rule_gen).then_some(to)
+}
+
+/// The rule's way: the rule lookup, then the flow table (created by a packet that may start a
+/// flow, else the packet is dropped). `None`: no rule applies, the packet passes. A TCP flow's
+/// destination is then cached in `FWD_INBOUND` for its next packets. A UDP datagram always
+/// takes this way, so that one whose flow was evicted re-creates it for the replies.
+#[inline(always)]
+fn by_rule(ctx: &TcContext, h: &Ipv4Hdr, l4: usize, in_key: &FlowInKey) -> Result<Option<FlowIn>, SteerEvent> {
     // SAFETY: the value is copied out at once; entries are only replaced whole by userspace.
-    let Some(rule) = (unsafe { FWD_RULES.get(&FwdKey { proto: h.proto, _pad: 0, port_be: dport }) }).copied() else {
-        return Ok(());
+    let Some(rule) =
+        (unsafe { FWD_RULES.get(&FwdKey { proto: h.proto, _pad: 0, port_be: in_key.public_port_be }) }).copied()
+    else {
+        return Ok(None);
     };
     if rule.public_addr != 0 && rule.public_addr != h.dst {
-        return Ok(());
+        return Ok(None);
     }
     let key = FlowKey {
         device_addr: rule.device_addr,
         customer_addr: h.src,
         device_port_be: rule.device_port_be,
-        customer_port_be: sport,
+        customer_port_be: in_key.customer_port_be,
         proto: h.proto,
         _pad: [0; 3],
     };
-    let nat = FlowNat { public_addr: h.dst, public_port_be: dport, _pad: 0, rule_id: rule.rule_id, _pad2: 0 };
+    let nat =
+        FlowNat { public_addr: h.dst, public_port_be: in_key.public_port_be, _pad: 0, rule_id: rule.rule_id, _pad2: 0 };
     // Written only when new or changed: most packets of a flow only read it. Only a packet that
     // may start a flow creates or redirects one; the same flow under a re-added rule (another
     // id) just gets the new id.
@@ -94,14 +144,18 @@ fn to_device<const L3: usize>(ctx: &TcContext, h: &Ipv4Hdr) -> Steered {
         _ if !starts_flow(ctx, l4, h.proto) => return Err(SteerEvent::FlowlessSegment),
         _ => FWD_FLOWS.insert(&key, &nat, 0).map_err(|_| SteerEvent::FlowTableError)?,
     }
-    if h.is_first_fragment() {
-        remember_fragment(h, FRAG_TO_DEVICE, rule.device_addr, rule.rule_id)?;
+    let to = FlowIn {
+        device_addr: rule.device_addr,
+        device_port_be: rule.device_port_be,
+        _pad: 0,
+        rule_id: rule.rule_id,
+        rule_gen: rule.generation,
+    };
+    if h.proto == IPPROTO_TCP {
+        // A cache: if it cannot be written, the flow's next packet takes this way again.
+        let _ = FWD_INBOUND.insert(in_key, &to, 0);
     }
-    nat_v4(ctx, L3, h, [sport, dport], Side::Destination, rule.device_addr, rule.device_port_be)?;
-    let len = l3_len::<L3>(ctx);
-    stats::rule(rule.rule_id, Toward::Target, len);
-    stats::event(SteerEvent::Forwarded, len);
-    Ok(())
+    Ok(Some(to))
 }
 
 /// No forward rule has this public port (`FWD_RULELESS_PORTS`): no rule lookup needed.

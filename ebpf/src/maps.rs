@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use tunmeter_common::{
     AddrKey, BypassValue, ClientKey, ClientSlot, DEFAULT_MAX_CLIENTS, DeviceKey, FWD_DEVICE_PORT_WORDS,
-    FWD_FLOW_ENTRIES, FWD_FRAG_ENTRIES, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule, IFACE_ENTRIES,
-    IfaceCounter, MAX_BYPASS, MAX_FWD_RULES, MAX_REDIRECT_SOURCES, MAX_RULES, MAX_SUBNETS, OutcomeCounter,
-    RESERVED_SLOTS, RedirectRule, RuleCounters, STATS_ENTRIES, SteerEvent, SubnetKey, SubnetValue,
+    FWD_FLOW_ENTRIES, FWD_FRAG_ENTRIES, FlowIn, FlowInKey, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey,
+    FwdRule, IFACE_ENTRIES, IfaceCounter, MAX_BYPASS, MAX_FWD_RULES, MAX_REDIRECT_SOURCES, MAX_RULES, MAX_SUBNETS,
+    OutcomeCounter, RESERVED_SLOTS, RedirectRule, RuleCounters, STATS_ENTRIES, SteerEvent, SubnetKey, SubnetValue,
 };
 
 // ---- counting ----
@@ -64,6 +64,16 @@ pub static FWD_RULELESS_PORTS: Array<u64> = Array::pinned(FWD_DEVICE_PORT_WORDS,
 /// Forwarded flows as the reply path sees them -> the public address and port to restore.
 #[map(name = "FWD_FLOWS")]
 pub static FWD_FLOWS: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(FWD_FLOW_ENTRIES, 0);
+
+/// Established forwarded TCP flows as the inbound path sees them -> the device (one lookup a
+/// packet instead of the rule's and the flow's).
+#[map(name = "FWD_INBOUND")]
+pub static FWD_INBOUND: LruHashMap<FlowInKey, FlowIn> = LruHashMap::pinned(FWD_FLOW_ENTRIES, 0);
+
+/// The generation of the forward rule in force at each rule id (a `FWD_INBOUND` entry of an
+/// older generation is not used).
+#[map(name = "FWD_RULE_GEN")]
+pub static FWD_RULE_GEN: Array<u32> = Array::pinned(MAX_RULES, 0);
 
 /// Fragmented datagrams whose first fragment was translated -> the address the rest get.
 #[map(name = "FWD_FRAGS")]

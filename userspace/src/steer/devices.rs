@@ -1,7 +1,7 @@
 //! The `FWD_DEVICES` map (the (protocol, device address, device port) of every forward rule)
 //! and its port bitmap `FWD_DEVICE_PORTS`, rebuilt from `FWD_RULES` after each rule change, so
 //! the egress program can drop a device's packets that have no flow instead of leaking them;
-//! then the public ports without a rule (`skip`).
+//! then the public ports without a rule (`hints`).
 
 use std::collections::BTreeMap;
 

@@ -296,19 +296,20 @@ impl SteerMaps {
             Some(_) => return Err(SteerError::ForwardExists { proto: spec.proto, port: spec.public_port }),
             None => self.new_id()?,
         };
-        let value = FwdRule {
+        let mut value = FwdRule {
             public_addr: spec.public_address.map_or(0, |a| u32::from_ne_bytes(a.octets())),
             device_addr: u32::from_ne_bytes(spec.device.ip().octets()),
             device_port_be: spec.device.port().to_be(),
             _pad: 0,
             rule_id: id,
             flags: origin.flags(),
-            _pad2: 0,
+            generation: existing.map_or(0, |r| r.generation),
         };
         if existing == Some(value) {
             return Ok(id);
         }
         self.unskip_port(spec.public_port)?;
+        value.generation = self.next_rule_gen(id)?;
         rules.insert(&key, &value, 0).map_err(map_err(MAP_FWD_RULES))?;
         info!(id, proto = %spec.proto, port = spec.public_port, device = %spec.device, ?origin, "forward rule set");
         Ok(id)
@@ -317,9 +318,13 @@ impl SteerMaps {
     pub fn del_forward(&self, proto: Proto, port: u16) -> Result<(), SteerError> {
         let _lock = self.lock()?;
         let mut rules = self.fwd_rules()?;
+        let id = rules.get(&fwd_key(proto, port), 0).map(|r| r.rule_id);
         match rules.remove(&fwd_key(proto, port)) {
             Ok(()) => {
                 info!(%proto, port, "forward rule deleted");
+                if let Ok(id) = id {
+                    self.next_rule_gen(id)?;
+                }
                 self.sync_devices()
             }
             Err(MapError::KeyNotFound) => Err(SteerError::NoForward { proto, port }),
@@ -382,6 +387,7 @@ impl SteerMaps {
             .collect();
         for (k, r) in stale {
             rules.remove(&k).map_err(map_err(MAP_FWD_RULES))?;
+            self.next_rule_gen(r.rule_id)?;
             info!(id = r.rule_id, port = u16::from_be(k.port_be), "forward rule removed: no longer in the config");
         }
         for f in forward {

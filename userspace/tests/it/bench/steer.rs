@@ -10,8 +10,8 @@ use super::*;
 // forwarded and the figure would be the no-match cost. The timed forwarded packet therefore
 // ping-pongs between two of the 10,000 rules: public port P -> device D:Q, and public port Q ->
 // the public address:P. Every repeat is then a full forward of a packet of an established flow
-// (rule hit, flow-table hit without a write, address + port + checksum rewrite, rule counter,
-// event), and an even number of repeats leaves the packet as it came in. The reply path
+// (its cached destination in FWD_INBOUND and the rule generation check, address + port +
+// checksum rewrite, rule counter, event), and an even number of repeats leaves the packet as it came in. The reply path
 // ping-pongs the same way through the two flow entries those rules created.
 
 /// Forward rules in FWD_RULES, redirect sources in REDIRECT_SOURCES, extra flows in FWD_FLOWS.
@@ -304,14 +304,14 @@ pub(super) fn steer_ns_per_packet() {
     let (e2, e3) = (t.empty_l2, t.empty_l3);
     row(
         "forward (L2 `tunmeter_in`)",
-        "TCP to a forwarded port: rule hit, flow-table hit, address + port + checksum rewrite",
+        "TCP of an established forwarded flow: cached destination hit (no rule or flow-table lookup), address + port + checksum rewrite",
         t.fwd,
         e2,
         Some(t.fwd_base),
     );
     row(
         "forward (L2 `tunmeter_in`)",
-        "TCP to a forwarded port of another public address: rule hit, stops there (no flow, no rewrite)",
+        "TCP to a forwarded port of another public address: cache miss, rule hit, stops there (no flow, no rewrite)",
         t.fwd_other_addr,
         e2,
         Some(t.fwd_miss),
@@ -349,9 +349,11 @@ pub(super) fn steer_ns_per_packet() {
     println!(
         "Target: lookup + rewrite <= {STEER_TARGET_NS:.0} ns. Compared with it: the forwarded packet's program cost \
          (counting + steering, harness subtracted) {cost:.0} ns: {}. The steering share alone (forwarded minus the \
-         no-rule packets, same program) {share:.0} ns: {}; of it, the rule lookup (a hit that stops at the address \
-         check, minus a miss) {:.0} ns, the rest is the flow-table read, the rewrite (two transport-checksum \
-         helpers and one store of the IP checksum, addresses and ports) and the rule and event counters. The reply path's steering share: {:.0} ns.",
+         no-rule packets, same program) {share:.0} ns: {}. A packet no rule can match skips the rule lookup \
+         (`FWD_RULELESS_PORTS`); a port with a rule costs a cache miss and the rule lookup (a hit that stops at \
+         the address check, minus the no-rule packet) {:.0} ns; an established flow's packet needs the cached \
+         destination (one lookup), the rewrite (two transport-checksum helpers and one store of the IP checksum, \
+         addresses and ports) and the rule and event counters. The reply path's steering share: {:.0} ns.",
         verdict(cost <= STEER_TARGET_NS),
         verdict(share <= STEER_TARGET_NS),
         t.fwd_other_addr - t.fwd_miss,
@@ -363,7 +365,7 @@ pub(super) fn steer_ns_per_packet() {
          repeat: with a single rule, {SEMANTICS_REPEAT} repeats of a packet to its port counted {} forwarded \
          packet(s). The forwarded packet is therefore timed between two of the {STEER_RULES} rules that map onto \
          each other (port P -> device D:Q, port Q -> public address:P): every repeat is a full forward of a packet \
-         of an established flow (flow entry read, not written), checked afterwards: forwarded events = repeats, \
+         of an established flow (its cached destination read, nothing written), checked afterwards: forwarded events = repeats, \
          half on each rule, no flow created. The reply path alternates the same way between the two flow entries \
          those rules created (the table holds {STEER_RULES} other flows). Not timed: the first packet of a flow \
          (one flow-table write more), fragments and ICMP errors.",

@@ -42,6 +42,58 @@ fn forward_hints_follow_the_rules_and_the_program_obeys_them() {
     });
 }
 
+/// A TCP segment customer -> public address, and what the device must receive at `dev_port`.
+fn segment(n: &Net, flags: u8, id: u16, dev_port: u16) -> (Vec<u8>, Vec<u8>) {
+    let seg = Packet::tcp().src(n.cust).sport(CPORT).flags(flags).payload(b"x").id(id).df().eth();
+    (seg.clone().dst(n.public).dport(TCP_PUB_PORT).build(), seg.dst(n.dev).dport(dev_port).build())
+}
+
+#[test]
+fn cached_inbound_flows_end_with_their_rule() {
+    for_each_net(|n| {
+        let mut h = Harness::new(Layer::L2, 1024, SUBNETS);
+        let s = SteerTables::new(h.pins.path());
+        let maps = SteerMaps::new(h.pins.path());
+        let rule = |proto, dev_port: u16| ForwardSpec {
+            proto,
+            public_port: TCP_PUB_PORT,
+            public_address: None,
+            device: format!("{}:{dev_port}", n.dev).parse().unwrap(),
+        };
+        // A UDP rule on the same port keeps the port looked up when the TCP rule goes.
+        let udp = rule(Proto::Udp, UDP_DEV_PORT);
+        let (old_port, new_port) = (TCP_DEV_PORT, TCP_DEV_PORT + 1);
+        maps.sync_config(&[rule(Proto::Tcp, old_port), udp], &[]).unwrap();
+        let (syn, want) = segment(n, SYN, 1, old_port);
+        let (ret, out) = h.run_out(PROG_INGRESS, &syn);
+        check_translated("SYN, first packet of the flow", ret, &out, &want);
+        assert_eq!(s.inbound_flows(), 1, "the flow's destination is cached");
+        let (ack, want) = segment(n, ACK, 2, old_port);
+        let (ret, out) = h.run_out(PROG_INGRESS, &ack);
+        check_translated("ACK of the established flow (cached)", ret, &out, &want);
+
+        // The rule changed (another device port): the cached destination is not used; the
+        // segment has no flow to the new destination and may not start one.
+        maps.sync_config(&[rule(Proto::Tcp, new_port), udp], &[]).unwrap();
+        let (ack, _) = segment(n, ACK, 3, old_port);
+        let (ret, out) = h.run_out(PROG_INGRESS, &ack);
+        check_unchanged("ACK after the rule changed", ret, TC_ACT_SHOT, &out, &ack);
+        let (syn, want) = segment(n, SYN, 4, new_port);
+        let (ret, out) = h.run_out(PROG_INGRESS, &syn);
+        check_translated("SYN under the changed rule", ret, &out, &want);
+        let (ack, want) = segment(n, ACK, 5, new_port);
+        let (ret, out) = h.run_out(PROG_INGRESS, &ack);
+        check_translated("ACK under the changed rule (cached again)", ret, &out, &want);
+
+        // The TCP rule deleted: the cached flow ends with it.
+        maps.sync_config(&[udp], &[]).unwrap();
+        assert_eq!(s.looked_up_ports(), Some(vec![TCP_PUB_PORT]), "the UDP rule keeps the port looked up");
+        let (ack, _) = segment(n, ACK, 6, new_port);
+        let (ret, out) = h.run_out(PROG_INGRESS, &ack);
+        check_unchanged("ACK after its rule was deleted", ret, TC_ACT_UNSPEC, &out, &ack);
+    });
+}
+
 #[test]
 fn redirect_hint_follows_the_rules_and_the_program_obeys_it() {
     if !require_root() {

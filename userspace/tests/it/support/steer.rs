@@ -15,10 +15,10 @@ use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
 use tunmeter::steer::table::addr_key;
 use tunmeter_common::{
-    AddrKey, BypassValue, DeviceKey, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule,
-    MAP_FWD_DEVICE_PORTS, MAP_FWD_DEVICES, MAP_FWD_FLOWS, MAP_FWD_FRAGS, MAP_FWD_RULELESS_PORTS, MAP_FWD_RULES,
-    MAP_REDIRECT_BYPASS, MAP_REDIRECT_EMPTY, MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS, MAP_STEER_STATS, OutcomeCounter,
-    RedirectRule, RuleCounters, SteerEvent,
+    AddrKey, BypassValue, DeviceKey, FlowIn, FlowInKey, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule,
+    MAP_FWD_DEVICE_PORTS, MAP_FWD_DEVICES, MAP_FWD_FLOWS, MAP_FWD_FRAGS, MAP_FWD_INBOUND, MAP_FWD_RULELESS_PORTS,
+    MAP_FWD_RULES, MAP_REDIRECT_BYPASS, MAP_REDIRECT_EMPTY, MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS, MAP_STEER_STATS,
+    OutcomeCounter, RedirectRule, RuleCounters, SteerEvent,
 };
 
 use super::packet::ToIp;
@@ -105,7 +105,7 @@ impl SteerTables {
                 _pad: 0,
                 rule_id,
                 flags: 0,
-                _pad2: 0,
+                generation: 0,
             };
             // As `SteerMaps` does: the port's skip hint goes before the rule.
             let mut free: Array<MapData, u64> = Array::try_from(self.open(MAP_FWD_RULELESS_PORTS)).unwrap();
@@ -151,6 +151,12 @@ impl SteerTables {
             let nat = FlowNat { public_addr: addr(public), public_port_be: port.to_be(), _pad: 0, rule_id, _pad2: 0 };
             m.insert(&key, &nat, 0).unwrap();
         }
+    }
+
+    /// How many entries `FWD_INBOUND` (established TCP flows, customer side) holds.
+    pub fn inbound_flows(&self) -> usize {
+        let m: HashMap<MapData, FlowInKey, FlowIn> = HashMap::try_from(self.open(MAP_FWD_INBOUND)).unwrap();
+        m.keys().count()
     }
 
     /// Every flow, sorted by ports, protocol and customer.

@@ -1,12 +1,14 @@
-//! The lookup-skip hints beside the rules: `FWD_RULELESS_PORTS` (public ports no forward rule
-//! uses) and `REDIRECT_EMPTY` (no redirect rule at all), so that a packet no rule can match costs
-//! the programs no hash or trie lookup. A hint says "skip" only where no rule exists: it is
-//! withdrawn before a rule goes in and given after the last one is gone.
+//! What the programs read beside the rules. The skip hints `FWD_RULELESS_PORTS` (public ports no
+//! forward rule uses) and `REDIRECT_EMPTY` (no redirect rule): a hint says "skip" only where no
+//! rule exists, withdrawn before a rule goes in, given after the last is gone. `FWD_RULE_GEN`:
+//! moved on before a rule is added or changed and after it is deleted, ending its cached flows.
 
 use std::collections::BTreeSet;
 
 use aya::maps::{Array, Map, MapData};
-use tunmeter_common::{FWD_DEVICE_PORT_WORDS, MAP_FWD_RULELESS_PORTS, MAP_REDIRECT_EMPTY, REDIRECT_NONE};
+use tunmeter_common::{
+    FWD_DEVICE_PORT_WORDS, MAP_FWD_RULE_GEN, MAP_FWD_RULELESS_PORTS, MAP_REDIRECT_EMPTY, REDIRECT_NONE,
+};
 
 use super::table::{SteerError, SteerMaps, map_err};
 
@@ -57,5 +59,15 @@ impl SteerMaps {
             word.set(0, &want, 0).map_err(map_err(MAP_REDIRECT_EMPTY))?;
         }
         Ok(())
+    }
+
+    /// Move rule id `id`'s generation on and return it: before a rule with this id is added
+    /// or changed (the rule carries the value returned), and after it is deleted. Inbound flows
+    /// cached from an older rule of this id are not used again. 0 under pins of an older daemon.
+    pub(super) fn next_rule_gen(&self, id: u32) -> Result<u32, SteerError> {
+        let Some(mut gens) = self.hint::<u32>(MAP_FWD_RULE_GEN)? else { return Ok(0) };
+        let next = gens.get(&id, 0).map_err(map_err(MAP_FWD_RULE_GEN))?.wrapping_add(1);
+        gens.set(id, &next, 0).map_err(map_err(MAP_FWD_RULE_GEN))?;
+        Ok(next)
     }
 }
