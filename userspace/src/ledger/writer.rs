@@ -64,9 +64,9 @@ impl Ledger {
     /// the database's key order; with a reset, also its record, its client's row as it is after
     /// the reset, and its webhook event. One transaction per `CLIENTS_PER_TRANSACTION` clients:
     /// each client's row and its usage commit together, so exactness holds per client, while
-    /// memory and the time the database is held stay bounded. A flush that carries a new
-    /// kernel epoch is one transaction (the epoch gives every stored cursor its meaning). The
-    /// caller holds the write gate. On failure the failed transaction's usage goes back into
+    /// memory and the time the database is held stay bounded. A new kernel epoch goes first,
+    /// in a transaction of its own that also zeroes every stored cursor (as the poll did in
+    /// memory), so the rows after it commit in groups too. The caller holds the write gate. On failure the failed transaction's usage goes back into
     /// pending and its clients and the ones after are listed again. `None`: nothing to write.
     pub(super) async fn write_pending(
         &self,
@@ -80,21 +80,23 @@ impl Ledger {
         let keyed = self.state().writing_keys(&start.clients);
         drop(start.clients);
         let clients = state::sort_for_writing(keyed);
-        let group = if start.epoch.is_some() { clients.len().max(1) } else { CLIENTS_PER_TRANSACTION };
+        if let Some(epoch) = start.epoch.as_deref()
+            && let Err(e) = self.write_epoch(epoch).await
+        {
+            self.state().restore_flush(Taken { usage: Vec::new(), clients, epoch: true });
+            return Err(e);
+        }
+        let group = CLIENTS_PER_TRANSACTION;
         let groups = clients.len().div_ceil(group).max(1);
         let (mut written, mut usage) = (0, Vec::new());
         for g in 0..groups {
             let from = g * group;
             let ids = &clients[from..clients.len().min(from + group)];
-            let epoch = if g == 0 { start.epoch.as_deref() } else { None };
             usage.clear();
             let reset = if g + 1 == groups { reset } else { None };
-            if let Err(e) = self.write_group(epoch, ids, &mut usage, reset).await {
-                let taken = Taken {
-                    usage: std::mem::take(&mut usage),
-                    clients: clients[from..].to_vec(),
-                    epoch: epoch.is_some(),
-                };
+            if let Err(e) = self.write_group(ids, &mut usage, reset).await {
+                let taken =
+                    Taken { usage: std::mem::take(&mut usage), clients: clients[from..].to_vec(), epoch: false };
                 self.state().restore_flush(taken);
                 return Err(e);
             }
@@ -104,20 +106,23 @@ impl Ledger {
         Ok(Some(written))
     }
 
+    /// The transaction of a new kernel epoch (see `store::BatchWriter::epoch`).
+    async fn write_epoch(&self, epoch: &str) -> Result<(), sqlx::Error> {
+        let mut w = store::BatchWriter::begin(&self.db, &self.cfg.node_id).await?;
+        w.epoch(epoch, unix_ms()).await?;
+        w.commit().await
+    }
+
     /// One transaction of a flush: the rows and usage of the clients of rows `ids` (taken now,
     /// in chunks), and the reset if there is one. `usage` collects what was taken.
     async fn write_group(
         &self,
-        epoch: Option<&str>,
         ids: &[u32],
         usage: &mut Vec<state::MinuteRow>,
         reset: Option<(&ResetRecord, Option<&ResetNotice>)>,
     ) -> Result<(), sqlx::Error> {
         let now = unix_ms();
         let mut w = store::BatchWriter::begin(&self.db, &self.cfg.node_id).await?;
-        if let Some(e) = epoch {
-            w.epoch(e, now).await?;
-        }
         // Each chunk: the clients' rows, then their usage (a minute refers to its client's row).
         let mut rows = Vec::with_capacity(store::ROWS_PER_STATEMENT);
         for chunk in ids.chunks(store::ROWS_PER_STATEMENT) {

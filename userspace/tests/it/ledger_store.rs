@@ -138,7 +138,7 @@ async fn scenario(url: &str, outage: &mut dyn Outage) {
     l.poll_once().await.unwrap();
     tasks.abort();
     drop(l);
-    let (l, tasks) = open(url, "node-a", &src).await;
+    let (l, mut tasks) = open(url, "node-a", &src).await;
     add(b, 7, 7);
     l.poll_once().await.unwrap();
     l.flush().await.unwrap();
@@ -215,6 +215,24 @@ async fn scenario(url: &str, outage: &mut dyn Outage) {
         .try_get("kernel_epoch")
         .unwrap();
     assert_eq!(epoch, "boot2/3");
+
+    // 5b. A crash right after a new epoch's own transaction (the epoch and zeroed cursors),
+    //     before any client row of it: the restart counts the new map from its start. With the
+    //     old epoch's cursors left in place, their large values would swallow the new counts.
+    src.new_epoch("boot3/1");
+    add(a, 70, 80);
+    let mut w = store::BatchWriter::begin(&l.db, "node-a").await.unwrap();
+    w.epoch("boot3/1", tunmeter::time::unix_ms()).await.unwrap();
+    w.commit().await.unwrap();
+    tasks.abort();
+    drop(l);
+    let (l, tasks) = open(url, "node-a", &src).await;
+    l.poll_once().await.unwrap();
+    l.flush().await.unwrap();
+    let s = stored(&l.db, "node-a").await;
+    for ip in [a, b] {
+        assert_eq!(s[&ip].0.up_bytes + s[&ip].0.down_bytes, src.ever(ip), "{ip} after a crash in a new epoch");
+    }
 
     // 6. History: every granularity sums to the total; peaks are the maximum poll rate.
     for g in [Granularity::Minute, Granularity::Hour, Granularity::Day] {

@@ -120,6 +120,9 @@ impl<'c> BatchWriter<'c> {
         &mut self.tx
     }
 
+    /// A new kernel epoch: recorded, and every stored cursor of this node back to zero, as the
+    /// poll did in memory (nothing of the new counters is in the ledger yet). After this commits,
+    /// the clients' rows can follow in transactions of their own.
     pub async fn epoch(&mut self, epoch: &str, now_ms: u64) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE nodes SET kernel_epoch = $1, updated_unix_ms = $2 WHERE node_id = $3")
             .bind(epoch)
@@ -127,6 +130,13 @@ impl<'c> BatchWriter<'c> {
             .bind(self.node)
             .execute(&mut *self.tx)
             .await?;
+        sqlx::query(
+            "UPDATE clients SET cursor_up_bytes = 0, cursor_up_packets = 0, cursor_down_bytes = 0, \
+             cursor_down_packets = 0 WHERE node_id = $1",
+        )
+        .bind(self.node)
+        .execute(&mut *self.tx)
+        .await?;
         Ok(())
     }
 
