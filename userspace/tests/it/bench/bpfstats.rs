@@ -63,6 +63,16 @@ impl Tally {
         }
     }
 
+    /// Runs and run time per run of the programs on `dev`'s `hook`, if any ran.
+    pub(super) fn of(&self, dev: &str, hook: &str) -> Option<(u64, f64)> {
+        let (ns, runs) = self
+            .0
+            .iter()
+            .filter(|((d, h, _), _)| d == dev && h == hook)
+            .fold((0u64, 0u64), |(a, b), (_, (ns, runs))| (a + ns, b + runs));
+        (runs > 0).then(|| (runs, ns as f64 / runs as f64))
+    }
+
     /// Run time per run over everything tallied, if anything ran.
     pub(super) fn ns_per_run(&self) -> Option<f64> {
         let (ns, runs) = self.0.values().fold((0u64, 0u64), |(a, b), (ns, runs)| (a + ns, b + runs));

@@ -18,7 +18,8 @@
 //!    the same program on a packet without a rule and against the empty program.
 //! 5. Forwarded TCP throughput (iperf3 through the lab's server): a tunmeter forward rule vs the
 //!    same forwarding by iptables DNAT, alternating runs, ratio of medians; the programs' cost
-//!    per packet in both kinds of run (BPF run-time statistics).
+//!    per packet in both kinds of run (BPF run-time statistics); then the redirect path under a
+//!    tun client's real upload (redirected, bypassed, no rule), by the same statistics.
 //!
 //! 6. Identity: the wall time of `tunmeter hook openvpn` (what OpenVPN waits for at each
 //!    connect) against the real daemon, `status 3` parsing at 1,000 and 10,000 clients, and
@@ -33,12 +34,12 @@
 //!    packet cost alone and with both CPUs on one client, and poll cost.
 //!
 //! `TM_BENCH_QUICK=1` skips 2, 3, 5 and 7. `TM_BENCH_ONLY=` a comma-separated list of `counting`
-//! (1), `veth` (2), `daemon` (3), `steer` (4 and 5), `identity` (6), `alternatives` (7), `design` (8) runs only those, e.g.
+//! (1), `veth` (2), `daemon` (3), `steer` (4 and 5), `redirect` (the redirect part of 5 alone), `identity` (6), `alternatives` (7), `design` (8) runs only those, e.g.
 //! `TM_BENCH_ONLY=steer`.
 //!
 //! This file: the entry point (`bench`), the shared timing helpers and the empty program; one
 //! file per section (`counting`, `veth`, `daemon` with its lab in `daemon_lab`, `steer`,
-//! `steer_fwd`, `identity`, `bpfstats`).
+//! `steer_fwd`, `steer_redirect`, `identity`, `bpfstats`).
 
 mod alternatives;
 mod bpfstats;
@@ -49,6 +50,7 @@ mod design;
 mod identity;
 mod steer;
 mod steer_fwd;
+mod steer_redirect;
 mod veth;
 
 use crate::support;
@@ -161,6 +163,9 @@ fn bench() {
     }
     if !quick && wants("steer") {
         steer_fwd::steer_throughput();
+    }
+    if !quick && (wants("steer") || wants("redirect")) {
+        steer_redirect::redirect_real_traffic();
     }
     if wants("identity") {
         identity::status_parsing();
