@@ -23,8 +23,8 @@ pub const MAP_FWD_FLOWS: &str = "FWD_FLOWS";
 pub const MAP_FWD_INBOUND: &str = "FWD_INBOUND";
 /// `ARRAY<u32>` of [`MAX_RULES`]: the generation of the forward rule in force at each rule id.
 /// Userspace moves it on before a rule of that id is added or changed (the new rule carries
-/// the new value, [`FwdRule::generation`]) and after one is deleted, which ends every cached inbound
-/// flow of the old rule.
+/// the new value, [`FwdRule::generation`]) and after one is deleted, which ends every cached
+/// inbound flow of the old rule.
 pub const MAP_FWD_RULE_GEN: &str = "FWD_RULE_GEN";
 /// `LRU_HASH<FragKey, FragNat>`: IPv4 datagrams whose first fragment was translated, so that
 /// their later fragments (which carry no ports) get the same address.

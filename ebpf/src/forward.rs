@@ -5,9 +5,10 @@
 
 // Ingress: a flow is created only by a TCP SYN (no ACK) or a UDP datagram, and remembered in
 // `FWD_FLOWS`; a TCP flow's destination is also cached in `FWD_INBOUND` (valid while its rule's
-// generation in `FWD_RULE_GEN` is unchanged), so its later packets need that one lookup. Egress: a packet of a remembered flow gets the public address and port back; one
-// from a rule's device address and port (`FWD_DEVICES`) without a flow is dropped.
-// Checksums are updated incrementally.
+// generation in `FWD_RULE_GEN` is unchanged), so its later packets need that one lookup.
+// Egress: a packet of a remembered flow gets the public address and port back; one from a
+// rule's device address and port (`FWD_DEVICES`) without a flow is dropped. Checksums are
+// updated incrementally.
 
 use aya_ebpf::programs::TcContext;
 use tunmeter_common::{

@@ -66,8 +66,9 @@ impl Ledger {
     /// each client's row and its usage commit together, so exactness holds per client, while
     /// memory and the time the database is held stay bounded. A new kernel epoch goes first,
     /// in a transaction of its own that also zeroes every stored cursor (as the poll did in
-    /// memory), so the rows after it commit in groups too. The caller holds the write gate. On failure the failed transaction's usage goes back into
-    /// pending and its clients and the ones after are listed again. `None`: nothing to write.
+    /// memory), so the rows after it commit in groups too. The caller holds the write gate. On
+    /// failure the failed transaction's usage goes back into pending and its clients and the
+    /// ones after are listed again. `None`: nothing to write.
     pub(super) async fn write_pending(
         &self,
         reset: Option<(&ResetRecord, Option<&ResetNotice>)>,
@@ -86,12 +87,11 @@ impl Ledger {
             self.state().restore_flush(Taken { usage: Vec::new(), clients, epoch: true });
             return Err(e);
         }
-        let group = CLIENTS_PER_TRANSACTION;
-        let groups = clients.len().div_ceil(group).max(1);
+        let groups = clients.len().div_ceil(CLIENTS_PER_TRANSACTION).max(1);
         let (mut written, mut usage) = (0, Vec::new());
         for g in 0..groups {
-            let from = g * group;
-            let ids = &clients[from..clients.len().min(from + group)];
+            let from = g * CLIENTS_PER_TRANSACTION;
+            let ids = &clients[from..clients.len().min(from + CLIENTS_PER_TRANSACTION)];
             usage.clear();
             let reset = if g + 1 == groups { reset } else { None };
             if let Err(e) = self.write_group(ids, &mut usage, reset).await {

@@ -5,11 +5,14 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{HashMap, Map, MapData};
 use tracing::warn;
 use tunmeter_common::{DeviceKey, FWD_DEVICE_PORT_WORDS, FwdDevice, MAP_FWD_DEVICE_PORTS, MAP_FWD_DEVICES};
 
-use super::table::{SteerError, SteerMaps, map_err};
+use super::{
+    hints::write_bitmap,
+    table::{SteerError, SteerMaps, map_err},
+};
 
 impl SteerMaps {
     /// Make `FWD_DEVICES` hold exactly the devices of the forward rules. Pins made by an older
@@ -53,24 +56,12 @@ impl SteerMaps {
 
     /// Set the bits of `want`'s ports; with `only_add` false, also clear every other bit.
     fn sync_device_ports(&self, want: &BTreeMap<DeviceKey, FwdDevice>, only_add: bool) -> Result<(), SteerError> {
-        let data = match self.open(MAP_FWD_DEVICE_PORTS) {
-            Ok(d) => d,
-            Err(SteerError::NoMaps(_)) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let mut bits: Array<MapData, u64> = Array::try_from(Map::Array(data)).map_err(map_err(MAP_FWD_DEVICE_PORTS))?;
+        let Some(mut bits) = self.derived::<u64>(MAP_FWD_DEVICE_PORTS)? else { return Ok(()) };
         let mut words = vec![0u64; FWD_DEVICE_PORT_WORDS as usize];
         for k in want.keys() {
             let port = u16::from_be(k.device_port_be) as usize;
             words[port / 64] |= 1 << (port % 64);
         }
-        for (i, w) in words.into_iter().enumerate() {
-            let have = bits.get(&(i as u32), 0).map_err(map_err(MAP_FWD_DEVICE_PORTS))?;
-            let new = if only_add { have | w } else { w };
-            if new != have {
-                bits.set(i as u32, &new, 0).map_err(map_err(MAP_FWD_DEVICE_PORTS))?;
-            }
-        }
-        Ok(())
+        write_bitmap(&mut bits, MAP_FWD_DEVICE_PORTS, &words, |held, want| if only_add { held | want } else { want })
     }
 }

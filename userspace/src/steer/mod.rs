@@ -1,7 +1,7 @@
-//! Steering: forward rules (DNAT of old) and redirect rules (REDIRECT/TPROXY of old), done by
-//! the TC programs. `table` keeps the rules (parsed by `types::rules`) in the pinned maps,
-//! `devices` the forward rules' device set, `hints` what the programs read beside the rules (skip hints, rule generations), `guard` checks rules before they go in, `host` sets
-//! up what the host needs (policy route, reserved ports, bypass addresses). See docs/steering.md.
+//! Steering (forward rules, the DNAT of old; redirect rules, REDIRECT/TPROXY) by the TC programs:
+//! `table` keeps the rules in the pinned maps, `devices` the forward rules' device set, `hints`
+//! the skip hints and rule generations, `guard` checks rules before they go in, `host` sets up
+//! the host (policy route, reserved ports, bypass addresses). See docs/steering.md.
 
 mod devices;
 pub mod guard;

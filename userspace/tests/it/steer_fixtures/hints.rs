@@ -31,7 +31,7 @@ fn forward_hints_follow_the_rules_and_the_program_obeys_them() {
         assert_eq!(s.rule(id).to_target_packets, 1);
 
         // A (wrong) hint that the port has no rule: the program does not look the rule up.
-        s.force_skip(TCP_PUB_PORT);
+        s.force_port_ruleless(TCP_PUB_PORT);
         let (syn, _) = tcp_to_public(n, SYN, b"", 2);
         let (ret, out) = h.run_out(PROG_INGRESS, &syn);
         check_unchanged("SYN to a port hinted ruleless", ret, TC_ACT_UNSPEC, &out, &syn);
@@ -111,7 +111,7 @@ fn redirect_hint_follows_the_rules_and_the_program_obeys_it() {
         let (ret, out) = h.run_out(PROG_INGRESS, &syn);
         check_unchanged("SYN of a client redirected through SteerMaps, no proxy", ret, TC_ACT_SHOT, &out, &syn);
 
-        s.force_skip(0);
+        s.force_redirect_empty();
         let (ret, out) = h.run_out(PROG_INGRESS, &syn);
         check_unchanged("SYN while REDIRECT_EMPTY says no rule", ret, TC_ACT_UNSPEC, &out, &syn);
 

@@ -207,13 +207,16 @@ impl SteerTables {
         (v.len() < 64).then_some(v)
     }
 
-    /// Set the skip hints by hand, whatever the rules: `port` marked ruleless, and
-    /// `REDIRECT_EMPTY` set to `REDIRECT_NONE` (to prove the programs obey them).
-    pub fn force_skip(&self, port: u16) {
+    /// Mark `port` ruleless by hand, whatever the rules (to prove the program obeys the hint).
+    pub fn force_port_ruleless(&self, port: u16) {
         let mut free: Array<MapData, u64> = Array::try_from(self.open(MAP_FWD_RULELESS_PORTS)).unwrap();
         let i = (port / 64) as u32;
         let w = free.get(&i, 0).unwrap();
         free.set(i, &(w | 1 << (port % 64)), 0).unwrap();
+    }
+
+    /// Set `REDIRECT_EMPTY` to `REDIRECT_NONE` by hand, whatever the rules.
+    pub fn force_redirect_empty(&self) {
         let mut empty: Array<MapData, u32> = Array::try_from(self.open(MAP_REDIRECT_EMPTY)).unwrap();
         empty.set(0, &tunmeter_common::REDIRECT_NONE, 0).unwrap();
     }
