@@ -21,8 +21,8 @@ pub struct LedgerSettings {
     pub drift_threshold_packets: u64,
     /// Self-check: consecutive drifting polls before `ledger.drift` fires.
     pub drift_polls: u32,
-    /// Pending usage rows (client x minute) held while the database is down, before the oldest
-    /// minutes are folded into coarser rows.
+    /// Pending usage rows (client x minute) held while the database is down, beyond the two each
+    /// client holds in place, before the oldest minutes are folded into coarser rows.
     pub max_pending_rows: u64,
 }
 

@@ -56,7 +56,8 @@ pub struct LedgerConfig {
     pub flush_interval: Duration,
     /// Days to keep minute, hour and day rows (0 = forever).
     pub retention_days: [(Granularity, u32); 3],
-    /// Pending usage rows before the oldest are folded into coarser ones (0: no bound).
+    /// Pending usage rows beyond two a client before the oldest are folded into coarser ones
+    /// (0: no bound).
     pub max_pending_rows: usize,
 }
 

@@ -238,6 +238,8 @@ fn the_free_queue_is_topped_up_by_the_daemons_scan_and_by_admission() {
     let mut seen = 0;
     daemon.for_each(|_, k, _| seen += u32::from(!k.is_reserved())).unwrap();
     assert_eq!(seen, headroom);
+    assert!(mark(&h) > 4096, "the scan crossed a chunk of slots");
+    assert_eq!(daemon.slots().mapped_chunks(), 1, "a scan unmaps each chunk once read, but the first");
     assert_eq!(mark(&h), RESERVED_SLOTS + 2 * headroom, "topped up to the headroom again");
     h.run(PROG_INGRESS, &late);
     assert_eq!(h.client(&client(headroom)).expect("a slot now").up_packets, 1);

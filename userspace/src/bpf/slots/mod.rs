@@ -33,8 +33,9 @@ const W_KEY: usize = 0;
 const W_UP_BYTES: usize = 2;
 const W_LAST_SEEN: usize = 6;
 const W_META: usize = 7;
-/// Slots per mapping: 256 KiB, a whole number of pages. Only the chunks below the fill mark
-/// are mapped, so the daemon's resident memory follows the clients, not `max_clients`.
+/// Slots per mapping: 256 KiB, a whole number of pages. A scan maps one chunk at a time and
+/// unmaps it once read, so the daemon's resident memory holds a chunk of slots, not the map
+/// (the map's pages are kernel memory, allocated for `max_clients` whether mapped or not).
 const CHUNK_SLOTS: u32 = 4096;
 const CHUNK_BYTES: usize = CHUNK_SLOTS as usize * WORDS * 8;
 
@@ -88,13 +89,39 @@ impl Slots {
         self.entries
     }
 
-    /// Map every chunk that holds a slot below `end` (a scan, before it reads them: callers
-    /// map first, so that a failing mmap is an error, not a panic in `words`).
-    fn map_upto(&self, end: u32) -> Result<(), LoadError> {
-        for i in 0..end.min(self.entries).div_ceil(CHUNK_SLOTS) as usize {
+    /// `f(self, slot)` for every slot in `from..end`, in order, each chunk mapped before its
+    /// slots (a failing mmap is an error, not a panic in `words`) and unmapped after them,
+    /// except the first (slot 0's meta is the fill mark).
+    fn scan(
+        &mut self,
+        from: u32,
+        end: u32,
+        mut f: impl FnMut(&Slots, u32) -> Result<(), LoadError>,
+    ) -> Result<(), LoadError> {
+        let end = end.min(self.entries);
+        for i in (from / CHUNK_SLOTS) as usize..end.div_ceil(CHUNK_SLOTS) as usize {
             self.chunk(i)?;
+            let first = from.max(i as u32 * CHUNK_SLOTS);
+            let result = (first..end.min((i as u32 + 1) * CHUNK_SLOTS)).try_for_each(|slot| f(self, slot));
+            if i != 0 {
+                self.unmap(i);
+            }
+            result?;
         }
         Ok(())
+    }
+
+    /// Chunks mapped now (a scan leaves only the first: the daemon's resident memory).
+    pub fn mapped_chunks(&self) -> usize {
+        self.chunks.iter().filter(|c| c.get().is_some()).count()
+    }
+
+    /// Unmap chunk `i` if it is mapped (exclusive access: no reference into it is alive).
+    fn unmap(&mut self, i: usize) {
+        if let Some(c) = self.chunks[i].take() {
+            // SAFETY: a mapping made in `map_chunk`; `&mut self` means no borrow of it remains.
+            unsafe { libc::munmap(c.base.as_ptr().cast(), c.bytes) };
+        }
     }
 
     /// Map the chunk that holds `slot` (one slot's access: only its own chunk).
@@ -242,7 +269,7 @@ impl PinnedMaps {
     /// queue topped up (`alloc::MIN_FREE_SLOTS` fresh slots at least). A slot array that is new
     /// (its fill mark is zero) first empties an index and a queue that outlived it.
     pub fn ensure_slots(&self) -> Result<(), LoadError> {
-        let slots = self.slots()?;
+        let mut slots = self.slots()?;
         let (mut index, mut free) = (self.index()?, self.free_slots()?);
         if slots.meta(SLOT_OTHER) == 0 {
             let stale: Vec<ClientKey> = index.keys().filter_map(Result::ok).collect();
@@ -264,8 +291,11 @@ impl PinnedMaps {
         }
         slots.set_key(SLOT_OVERFLOW, &ClientKey::OVERFLOW);
         let mark = slots.fill_mark();
-        slots.map_upto(mark)?;
-        let free_now = (RESERVED_SLOTS..mark).filter(|s| slots.key(*s) == ClientKey::OTHER).count() as u32;
+        let mut free_now = 0u32;
+        slots.scan(RESERVED_SLOTS, mark, |slots, s| {
+            free_now += u32::from(slots.key(s) == ClientKey::OTHER);
+            Ok(())
+        })?;
         let in_use = mark - RESERVED_SLOTS - free_now;
         alloc::top_up(&slots, &mut free, free_now, in_use)?;
         info!(fill_mark = slots.fill_mark(), in_use, "client slots ready");

@@ -40,57 +40,50 @@ impl SlotReader {
         &self.slots
     }
 
-    /// `f(slot, key, counters)` for the reserved buckets, then every owned slot in slot order.
+    /// `f(slot, key, counters)` for the reserved buckets, then every owned slot in slot order
+    /// (a chunk of slots mapped at a time: `Slots::scan`).
     pub fn for_each(&mut self, mut f: impl FnMut(u32, &ClientKey, &ClientCounters)) -> Result<(), LoadError> {
         let mark = self.slots.fill_mark();
-        self.slots.map_upto(mark)?;
-        if self.owners.len() < mark as usize {
-            self.owners.resize(mark as usize, ClientKey::OTHER);
+        let owners = &mut self.owners;
+        if owners.len() < mark as usize {
+            owners.resize(mark as usize, ClientKey::OTHER);
         }
         f(SLOT_OTHER, &ClientKey::OTHER, &self.slots.counters(SLOT_OTHER));
         f(SLOT_OVERFLOW, &ClientKey::OVERFLOW, &self.slots.counters(SLOT_OVERFLOW));
         let now = crate::time::unix_ms();
         let (mut free, mut in_use) = (0u32, 0u32);
-        for slot in RESERVED_SLOTS..mark {
-            let key = self.slots.key(slot);
+        let (index, mut queue) = (&self.index, self.free.as_mut());
+        self.slots.scan(RESERVED_SLOTS, mark, |slots, slot| {
+            let key = slots.key(slot);
             if key == ClientKey::OTHER {
-                self.owners[slot as usize] = key;
+                owners[slot as usize] = key;
                 free += 1;
-                continue;
+                return Ok(());
             }
             in_use += 1;
             if is_released(slot, &key) {
-                self.owners[slot as usize] = ClientKey::OTHER;
-                if self.recycle(slot, now)? {
+                owners[slot as usize] = ClientKey::OTHER;
+                if let Some(queue) = queue.as_deref_mut()
+                    && recycle(slots, queue, slot, now)?
+                {
                     (free, in_use) = (free + 1, in_use - 1);
                 }
-                continue;
+                return Ok(());
             }
-            if self.owners[slot as usize] != key {
-                match self.index.get(&key, 0) {
-                    Ok(s) if s == slot => self.owners[slot as usize] = key,
-                    Ok(_) | Err(MapError::KeyNotFound) => continue,
+            if owners[slot as usize] != key {
+                match index.get(&key, 0) {
+                    Ok(s) if s == slot => owners[slot as usize] = key,
+                    Ok(_) | Err(MapError::KeyNotFound) => return Ok(()),
                     Err(e) => return Err(map_err(MAP_CLIENT_INDEX)(e)),
                 }
             }
-            f(slot, &key, &self.slots.counters(slot));
-        }
-        if let Some(queue) = self.free.as_mut() {
+            f(slot, &key, &slots.counters(slot));
+            Ok(())
+        })?;
+        if let Some(queue) = queue {
             alloc::top_up(&self.slots, queue, free, in_use)?;
         }
         Ok(())
-    }
-
-    /// Zero and free a released slot whose grace has passed; true if freed.
-    fn recycle(&mut self, slot: u32, now: u64) -> Result<bool, LoadError> {
-        let Some(free) = self.free.as_mut() else { return Ok(false) };
-        if now.saturating_sub(self.slots.meta(slot)) < SLOT_RELEASE_GRACE_MS {
-            return Ok(false);
-        }
-        self.slots.clear(slot);
-        free.push(&slot, 0).map_err(map_err(MAP_FREE_SLOTS))?;
-        debug!(slot, "released slot freed");
-        Ok(true)
     }
 
     /// One client's counters, if it owns a slot.
@@ -112,4 +105,15 @@ impl SlotReader {
             Err(e) => Err(map_err(MAP_CLIENT_INDEX)(e)),
         }
     }
+}
+
+/// Zero and free a released slot whose grace has passed; true if freed.
+fn recycle(slots: &Slots, free: &mut Queue<MapData, u32>, slot: u32, now: u64) -> Result<bool, LoadError> {
+    if now.saturating_sub(slots.meta(slot)) < SLOT_RELEASE_GRACE_MS {
+        return Ok(false);
+    }
+    slots.clear(slot);
+    free.push(&slot, 0).map_err(map_err(MAP_FREE_SLOTS))?;
+    debug!(slot, "released slot freed");
+    Ok(true)
 }

@@ -1,14 +1,18 @@
-//! Bounding pending usage while the database is down: past `max_pending` rows, the oldest
-//! minutes are merged into hour rows, then day rows, then one row per client, so memory stays
-//! bounded through a long outage and no byte is lost.
+//! Bounding pending usage while the database is down: past `max_pending` rows beyond the two
+//! each client holds in place, the oldest minutes are merged into hour rows, then day rows, then
+//! one row per client, so memory stays bounded through a long outage and no byte is lost.
 
 use super::{MINUTE_MS, State};
 
 const HOUR_MS: u64 = 60 * MINUTE_MS;
 const DAY_MS: u64 = 24 * HOUR_MS;
 
+/// Pending rows a client holds in its own row (`open` and one `older` inline), not bounded.
+pub(super) const IN_PLACE_ROWS: usize = 2;
+
 impl State {
-    /// Bound the pending usage to `rows` rows (see [`State::fold_pending`]).
+    /// Bound the pending usage to `rows` rows beyond the ones held in place (see
+    /// [`State::fold_pending`]).
     pub fn set_max_pending(&mut self, rows: usize) {
         self.max_pending = rows;
     }
@@ -19,13 +23,17 @@ impl State {
     }
 
     /// While the database is down, pending usage grows by one row per active client and minute.
-    /// Past the bound, the rows before the current minute are merged into one row per client and
+    /// Two rows a client cost no memory of their own (the open minute and one ended minute live
+    /// in the client's row) and never count: with the database up, every active client has both
+    /// at a minute boundary, and folding them would merge minutes for nothing. Past the bound
+    /// beyond those, the rows before the current minute are merged into one row per client and
     /// hour (at the hour's first minute), then per day, then into one row per client at the
     /// oldest day. Bytes and packets stay exact at every granularity the history rolls up to;
     /// only where inside the hour (day) the usage happened is lost. Peaks stay the highest of
     /// any poll interval. Returns the rows folded away.
     pub fn fold_pending(&mut self, now_ms: u64) -> usize {
-        if self.max_pending == 0 || self.pending_rows() <= self.max_pending {
+        let bound = self.max_pending.saturating_add(IN_PLACE_ROWS * self.clients.len());
+        if self.max_pending == 0 || self.pending_rows() <= bound {
             return 0;
         }
         let before = self.pending_rows();
@@ -58,7 +66,7 @@ impl State {
                 *v = merged;
             }
             self.older_rows = rows;
-            if self.pending_rows() <= self.max_pending {
+            if self.pending_rows() <= bound {
                 break;
             }
         }
@@ -121,10 +129,12 @@ mod tests {
         s.set_max_pending(rows);
         assert_eq!(s.fold_pending(now), 0, "at the bound: nothing to fold");
 
-        // One hour row per client and hour: within 5,000 after the first level.
+        // One hour row per client and hour: within 5,000 (beyond the rows in place) after the
+        // first level.
+        let in_place = IN_PLACE_ROWS * ips.len();
         s.set_max_pending(5_000);
         let folded = s.fold_pending(now);
-        assert!(s.pending_rows() <= 5_000, "{}", s.pending_rows());
+        assert!(s.pending_rows() <= 5_000 + in_place, "{}", s.pending_rows());
         assert!(s.older_rows().iter().all(|(start, _, _)| start % HOUR_MS == 0), "hour starts");
         assert_eq!(sums(&s), before, "bytes, packets and the peak are kept");
         assert_eq!((folded, s.folded_rows()), (rows - s.pending_rows(), folded as u64));
@@ -140,6 +150,35 @@ mod tests {
         assert!(s.older_rows().iter().all(|(start, _, _)| *start == day0));
         assert_eq!(sums(&s), before);
         assert_eq!(s.folded_rows(), (rows - 40) as u64);
+    }
+
+    #[test]
+    fn the_rows_held_in_place_are_not_folded() {
+        // With the database up, a minute boundary leaves every active client an open minute and
+        // the ended one: more pending rows than the bound when the clients outnumber it, but
+        // none of them costs memory of its own, and folding them would lose the minutes.
+        let now = 20_000 * DAY_MS + 90 * MINUTE_MS + 1;
+        let current = now - now % MINUTE_MS;
+        let mut s = State::default();
+        for i in 0..600u32 {
+            let ip = IpAddr::from((0x0a08_0000 + i).to_be_bytes());
+            s.insert_older(current - MINUTE_MS, ip, bucket(1, 0.0));
+            s.insert_older(current, ip, bucket(2, 0.0));
+        }
+        s.set_max_pending(1_000);
+        assert_eq!(s.pending_rows(), 1_200);
+        assert_eq!(s.fold_pending(now), 0);
+        assert!(s.older_rows().iter().any(|(start, _, _)| *start == current - MINUTE_MS), "the minute is kept");
+
+        // Two older minutes more per client (1,200 rows beyond those in place) are past it.
+        for i in 0..600u32 {
+            for m in [2, 3] {
+                s.insert_older(current - m * MINUTE_MS, IpAddr::from((0x0a08_0000 + i).to_be_bytes()), bucket(4, 0.0));
+            }
+        }
+        assert!(s.fold_pending(now) > 0);
+        assert!(s.pending_rows() <= 1_000 + IN_PLACE_ROWS * 600, "{}", s.pending_rows());
+        assert_eq!(sums(&s).0, 600 * 3 * (1 + 2 + 4 + 4), "no byte lost");
     }
 
     #[test]
