@@ -101,6 +101,9 @@ pub struct ClientState {
     pub(crate) older: OlderRows,
     /// Listed in `State::dirty`: its row is to be written.
     pub(crate) listed: bool,
+    /// Its row is in the database (loaded at start, or written by a flush that committed): a
+    /// flush updates only the columns that move (SQLite; a missing row is upserted after all).
+    pub(crate) stored: bool,
     /// The flush (`State::flush_gen`, wrapping) that last took this row.
     pub(crate) taken: u32,
 }

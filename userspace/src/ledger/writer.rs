@@ -129,7 +129,7 @@ impl Ledger {
             rows.clear();
             let from = usage.len();
             self.state().take(chunk, &mut rows, usage);
-            w.clients(&rows).await?;
+            w.clients(&mut rows).await?;
             w.usage(&usage[from..]).await?;
         }
         if let Some((rec, notice)) = reset {
@@ -143,14 +143,18 @@ impl Ledger {
             for (_, row) in &mut rows {
                 row.base = rec.new_base;
                 row.period_started_ms = rec.at_ms;
+                // Written whole: its base and period start move.
+                row.stored = false;
             }
-            w.clients(&rows).await?;
+            w.clients(&mut rows).await?;
             w.usage(&usage[from..]).await?;
             w.reset(rec).await?;
             if let Some((hooks, ev)) = notice {
                 hooks.enqueue_in(w.conn(), ev, now).await?;
             }
         }
-        w.commit().await
+        w.commit().await?;
+        self.state().mark_stored(ids);
+        Ok(())
     }
 }

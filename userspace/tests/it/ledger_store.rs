@@ -339,6 +339,42 @@ fn postgres_ledger_loses_and_doubles_nothing() {
     rt().block_on(scenario(&url, &mut PgOutage(&mut pg)));
 }
 
+/// A stored client's row is written again whole if it is gone from the database (deleted behind
+/// the daemon's back): a flush of a stored row first updates only its moving columns, and must
+/// notice that the update found no row.
+#[test]
+fn a_stored_row_deleted_behind_the_ledgers_back_is_written_again() {
+    let db = support::sqlite::SqliteFile::new("ledger-deleted");
+    rt().block_on(async {
+        let (a, b): (IpAddr, IpAddr) = ("10.8.0.2".parse().unwrap(), "10.8.0.3".parse().unwrap());
+        let src = Arc::new(Scripted::default());
+        src.new_epoch("boot1/7");
+        let (l, mut tasks) = open(&db.url, "node-a", &src).await;
+        src.add(a, 1000, 5000);
+        src.add(b, 7, 9);
+        l.poll_once().await.unwrap();
+        l.flush().await.unwrap();
+        l.reset(a).await.expect("a reset moves a's base");
+        src.add(a, 300, 0);
+        src.add(b, 1, 1);
+        l.poll_once().await.unwrap();
+        l.flush().await.unwrap();
+        sqlx::query("DELETE FROM clients WHERE ip = $1").bind(a.to_string()).execute(&l.db.pool).await.unwrap();
+        src.add(a, 40, 2);
+        src.add(b, 1, 1);
+        l.poll_once().await.unwrap();
+        l.flush().await.unwrap();
+        let s = stored(&l.db, "node-a").await;
+        for ip in [a, b] {
+            let mem = l.client(ip).unwrap();
+            assert_eq!(s.get(&ip), Some(&(mem.total, mem.base)), "{ip}: the stored row is the ledger's");
+        }
+        assert_eq!(s[&a].0.up_bytes + s[&a].0.down_bytes, src.ever(a));
+        assert_ne!(s[&a].1, Totals::default(), "a's base after its reset");
+        tasks.abort();
+    });
+}
+
 #[tokio::test]
 async fn bad_database_urls_are_clear_errors() {
     for (url, want) in [

@@ -67,6 +67,13 @@ impl State {
         }
     }
 
+    /// The transaction that wrote the rows `ids` committed: those rows are in the database.
+    pub fn mark_stored(&mut self, ids: &[u32]) {
+        for &i in ids {
+            self.clients.at_mut(i).stored = true;
+        }
+    }
+
     /// The flush's transaction committed.
     pub fn commit_flush(&mut self) {
         self.in_flush = false;

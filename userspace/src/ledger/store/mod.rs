@@ -85,6 +85,7 @@ pub async fn load_clients(db: &Database, node: &str) -> Result<Vec<(IpAddr, Clie
             cursor: totals(&row, "cursor_")?,
             total: totals(&row, "total_")?,
             base: totals(&row, "base_")?,
+            stored: true,
             ..ClientState::default()
         };
         c.set_last_seen_ms(row.try_get::<Option<i64>, _>("last_seen_unix_ms")?.map(from_db));

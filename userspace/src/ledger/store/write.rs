@@ -122,6 +122,23 @@ const CLIENTS: Upsert<(IpAddr, ClientState)> = Upsert {
     },
 };
 
+/// SQLite: the columns of a stored client row that a flush moves (last seen, cursor, totals),
+/// for rows known to be in the database; first seen, period start and base change only by an
+/// insert or a reset, which write the whole row (`CLIENTS`). Never used for PostgreSQL.
+const CLIENT_UPDATES: Upsert<(IpAddr, ClientState)> = Upsert {
+    head: "UPDATE clients SET last_seen_unix_ms = v.column3, \
+           cursor_up_bytes = v.column4, cursor_up_packets = v.column5, \
+           cursor_down_bytes = v.column6, cursor_down_packets = v.column7, \
+           total_up_bytes = v.column8, total_up_packets = v.column9, \
+           total_down_bytes = v.column10, total_down_packets = v.column11 FROM (",
+    cols: 11,
+    tail: ") AS v WHERE clients.node_id = v.column1 AND clients.ip = v.column2",
+    ip: |(ip, _)| *ip,
+    bind: |q, (_, c)| counts(counts(q.bind(c.last_seen_ms().map(to_db)), &c.cursor), &c.total),
+    pg_types: &[],
+    pg_values: |_, _| {},
+};
+
 const MINUTES: Upsert<MinuteRow> = Upsert {
     head: "INSERT INTO usage_minute (node_id, ip, start_unix_ms, up_bytes, up_packets, down_bytes, down_packets, \
            peak_up_rate, peak_down_rate)",
@@ -234,9 +251,23 @@ impl<'c> BatchWriter<'c> {
         Ok(())
     }
 
-    /// Client rows (cursor, totals, base), replacing the stored ones.
-    pub async fn clients(&mut self, rows: &[(IpAddr, ClientState)]) -> Result<(), sqlx::Error> {
-        self.upsert(&CLIENTS, rows).await
+    /// Client rows (cursor, totals, base), replacing the stored ones. On SQLite the rows known
+    /// to be stored only get their moving columns updated (`CLIENT_UPDATES`: 11 values a row
+    /// instead of 17, and no insert attempt); a statement that finds fewer rows than it was given
+    /// (a row deleted behind the daemon's back) is upserted whole after all. `rows` is reordered
+    /// (stored ones first, each part in its order).
+    pub async fn clients(&mut self, rows: &mut [(IpAddr, ClientState)]) -> Result<(), sqlx::Error> {
+        if self.backend == Backend::Postgres {
+            return self.upsert(&CLIENTS, rows).await;
+        }
+        rows.sort_by_key(|(_, c)| !c.stored);
+        let (stored, new) = rows.split_at(rows.partition_point(|(_, c)| c.stored));
+        for chunk in stored.chunks(ROWS_PER_STATEMENT) {
+            if self.statement(&CLIENT_UPDATES, chunk).await? < chunk.len() as u64 {
+                self.upsert(&CLIENTS, chunk).await?;
+            }
+        }
+        self.upsert(&CLIENTS, new).await
     }
 
     /// Minute usage, added to the stored minutes.
@@ -276,30 +307,36 @@ impl<'c> BatchWriter<'c> {
             return self.upsert_arrays(u, rows).await;
         }
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            self.ips.clear();
-            self.ends.clear();
-            for row in chunk {
-                let _ = write!(self.ips, "{}", (u.ip)(row));
-                self.ends.push(self.ips.len());
-            }
-            let text = self.text(u, chunk.len());
-            // Only full chunks keep their prepared statement: the last chunk's size differs from
-            // flush to flush, and each size kept would hold another large statement in the
-            // writer connection's cache.
-            // The arguments sized up front: grown by doubling, a 500-row statement's buffer
-            // was reallocated a dozen times a statement (perf at 100,000 clients), the largest
-            // transient allocation of a flush.
-            let mut args = AnyArguments::default();
-            args.reserve(chunk.len() * u.cols, 0);
-            let mut q = sqlx::query_with(&text, args).persistent(chunk.len() == ROWS_PER_STATEMENT);
-            let mut from = 0;
-            for (row, end) in chunk.iter().zip(&self.ends) {
-                q = (u.bind)(q.bind(self.node).bind(&self.ips[from..*end]), row);
-                from = *end;
-            }
-            q.execute(&mut *self.tx).await?;
+            self.statement(u, chunk).await?;
         }
         Ok(())
+    }
+
+    /// SQLite: one statement of `u` for `chunk` (at most ROWS_PER_STATEMENT rows); the rows it
+    /// changed.
+    async fn statement<T>(&mut self, u: &Upsert<T>, chunk: &[T]) -> Result<u64, sqlx::Error> {
+        self.ips.clear();
+        self.ends.clear();
+        for row in chunk {
+            let _ = write!(self.ips, "{}", (u.ip)(row));
+            self.ends.push(self.ips.len());
+        }
+        let text = self.text(u, chunk.len());
+        // Only full chunks keep their prepared statement: the last chunk's size differs from
+        // flush to flush, and each size kept would hold another large statement in the
+        // writer connection's cache.
+        // The arguments sized up front: grown by doubling, a 500-row statement's buffer
+        // was reallocated a dozen times a statement (perf at 100,000 clients), the largest
+        // transient allocation of a flush.
+        let mut args = AnyArguments::default();
+        args.reserve(chunk.len() * u.cols, 0);
+        let mut q = sqlx::query_with(&text, args).persistent(chunk.len() == ROWS_PER_STATEMENT);
+        let mut from = 0;
+        for (row, end) in chunk.iter().zip(&self.ends) {
+            q = (u.bind)(q.bind(self.node).bind(&self.ips[from..*end]), row);
+            from = *end;
+        }
+        Ok(q.execute(&mut *self.tx).await?.rows_affected())
     }
 
     /// PostgreSQL: `rows` in statements of up to ROWS_PER_STATEMENT rows, each column one text

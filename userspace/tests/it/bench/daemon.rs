@@ -65,8 +65,8 @@ struct DaemonCost {
     threads: Vec<(String, f64)>,
     rss_mib: f64,
     hwm_mib: f64,
-    /// VmRSS at the end by kind: anonymous (the daemon's heap and stacks), file, shared memory
-    /// (the mmapped counter slots are shared with the kernel map).
+    /// VmRSS at the end by kind: anonymous (the daemon's heap and stacks), file (the binary, and
+    /// the counter slots' first chunk), shared memory.
     rss_split: (f64, f64, f64),
     polls: u64,
     /// last_poll_ms samples of /api/v1/stats, one a second.
@@ -391,11 +391,12 @@ pub(super) fn daemon_cost() {
     }
     println!();
     println!(
-        "RSS at the end by kind (anonymous: the daemon's heap and stacks; file: its binary and libraries, and the"
+        "RSS at the end by kind (anonymous: the daemon's heap and stacks; file: its binary and libraries, and the first"
     );
     println!(
-        "mmapped counter slots, which are the kernel map's own pages, 64 bytes a slot, shared, not allocated by the daemon):"
+        "chunk of the counter slots: a poll maps 4,096 slots at a time and unmaps them once read; the map itself is kernel"
     );
+    println!("memory, 64 bytes a slot of max_clients, allocated whether mapped or not):");
     println!();
     for r in &runs {
         let (anon, file, shmem) = r.rss_split;
