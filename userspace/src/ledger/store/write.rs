@@ -21,11 +21,13 @@ type AnyQuery<'q> = Query<'q, sqlx::Any, AnyArguments<'q>>;
 /// What one multi-row upsert writes: its head (`INSERT INTO t (cols)`), its column count, its
 /// tail (`ON CONFLICT ...`), how one row binds its values (after the node id and address), and
 /// for PostgreSQL the element type of each column after the node id and how a row appends its
-/// values to the column arrays (after the address).
+/// values to the column arrays (after the address). `node_once`: the node id is not a column of
+/// the rows but one parameter in the tail, bound after them (a text value fewer a row).
 struct Upsert<T: 'static> {
     head: &'static str,
     cols: usize,
     tail: &'static str,
+    node_once: bool,
     ip: fn(&T) -> IpAddr,
     bind: for<'q> fn(AnyQuery<'q>, &'q T) -> AnyQuery<'q>,
     pg_types: &'static [&'static str],
@@ -106,6 +108,7 @@ const CLIENTS: Upsert<(IpAddr, ClientState)> = Upsert {
            total_down_bytes = excluded.total_down_bytes, total_down_packets = excluded.total_down_packets, \
            base_up_bytes = excluded.base_up_bytes, base_up_packets = excluded.base_up_packets, \
            base_down_bytes = excluded.base_down_bytes, base_down_packets = excluded.base_down_packets",
+    node_once: false,
     ip: |(ip, _)| *ip,
     bind: bind_client,
     pg_types: &[
@@ -126,13 +129,14 @@ const CLIENTS: Upsert<(IpAddr, ClientState)> = Upsert {
 /// for rows known to be in the database; first seen, period start and base change only by an
 /// insert or a reset, which write the whole row (`CLIENTS`). Never used for PostgreSQL.
 const CLIENT_UPDATES: Upsert<(IpAddr, ClientState)> = Upsert {
-    head: "UPDATE clients SET last_seen_unix_ms = v.column3, \
-           cursor_up_bytes = v.column4, cursor_up_packets = v.column5, \
-           cursor_down_bytes = v.column6, cursor_down_packets = v.column7, \
-           total_up_bytes = v.column8, total_up_packets = v.column9, \
-           total_down_bytes = v.column10, total_down_packets = v.column11 FROM (",
-    cols: 11,
-    tail: ") AS v WHERE clients.node_id = v.column1 AND clients.ip = v.column2",
+    head: "UPDATE clients SET last_seen_unix_ms = v.column2, \
+           cursor_up_bytes = v.column3, cursor_up_packets = v.column4, \
+           cursor_down_bytes = v.column5, cursor_down_packets = v.column6, \
+           total_up_bytes = v.column7, total_up_packets = v.column8, \
+           total_down_bytes = v.column9, total_down_packets = v.column10 FROM (",
+    cols: 10,
+    tail: ") AS v WHERE clients.node_id = ? AND clients.ip = v.column1",
+    node_once: true,
     ip: |(ip, _)| *ip,
     bind: |q, (_, c)| counts(counts(q.bind(c.last_seen_ms().map(to_db)), &c.cursor), &c.total),
     pg_types: &[],
@@ -152,6 +156,7 @@ const MINUTES: Upsert<MinuteRow> = Upsert {
            THEN excluded.peak_up_rate ELSE usage_minute.peak_up_rate END, \
            peak_down_rate = CASE WHEN excluded.peak_down_rate > usage_minute.peak_down_rate \
            THEN excluded.peak_down_rate ELSE usage_minute.peak_down_rate END",
+    node_once: false,
     ip: |((_, ip), _)| *ip,
     bind: bind_minute,
     pg_types: &["text", "bigint", "bigint", "bigint", "bigint", "bigint", "double precision", "double precision"],
@@ -168,6 +173,7 @@ const RESETS: Upsert<ResetRecord> = Upsert {
            down_bytes, down_packets)",
     cols: 9,
     tail: "",
+    node_once: false,
     ip: |r| r.ip,
     bind: bind_reset,
     pg_types: &["text", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint"],
@@ -252,7 +258,7 @@ impl<'c> BatchWriter<'c> {
     }
 
     /// Client rows (cursor, totals, base), replacing the stored ones. On SQLite the rows known
-    /// to be stored only get their moving columns updated (`CLIENT_UPDATES`: 11 values a row
+    /// to be stored only get their moving columns updated (`CLIENT_UPDATES`: 10 values a row
     /// instead of 17, and no insert attempt); a statement that finds fewer rows than it was given
     /// (a row deleted behind the daemon's back) is upserted whole after all. `rows` is reordered
     /// (stored ones first, each part in its order).
@@ -333,8 +339,14 @@ impl<'c> BatchWriter<'c> {
         let mut q = sqlx::query_with(&text, args).persistent(chunk.len() == ROWS_PER_STATEMENT);
         let mut from = 0;
         for (row, end) in chunk.iter().zip(&self.ends) {
-            q = (u.bind)(q.bind(self.node).bind(&self.ips[from..*end]), row);
+            if !u.node_once {
+                q = q.bind(self.node);
+            }
+            q = (u.bind)(q.bind(&self.ips[from..*end]), row);
             from = *end;
+        }
+        if u.node_once {
+            q = q.bind(self.node);
         }
         Ok(q.execute(&mut *self.tx).await?.rows_affected())
     }
