@@ -15,9 +15,9 @@ use aya::{
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 use tunmeter_common::{
-    ClientCounters, ClientKey, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, GLOBAL_WIRE_BYTES, IfaceCounter,
-    MAP_CLIENT_INDEX, MAP_CLIENTS, MAP_FREE_SLOTS, MAP_LEGACY_CLIENTS, MAP_SUBNETS, RESERVED_SLOTS,
-    SUBNET_FLAG_CLIENTS, SubnetKey, SubnetValue,
+    ClientCounters, ClientKey, FWD_FLOW_ENTRIES, GLOBAL_L3_OFFSET, GLOBAL_REDIRECT_MARK, GLOBAL_WIRE_BYTES,
+    IfaceCounter, MAP_CLIENT_INDEX, MAP_CLIENTS, MAP_FREE_SLOTS, MAP_FWD_FLOWS, MAP_FWD_INBOUND, MAP_LEGACY_CLIENTS,
+    MAP_SUBNETS, RESERVED_SLOTS, SUBNET_FLAG_CLIENTS, SubnetKey, SubnetValue,
 };
 
 use crate::types::Layer;
@@ -65,11 +65,18 @@ pub struct LoadOptions {
     pub redirect_mark: u32,
     /// Charge GSO/GRO packets with their segments' wire bytes (`count_wire_bytes`).
     pub wire_bytes: bool,
+    /// Entries of each forward flow table (`[steer] max_forward_flows`; pinned tables keep
+    /// theirs: `effective_max_entries`).
+    pub forward_flows: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { redirect_mark: crate::types::DEFAULT_REDIRECT_MARK, wire_bytes: false }
+        LoadOptions {
+            redirect_mark: crate::types::DEFAULT_REDIRECT_MARK,
+            wire_bytes: false,
+            forward_flows: FWD_FLOW_ENTRIES,
+        }
     }
 }
 
@@ -96,6 +103,8 @@ impl Instance {
             .map_max_entries(MAP_CLIENTS, max_clients.saturating_add(RESERVED_SLOTS))
             .map_max_entries(MAP_CLIENT_INDEX, max_clients)
             .map_max_entries(MAP_FREE_SLOTS, max_clients)
+            .map_max_entries(MAP_FWD_FLOWS, opts.forward_flows)
+            .map_max_entries(MAP_FWD_INBOUND, opts.forward_flows)
             .default_map_pin_directory(pin_dir);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             let text = format!("{e:?}");
@@ -134,15 +143,26 @@ impl Instance {
 /// The capacity to load with: an existing pinned map keeps its capacity (changing it would
 /// mean a new, empty map and lost counts), with a warning if the config asks for another.
 pub fn effective_max_clients(pin_dir: &Path, wanted: u32) -> u32 {
-    let path = pin_dir.join(MAP_CLIENTS);
-    match MapInfo::from_pin(&path) {
+    effective_max_entries(pin_dir, MAP_CLIENTS, wanted.saturating_add(RESERVED_SLOTS), "client map", "zeroes counters")
+        .saturating_sub(RESERVED_SLOTS)
+}
+
+/// The forward flow tables' entries to load with: pinned tables keep theirs (a new table would
+/// forget every forwarded flow), with a warning if the config asks for another.
+pub fn effective_forward_flows(pin_dir: &Path, wanted: u32) -> u32 {
+    effective_max_entries(pin_dir, MAP_FWD_FLOWS, wanted, "forward flow table", "ends forwarded flows")
+}
+
+/// `map`'s pinned capacity if it is pinned (warning when it is not `wanted`), else `wanted`.
+fn effective_max_entries(pin_dir: &Path, map: &str, wanted: u32, what: &str, detach_does: &str) -> u32 {
+    match MapInfo::from_pin(pin_dir.join(map)) {
         Ok(info) => {
-            let have = info.max_entries().saturating_sub(RESERVED_SLOTS);
+            let have = info.max_entries();
             if have != wanted {
                 warn!(
                     have,
                     wanted,
-                    "the pinned client map keeps its capacity; run `tunmeter detach` (which zeroes counters) to change it"
+                    "the pinned {what} keeps its capacity; run `tunmeter detach` (which {detach_does}) to change it"
                 );
             }
             have

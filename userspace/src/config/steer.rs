@@ -22,7 +22,13 @@ pub struct SteerSettings {
     /// on their public port.
     pub forced: std::collections::BTreeSet<(Proto, u16)>,
     pub redirect: Vec<RedirectSpec>,
+    /// Entries of each forward flow table (`FWD_FLOWS`, `FWD_INBOUND`): kernel memory, about
+    /// 96 bytes an entry each, allocated at load.
+    pub max_forward_flows: u32,
 }
+
+/// Forward flow table entries allowed in `[steer] max_forward_flows`.
+pub const FORWARD_FLOWS_RANGE: (u64, u64) = (1024, 16_777_216);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +39,7 @@ pub(super) struct FileSteer {
     #[serde(default)]
     bypass: Vec<String>,
     bypass_local: Option<bool>,
+    max_forward_flows: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,5 +110,16 @@ pub(super) fn build(
         }
         redirect.push(spec);
     }
-    Ok(SteerSettings { policy, bypass, bypass_local: s.bypass_local.unwrap_or(true), forward, forced, redirect })
+    let (min, max) = FORWARD_FLOWS_RANGE;
+    let flows = s.max_forward_flows.unwrap_or(u64::from(tunmeter_common::FWD_FLOW_ENTRIES));
+    let max_forward_flows = super::ranged("[steer] max_forward_flows", flows, min, max)? as u32;
+    Ok(SteerSettings {
+        policy,
+        bypass,
+        bypass_local: s.bypass_local.unwrap_or(true),
+        forward,
+        forced,
+        redirect,
+        max_forward_flows,
+    })
 }

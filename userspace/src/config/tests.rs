@@ -272,6 +272,8 @@ fn out_of_range_values_are_refused_naming_their_key() {
         ("[api]\nmax_connections = 0", "[api] max_connections"),
         ("[api]\nmax_stream_subscribers = 100000", "[api] max_stream_subscribers"),
         ("[steer]\nredirect_mark = 0", "[steer] redirect_mark"),
+        ("[steer]\nmax_forward_flows = 100", "[steer] max_forward_flows"),
+        ("[steer]\nmax_forward_flows = 100000000", "[steer] max_forward_flows"),
     ] {
         let e = Config::from_toml(text, &o).unwrap_err();
         assert!(matches!(e, ConfigError::OutOfRange { .. }), "{text}: {e}");
@@ -289,6 +291,8 @@ fn out_of_range_values_are_refused_naming_their_key() {
     assert_eq!((a.max_connections, a.max_stream_subscribers, a.hook_socket), (1024, 64, None), "defaults");
     let l = Config::from_toml("", &o).unwrap().ledger;
     assert_eq!((l.drift_threshold_packets, l.drift_polls, l.max_pending_rows), (64, 3, 1_000_000), "defaults");
+    assert_eq!(Config::from_toml("", &o).unwrap().steer.max_forward_flows, 262_144, "default");
+    assert_eq!(Config::from_toml("[steer]\nmax_forward_flows = 4096", &o).unwrap().steer.max_forward_flows, 4096);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::{
         attach::{self, Attached, Mode},
         clock,
         links::LinkTable,
-        loader::{Instance, LoadOptions, PinnedMaps, effective_max_clients},
+        loader::{Instance, LoadOptions, PinnedMaps, effective_forward_flows, effective_max_clients},
         system,
     },
     config::{Config, InterfaceConfig},
@@ -85,8 +85,13 @@ impl Dataplane {
 
     fn bring_up(&mut self, links: &LinkTable) -> Result<(), DaemonError> {
         let max = effective_max_clients(&self.cfg.pin_dir, self.cfg.max_clients);
+        let forward_flows = effective_forward_flows(&self.cfg.pin_dir, self.cfg.steer.max_forward_flows);
         for layer in self.cfg.interfaces.iter().map(|i| i.layer).collect::<std::collections::BTreeSet<_>>() {
-            let opts = LoadOptions { redirect_mark: self.cfg.steer.policy.mark, wire_bytes: self.cfg.count_wire_bytes };
+            let opts = LoadOptions {
+                redirect_mark: self.cfg.steer.policy.mark,
+                wire_bytes: self.cfg.count_wire_bytes,
+                forward_flows,
+            };
             self.instances.insert(layer, Instance::load_with(layer, &self.cfg.pin_dir, max, opts)?);
         }
         self.maps.ensure_slots()?;

@@ -165,3 +165,18 @@ fn public_address_restricts_the_rule() {
         assert_eq!(s.events(), events(&[(SteerEvent::Forwarded, 1, l3_len(&inp))]));
     });
 }
+
+#[test]
+fn the_flow_tables_take_their_configured_size_and_pinned_ones_keep_theirs() {
+    use tunmeter::bpf::loader::{LoadOptions, effective_forward_flows};
+    use tunmeter_common::{MAP_FWD_FLOWS, MAP_FWD_INBOUND};
+    let opts = LoadOptions { forward_flows: 2048, ..Default::default() };
+    let h = Harness::with_options(Layer::L2, 64, &[], opts);
+    for map in [MAP_FWD_FLOWS, MAP_FWD_INBOUND] {
+        let info = aya::maps::MapInfo::from_pin(h.pins.path().join(map)).unwrap();
+        assert_eq!(info.max_entries(), 2048, "{map}");
+    }
+    assert_eq!(effective_forward_flows(h.pins.path(), 8192), 2048, "pinned tables keep their size");
+    let empty = support::PinDir::new("fx-flows");
+    assert_eq!(effective_forward_flows(empty.path(), 8192), 8192, "no pins: the configured size");
+}
