@@ -43,6 +43,13 @@ pub const MAP_FWD_DEVICE_PORTS: &str = "FWD_DEVICE_PORTS";
 /// is cleared before a rule on its port is added and set after the port's last rule is removed.
 /// A clear bit (a new map is all clear) only costs the lookup.
 pub const MAP_FWD_RULELESS_PORTS: &str = "FWD_RULELESS_PORTS";
+/// `ARRAY<u32>` of one entry: [`FWD_NONE`] while [`MAP_FWD_RULES`] holds no rule, so that the
+/// Ethernet ingress path does not even parse a packet for forwarding; cleared before a rule is
+/// added, set after the last one is removed. 0 (a new map) only costs the parse and the port's
+/// hint.
+pub const MAP_FWD_EMPTY: &str = "FWD_EMPTY";
+/// The [`MAP_FWD_EMPTY`] value that says "no forward rule".
+pub const FWD_NONE: u32 = 1;
 /// `LPM_TRIE<LpmKey<AddrKey>, RedirectRule>`: redirect rules by client address or subnet.
 pub const MAP_REDIRECT_SOURCES: &str = "REDIRECT_SOURCES";
 /// `ARRAY<u32>` of one entry: [`REDIRECT_NONE`] while [`MAP_REDIRECT_SOURCES`] holds no rule,

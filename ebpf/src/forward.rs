@@ -12,14 +12,15 @@
 
 use aya_ebpf::programs::TcContext;
 use tunmeter_common::{
-    DeviceKey, FRAG_FROM_DEVICE, FRAG_TO_DEVICE, FlowIn, FlowInKey, FlowKey, FlowNat, FragKey, FragNat, FwdKey,
-    ICMP_CSUM, ICMP_QUOTE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, L4_DPORT, L4_SPORT, SteerEvent, TCP_FLAGS,
-    V4_DST, V4_SRC,
+    DeviceKey, FRAG_FROM_DEVICE, FRAG_TO_DEVICE, FWD_NONE, FlowIn, FlowInKey, FlowKey, FlowNat, FragKey, FragNat,
+    FwdKey, ICMP_CSUM, ICMP_QUOTE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, L4_DPORT, L4_SPORT, SteerEvent,
+    TCP_FLAGS, V4_DST, V4_SRC,
 };
 
 use crate::{
     maps::{
-        FWD_DEVICE_PORTS, FWD_DEVICES, FWD_FLOWS, FWD_FRAGS, FWD_INBOUND, FWD_RULE_GEN, FWD_RULELESS_PORTS, FWD_RULES,
+        FWD_DEVICE_PORTS, FWD_DEVICES, FWD_EMPTY, FWD_FLOWS, FWD_FRAGS, FWD_INBOUND, FWD_RULE_GEN, FWD_RULELESS_PORTS,
+        FWD_RULES,
     },
     packet::{Side, ipv4, l3_len, nat_v4, ports, read, set_u16, set_v4_addr},
     stats::{self, Toward},
@@ -36,9 +37,14 @@ const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
-/// Customer -> device, on the ingress of an Ethernet interface.
+/// Customer -> device, on the ingress of an Ethernet interface. With no forward rule at all
+/// (`FWD_EMPTY`) nothing is parsed: no flow is forwarded then, so neither are its fragments or
+/// the ICMP errors about it.
 #[inline(always)]
 pub fn inbound<const L3: usize>(ctx: &TcContext) -> Verdict {
+    if no_rules() {
+        return Verdict::Next;
+    }
     let Some(h) = ipv4::<L3>(ctx) else { return Verdict::Next };
     let r = if h.is_later_fragment() {
         later_fragment::<L3>(ctx, &h, FRAG_TO_DEVICE)
@@ -157,6 +163,12 @@ fn by_rule(ctx: &TcContext, h: &Ipv4Hdr, l4: usize, in_key: &FlowInKey) -> Resul
         let _ = FWD_INBOUND.insert(in_key, &to, 0);
     }
     Ok(Some(to))
+}
+
+/// No forward rule at all (userspace says so in `FWD_EMPTY`).
+#[inline(always)]
+fn no_rules() -> bool {
+    FWD_EMPTY.get(0).is_some_and(|v| *v == FWD_NONE)
 }
 
 /// No forward rule has this public port (`FWD_RULELESS_PORTS`): no rule lookup needed.

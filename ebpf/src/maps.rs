@@ -61,6 +61,10 @@ pub static FWD_DEVICE_PORTS: Array<u64> = Array::pinned(FWD_DEVICE_PORT_WORDS, 0
 #[map(name = "FWD_RULELESS_PORTS")]
 pub static FWD_RULELESS_PORTS: Array<u64> = Array::pinned(FWD_DEVICE_PORT_WORDS, 0);
 
+/// `FWD_NONE` while `FWD_RULES` is empty: the Ethernet ingress path skips forwarding.
+#[map(name = "FWD_EMPTY")]
+pub static FWD_EMPTY: Array<u32> = Array::pinned(1, 0);
+
 /// Forwarded flows as the reply path sees them -> the public address and port to restore.
 #[map(name = "FWD_FLOWS")]
 pub static FWD_FLOWS: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(FWD_FLOW_ENTRIES, 0);

@@ -1,13 +1,14 @@
 //! What the programs read beside the rules. The skip hints `FWD_RULELESS_PORTS` (public ports no
-//! forward rule uses) and `REDIRECT_EMPTY` (no redirect rule): a hint says "skip" only where no
-//! rule exists, withdrawn before a rule goes in, given after the last is gone. `FWD_RULE_GEN`:
-//! moved on before a rule is added or changed and after it is deleted, ending its cached flows.
+//! forward rule uses), `FWD_EMPTY` and `REDIRECT_EMPTY` (no rule of the kind): a hint says "skip"
+//! only where no rule exists, withdrawn before a rule goes in, given after the last is gone.
+//! `FWD_RULE_GEN`: moved on before a rule is added or changed and after it is deleted.
 
 use std::collections::BTreeSet;
 
 use aya::maps::{Array, Map, MapData};
 use tunmeter_common::{
-    FWD_DEVICE_PORT_WORDS, MAP_FWD_RULE_GEN, MAP_FWD_RULELESS_PORTS, MAP_REDIRECT_EMPTY, REDIRECT_NONE,
+    FWD_DEVICE_PORT_WORDS, FWD_NONE, MAP_FWD_EMPTY, MAP_FWD_RULE_GEN, MAP_FWD_RULELESS_PORTS, MAP_REDIRECT_EMPTY,
+    REDIRECT_NONE,
 };
 
 use super::table::{SteerError, SteerMaps, map_err};
@@ -23,8 +24,10 @@ impl SteerMaps {
         }
     }
 
-    /// Before a forward rule on `port` goes in: packets to that port are looked up.
+    /// Before a forward rule on `port` goes in: packets are parsed for forwarding again, and
+    /// those to that port looked up.
     pub(super) fn unskip_port(&self, port: u16) -> Result<(), SteerError> {
+        self.set_empty(MAP_FWD_EMPTY, FWD_NONE, false)?;
         let Some(mut bits) = self.derived::<u64>(MAP_FWD_RULELESS_PORTS)? else { return Ok(()) };
         let (i, bit) = (port as u32 / 64, 1u64 << (port % 64));
         let have = bits.get(&i, 0).map_err(map_err(MAP_FWD_RULELESS_PORTS))?;
@@ -35,23 +38,30 @@ impl SteerMaps {
     }
 
     /// After the forward rules changed (their public ports are `ruled`): every other port is
-    /// skipped. Only words that change are written.
+    /// skipped, and all of forwarding if there is no rule. Only words that change are written.
     pub(super) fn sync_ruleless_ports(&self, ruled: &BTreeSet<u16>) -> Result<(), SteerError> {
-        let Some(mut bits) = self.derived::<u64>(MAP_FWD_RULELESS_PORTS)? else { return Ok(()) };
-        let mut words = vec![u64::MAX; FWD_DEVICE_PORT_WORDS as usize];
-        for &port in ruled {
-            words[port as usize / 64] &= !(1u64 << (port % 64));
+        if let Some(mut bits) = self.derived::<u64>(MAP_FWD_RULELESS_PORTS)? {
+            let mut words = vec![u64::MAX; FWD_DEVICE_PORT_WORDS as usize];
+            for &port in ruled {
+                words[port as usize / 64] &= !(1u64 << (port % 64));
+            }
+            write_bitmap(&mut bits, MAP_FWD_RULELESS_PORTS, &words, |_, want| want)?;
         }
-        write_bitmap(&mut bits, MAP_FWD_RULELESS_PORTS, &words, |_, want| want)
+        self.set_empty(MAP_FWD_EMPTY, FWD_NONE, ruled.is_empty())
     }
 
     /// Set `REDIRECT_EMPTY` to `none` (before a rule goes in: false; after removals: whether
     /// the trie is empty now).
     pub(super) fn set_redirect_empty(&self, none: bool) -> Result<(), SteerError> {
-        let Some(mut word) = self.derived::<u32>(MAP_REDIRECT_EMPTY)? else { return Ok(()) };
-        let want = if none { REDIRECT_NONE } else { 0 };
-        if word.get(&0, 0).map_err(map_err(MAP_REDIRECT_EMPTY))? != want {
-            word.set(0, &want, 0).map_err(map_err(MAP_REDIRECT_EMPTY))?;
+        self.set_empty(MAP_REDIRECT_EMPTY, REDIRECT_NONE, none)
+    }
+
+    /// Set the one-word hint `name` to `value` if `none` (no rule of its kind), else to 0.
+    fn set_empty(&self, name: &'static str, value: u32, none: bool) -> Result<(), SteerError> {
+        let Some(mut word) = self.derived::<u32>(name)? else { return Ok(()) };
+        let want = if none { value } else { 0 };
+        if word.get(&0, 0).map_err(map_err(name))? != want {
+            word.set(0, &want, 0).map_err(map_err(name))?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use tunmeter::{
     steer::{Origin, SteerMaps},
     types::{ForwardSpec, Proto, RedirectSpec},
 };
-use tunmeter_common::REDIRECT_NONE;
+use tunmeter_common::{FWD_NONE, REDIRECT_NONE};
 
 use super::{redirect::CLIENT, *};
 
@@ -16,6 +16,7 @@ fn forward_hints_follow_the_rules_and_the_program_obeys_them() {
         let mut h = Harness::new(Layer::L2, 1024, SUBNETS);
         let s = SteerTables::new(h.pins.path());
         assert_eq!(s.looked_up_ports(), Some(vec![]), "no rule: every public port is skipped");
+        assert_eq!(s.forward_empty(), FWD_NONE, "no rule: forwarding is skipped");
         let maps = SteerMaps::new(h.pins.path());
         let spec = ForwardSpec {
             proto: Proto::Tcp,
@@ -25,10 +26,19 @@ fn forward_hints_follow_the_rules_and_the_program_obeys_them() {
         };
         let id = maps.add_forward(&spec, Origin::Runtime).unwrap();
         assert_eq!(s.looked_up_ports(), Some(vec![TCP_PUB_PORT]));
+        assert_eq!(s.forward_empty(), 0, "a rule: forwarding is not skipped");
         let (syn, want) = tcp_to_public(n, SYN, b"", 1);
         let (ret, out) = h.run_out(PROG_INGRESS, &syn);
         check_translated("SYN to the rule added through SteerMaps", ret, &out, &want);
         assert_eq!(s.rule(id).to_target_packets, 1);
+
+        // A (wrong) hint that there is no forward rule at all: the program does not forward.
+        s.force_forward_empty(FWD_NONE);
+        let (syn, _) = tcp_to_public(n, SYN, b"", 3);
+        let (ret, out) = h.run_out(PROG_INGRESS, &syn);
+        check_unchanged("SYN while no forward rule is hinted", ret, TC_ACT_UNSPEC, &out, &syn);
+        assert_eq!(s.rule(id).to_target_packets, 1, "the skipped packet was not forwarded");
+        s.force_forward_empty(0);
 
         // A (wrong) hint that the port has no rule: the program does not look the rule up.
         s.force_port_ruleless(TCP_PUB_PORT);
@@ -39,6 +49,7 @@ fn forward_hints_follow_the_rules_and_the_program_obeys_them() {
 
         maps.del_forward(Proto::Tcp, TCP_PUB_PORT).unwrap();
         assert_eq!(s.looked_up_ports(), Some(vec![]), "the port's last rule gone: skipped again");
+        assert_eq!(s.forward_empty(), FWD_NONE, "the last rule gone: forwarding skipped again");
     });
 }
 

@@ -16,9 +16,9 @@ use ipnet::IpNet;
 use tunmeter::steer::table::addr_key;
 use tunmeter_common::{
     AddrKey, BypassValue, DeviceKey, FlowIn, FlowInKey, FlowKey, FlowNat, FragKey, FragNat, FwdDevice, FwdKey, FwdRule,
-    MAP_FWD_DEVICE_PORTS, MAP_FWD_DEVICES, MAP_FWD_FLOWS, MAP_FWD_FRAGS, MAP_FWD_INBOUND, MAP_FWD_RULELESS_PORTS,
-    MAP_FWD_RULES, MAP_REDIRECT_BYPASS, MAP_REDIRECT_EMPTY, MAP_REDIRECT_SOURCES, MAP_RULE_COUNTERS, MAP_STEER_STATS,
-    OutcomeCounter, RedirectRule, RuleCounters, SteerEvent,
+    MAP_FWD_DEVICE_PORTS, MAP_FWD_DEVICES, MAP_FWD_EMPTY, MAP_FWD_FLOWS, MAP_FWD_FRAGS, MAP_FWD_INBOUND,
+    MAP_FWD_RULELESS_PORTS, MAP_FWD_RULES, MAP_REDIRECT_BYPASS, MAP_REDIRECT_EMPTY, MAP_REDIRECT_SOURCES,
+    MAP_RULE_COUNTERS, MAP_STEER_STATS, OutcomeCounter, RedirectRule, RuleCounters, SteerEvent,
 };
 
 use super::packet::ToIp;
@@ -107,7 +107,9 @@ impl SteerTables {
                 flags: 0,
                 generation: 0,
             };
-            // As `SteerMaps` does: the port's skip hint goes before the rule.
+            // As `SteerMaps` does: the skip hints go before the rule.
+            let mut empty: Array<MapData, u32> = Array::try_from(self.open(MAP_FWD_EMPTY)).unwrap();
+            empty.set(0, &0, 0).unwrap();
             let mut free: Array<MapData, u64> = Array::try_from(self.open(MAP_FWD_RULELESS_PORTS)).unwrap();
             let i = (port / 64) as u32;
             let w = free.get(&i, 0).unwrap();
@@ -213,6 +215,18 @@ impl SteerTables {
         let i = (port / 64) as u32;
         let w = free.get(&i, 0).unwrap();
         free.set(i, &(w | 1 << (port % 64)), 0).unwrap();
+    }
+
+    /// Set `FWD_EMPTY` by hand, whatever the rules.
+    pub fn force_forward_empty(&self, v: u32) {
+        let mut empty: Array<MapData, u32> = Array::try_from(self.open(MAP_FWD_EMPTY)).unwrap();
+        empty.set(0, &v, 0).unwrap();
+    }
+
+    /// `FWD_EMPTY`'s word (`FWD_NONE`: forwarding is skipped on ingress).
+    pub fn forward_empty(&self) -> u32 {
+        let a: Array<MapData, u32> = Array::try_from(self.open(MAP_FWD_EMPTY)).unwrap();
+        a.get(&0, 0).unwrap()
     }
 
     /// Set `REDIRECT_EMPTY` to `REDIRECT_NONE` by hand, whatever the rules.
