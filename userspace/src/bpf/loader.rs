@@ -143,21 +143,21 @@ impl Instance {
 /// The capacity to load with: an existing pinned map keeps its capacity (changing it would
 /// mean a new, empty map and lost counts), with a warning if the config asks for another.
 pub fn effective_max_clients(pin_dir: &Path, wanted: u32) -> u32 {
-    effective_max_entries(pin_dir, MAP_CLIENTS, wanted.saturating_add(RESERVED_SLOTS), "client map", "zeroes counters")
-        .saturating_sub(RESERVED_SLOTS)
+    effective_max_entries(pin_dir, MAP_CLIENTS, RESERVED_SLOTS, wanted, "client map", "zeroes counters")
 }
 
 /// The forward flow tables' entries to load with: pinned tables keep theirs (a new table would
 /// forget every forwarded flow), with a warning if the config asks for another.
 pub fn effective_forward_flows(pin_dir: &Path, wanted: u32) -> u32 {
-    effective_max_entries(pin_dir, MAP_FWD_FLOWS, wanted, "forward flow table", "ends forwarded flows")
+    effective_max_entries(pin_dir, MAP_FWD_FLOWS, 0, wanted, "forward flow table", "ends forwarded flows")
 }
 
-/// `map`'s pinned capacity if it is pinned (warning when it is not `wanted`), else `wanted`.
-fn effective_max_entries(pin_dir: &Path, map: &str, wanted: u32, what: &str, detach_does: &str) -> u32 {
+/// `map`'s pinned capacity less its `reserved` entries if it is pinned (warning when that is
+/// not `wanted`), else `wanted`.
+fn effective_max_entries(pin_dir: &Path, map: &str, reserved: u32, wanted: u32, what: &str, detach_does: &str) -> u32 {
     match MapInfo::from_pin(pin_dir.join(map)) {
         Ok(info) => {
-            let have = info.max_entries();
+            let have = info.max_entries().saturating_sub(reserved);
             if have != wanted {
                 warn!(
                     have,

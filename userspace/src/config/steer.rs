@@ -27,9 +27,6 @@ pub struct SteerSettings {
     pub max_forward_flows: u32,
 }
 
-/// Forward flow table entries allowed in `[steer] max_forward_flows`.
-pub const FORWARD_FLOWS_RANGE: (u64, u64) = (1024, 16_777_216);
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileSteer {
@@ -110,9 +107,8 @@ pub(super) fn build(
         }
         redirect.push(spec);
     }
-    let (min, max) = FORWARD_FLOWS_RANGE;
     let flows = s.max_forward_flows.unwrap_or(u64::from(tunmeter_common::FWD_FLOW_ENTRIES));
-    let max_forward_flows = super::ranged("[steer] max_forward_flows", flows, min, max)? as u32;
+    let max_forward_flows = super::ranged("[steer] max_forward_flows", flows, 1024, 16_777_216)? as u32;
     Ok(SteerSettings {
         policy,
         bypass,

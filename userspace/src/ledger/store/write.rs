@@ -266,7 +266,10 @@ impl<'c> BatchWriter<'c> {
         if self.backend == Backend::Postgres {
             return self.upsert(&CLIENTS, rows).await;
         }
-        rows.sort_by_key(|(_, c)| !c.stored);
+        // Nearly always every row is stored already: no sort (and no sort buffer) then.
+        if !rows.is_sorted_by_key(|(_, c)| !c.stored) {
+            rows.sort_by_key(|(_, c)| !c.stored);
+        }
         let (stored, new) = rows.split_at(rows.partition_point(|(_, c)| c.stored));
         for chunk in stored.chunks(ROWS_PER_STATEMENT) {
             if self.statement(&CLIENT_UPDATES, chunk).await? < chunk.len() as u64 {
